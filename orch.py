@@ -1,0 +1,1368 @@
+#!/usr/bin/env python3
+"""orch: run and steer many AI coding agents (Claude Code first) on one server.
+
+Each agent is a program (the `claude` CLI by default) running in its own window
+of one tmux session, so it outlives your ssh session, can be messaged while it
+works, watched, and attached to.  State is one JSON file (~/.orch.json); logs,
+launch scripts and per-agent hook event files live in a folder beside it.
+
+Claude agents get per-process hooks (`claude --settings`) that append one line
+per event (session start, prompt submitted, tool use, permission dialog, turn
+end, exit) to the agent's event file: that is how orch knows an agent's status
+and confirms that a message was really submitted, without scraping screens.
+
+Standard library only; runs on Python 3.6+ and tmux 3.0+.  See README.md.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+__version__ = "0.1.0"
+
+STATE_VERSION = 1           # bump when the state file changes incompatibly
+MIN_TMUX = (3, 0)
+
+# Exit codes: scripts branch on these, so they are part of the interface.
+EXIT_OK = 0
+EXIT_ERROR = 1              # any other failure
+EXIT_USAGE = 2              # bad command line or agent name (argparse uses 2 too)
+EXIT_NOT_RUNNING = 3        # the agent has exited: `orch resume NAME`
+EXIT_NEEDS_INPUT = 4        # refused: the agent shows a dialog that a keypress would answer
+EXIT_UNCONFIRMED = 5        # the message was typed but orch did not see it submitted
+EXIT_TIMEOUT = 6            # `wait` ran out of time
+EXIT_INTERRUPTED = 130
+
+# Variables that must not leak into an agent: they point it at the caller's
+# tmux, or make claude believe it runs inside another claude and refuse.
+SCRUBBED_ENV = ("TMUX", "TMUX_PANE", "CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT")
+
+HOOK_EVENTS = ("SessionStart", "UserPromptSubmit", "PreToolUse", "PostToolUse",
+               "PermissionRequest", "Notification", "Stop", "SessionEnd")
+
+SEP = "\x1e"                # ASCII record separator: never appears in tmux names/paths we use
+PROMPT_ARGV_MAX = 100000    # bytes; Linux refuses one argument over 128 KiB
+STATUSES = ("starting", "working", "idle", "needs-input", "exited")
+
+
+# ###########################################################################
+# Errors
+# ###########################################################################
+
+class OrchError(Exception):
+    """An expected failure: printed as one line by main(), never a traceback."""
+
+    def __init__(self, message, code=EXIT_ERROR):
+        Exception.__init__(self, message)
+        self.code = code
+
+
+class TmuxError(OrchError):
+    """A tmux command failed; keeps tmux's own words for classification."""
+
+    def __init__(self, subcommand, stderr):
+        self.subcommand = subcommand
+        self.stderr = stderr.strip()
+        OrchError.__init__(self, "tmux %s failed: %s" % (subcommand, self.stderr or "no message"))
+
+    def server_gone(self):
+        text = self.stderr.lower()
+        return ("no server running" in text or "error connecting" in text
+                or "server exited" in text or "lost server" in text)
+
+    def target_gone(self):
+        text = self.stderr.lower()
+        return "can't find" in text or "no such" in text
+
+
+# ###########################################################################
+# Configuration (read when called, never at import)
+# ###########################################################################
+
+def state_path():
+    """Return the state file's path: $ORCH_STATE or ~/.orch.json."""
+    return os.path.abspath(os.path.expanduser(os.environ.get("ORCH_STATE") or "~/.orch.json"))
+
+
+def data_dir():
+    """Return the folder beside the state file that holds everything else."""
+    base = state_path()
+    if base.endswith(".json"):
+        base = base[:-len(".json")]
+    return base + ".d"
+
+
+def agent_dir(name):
+    return os.path.join(data_dir(), "agents", name)
+
+
+def events_path(name):
+    return os.path.join(agent_dir(name), "events.jsonl")
+
+
+def default_socket():
+    return os.environ.get("ORCH_TMUX_SOCKET") or None
+
+
+def default_session():
+    return os.environ.get("ORCH_SESSION") or "orch"
+
+
+def default_program():
+    return os.environ.get("ORCH_CLAUDE") or "claude"
+
+
+def trace(argv):
+    if os.environ.get("ORCH_TRACE"):
+        sys.stderr.write("orch: trace: %s\n" % " ".join(argv))
+
+
+def check_name(name):
+    """Refuse names tmux or the file system could misread (`.`, `:`, `/`, spaces...)."""
+    import re
+    if not re.match(r"[A-Za-z0-9][A-Za-z0-9_-]{0,39}\Z", name or "", re.ASCII):
+        raise OrchError("invalid agent name %r: use 1-40 letters, digits, '-' or '_', "
+                        "starting with a letter or digit" % (name,), EXIT_USAGE)
+    return name
+
+
+# ###########################################################################
+# tmux runner: every tmux call goes through tmux()
+# ###########################################################################
+
+def tmux_argv(socket, args):
+    if not socket:
+        return ["tmux"] + list(args)
+    # A socket given as a path is used as is; a bare name is tmux's -L.
+    return ["tmux", "-S" if "/" in socket else "-L", socket] + list(args)
+
+
+def tmux_env():
+    # Without this, $TMUX silently sends our commands to whatever server the
+    # caller is inside instead of the one orch is configured for.
+    env = dict(os.environ)
+    env.pop("TMUX", None)
+    env.pop("TMUX_PANE", None)
+    return env
+
+
+def tmux(args, socket=None, stdin=None, timeout=15):
+    """Run one tmux command (args may chain several with ';'); return its stdout."""
+    argv = tmux_argv(socket, args)
+    trace(argv)
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=tmux_env())
+    except OSError:
+        raise OrchError("tmux is not installed or not on PATH: install it "
+                        "(e.g. apt-get install tmux) or use --backend headless")
+    try:
+        out, err = proc.communicate(stdin.encode("utf-8") if stdin is not None else None,
+                                    timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise OrchError("tmux %s did not answer within %ss: the tmux server may be hung"
+                        % (args[0], timeout))
+    if proc.returncode != 0:
+        raise TmuxError(args[0], err.decode("utf-8", "replace"))
+    return out.decode("utf-8", "replace")
+
+
+def parse_tmux_version(text):
+    """Turn `tmux 3.3a` / `tmux next-3.4` / `tmux master` into a comparable tuple."""
+    import re
+    m = re.search(r"(\d+)\.(\d+)", text)
+    if not m:
+        return (99, 0) if ("master" in text or "next" in text) else (0, 0)
+    return (int(m.group(1)), int(m.group(2)))
+
+
+def check_tmux_version():
+    version = parse_tmux_version(tmux(["-V"]).strip())
+    if version < MIN_TMUX:
+        raise OrchError("tmux %d.%d is too old: orch needs tmux %d.%d or newer"
+                        % (version + MIN_TMUX))
+
+
+PANE_FIELDS = ("pane_id", "pane_pid", "pane_dead", "pane_dead_status", "window_id",
+               "session_name", "window_activity", "pid")
+
+
+def parse_panes(text):
+    """Parse `list-panes -a -F` output (fields joined by SEP) into {pane_id: dict}."""
+    panes = {}
+    for line in text.split("\n"):     # not splitlines(): it splits on SEP too
+        values = line.split(SEP)
+        if len(values) != len(PANE_FIELDS):
+            continue
+        pane = dict(zip(PANE_FIELDS, values))
+        panes[pane["pane_id"]] = pane
+    return panes
+
+
+def list_panes(socket):
+    """Return every pane of the server, or {} when no server is running."""
+    fmt = SEP.join("#{%s}" % f for f in PANE_FIELDS)
+    try:
+        return parse_panes(tmux(["list-panes", "-a", "-F", fmt], socket=socket))
+    except TmuxError as e:
+        if e.server_gone():
+            return {}
+        raise
+
+
+def capture_pane(pane, socket, lines=None):
+    """Return the pane's screen as plain text, wrapped lines joined."""
+    args = ["capture-pane", "-p", "-J", "-t", pane]
+    if lines:
+        args += ["-S", "-%d" % lines]
+    text = tmux(args, socket=socket)
+    rows = [row.rstrip() for row in text.split("\n")]
+    while rows and not rows[-1]:
+        rows.pop()
+    return rows
+
+
+def paste_text(pane, socket, text):
+    """Paste text into the pane as one bracketed paste, from a uniquely named buffer.
+
+    The text travels on tmux's stdin, never on its command line (tmux refuses
+    commands over ~16 KB), and -p makes the agent see one paste rather than
+    keystrokes, so newlines inside it do not submit and nothing autocompletes.
+    """
+    buf = "orch-%d-%s" % (os.getpid(), os.urandom(4).hex())
+    tmux(["load-buffer", "-b", buf, "-", ";",
+          "paste-buffer", "-p", "-d", "-b", buf, "-t", pane], socket=socket, stdin=text)
+
+
+def send_enter(pane, socket):
+    tmux(["send-keys", "-t", pane, "Enter"], socket=socket)
+
+
+# ###########################################################################
+# State: one versioned JSON file, locked read-modify-write, atomic replace
+# ###########################################################################
+
+def empty_state():
+    return {"version": STATE_VERSION, "agents": {}}
+
+
+def parse_state(text, path):
+    """Validate state file text; refuse corrupt or newer files instead of guessing."""
+    try:
+        state = json.loads(text) if text.strip() else empty_state()
+    except ValueError as e:
+        raise OrchError("state file %s is corrupt (%s): fix it or move it away; "
+                        "orch will not overwrite it" % (path, e))
+    if not isinstance(state, dict) or not isinstance(state.get("agents"), dict):
+        raise OrchError("state file %s is not an orch state file: fix it or move it away; "
+                        "orch will not overwrite it" % path)
+    version = state.get("version")
+    if not isinstance(version, int) or version > STATE_VERSION:
+        raise OrchError("state file %s has format version %r, newer than this orch "
+                        "understands (%d): upgrade orch.py" % (path, version, STATE_VERSION))
+    return state
+
+
+def load_state():
+    path = state_path()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return empty_state()
+    except (OSError, UnicodeDecodeError) as e:
+        raise OrchError("cannot read state file %s: %s" % (path, e))
+    return parse_state(text, path)
+
+
+def write_file_atomic(path, text, mode=0o600):
+    """Write text to path via a fsynced temp file in the same folder, then rename."""
+    tmp = "%s.tmp.%d" % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class LockedState(object):
+    """`with LockedState() as state:` loads under an exclusive lock, saves on success."""
+
+    def __init__(self):
+        self.path = state_path()
+        self.lock_fd = None
+        self.state = None
+        self.original = None
+
+    def __enter__(self):
+        import fcntl
+        folder = os.path.dirname(self.path)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            self.lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise OrchError("cannot lock state file %s: %s" % (self.path, e))
+        fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
+        try:
+            self.state = load_state()
+        except BaseException:
+            self._unlock()
+            raise
+        self.original = json.dumps(self.state, sort_keys=True)
+        return self.state
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None and json.dumps(self.state, sort_keys=True) != self.original:
+                write_file_atomic(self.path, json.dumps(self.state, indent=1, sort_keys=True) + "\n")
+        finally:
+            self._unlock()
+        return False
+
+    def _unlock(self):
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)   # closing releases the flock
+            self.lock_fd = None
+
+
+def find_agent(state, name):
+    agent = state["agents"].get(name)
+    if agent is None:
+        known = ", ".join(sorted(state["agents"])) or "none"
+        raise OrchError("no agent named %r (agents: %s); see `orch list`" % (name, known))
+    return agent
+
+
+# ###########################################################################
+# Hooks and events: how a claude agent tells orch what it is doing
+# ###########################################################################
+
+# The hook program claude runs on each event.  It is written beside the state
+# (so moving orch.py never breaks a running agent), costs one small append,
+# never takes orch's lock, and always exits 0 so it can never fail the agent.
+HOOK_SCRIPT = r'''# orch hook: append one line per Claude Code hook event. Must stay tiny.
+import hashlib, json, os, sys, time
+def short(value, n=200):
+    return value[:n] if isinstance(value, str) else None
+def main():
+    path, event = sys.argv[1], sys.argv[2]
+    try:
+        data = json.loads(sys.stdin.read() or "{}")
+    except ValueError:
+        data = {}
+    line = {"t": time.time(), "event": data.get("hook_event_name") or event,
+            "session_id": data.get("session_id")}
+    for key in ("source", "reason", "notification_type", "tool_name"):
+        if isinstance(data.get(key), str):
+            line[key] = data[key]
+    prompt = data.get("prompt")
+    if isinstance(prompt, str):
+        norm = " ".join(prompt.split())
+        line["prompt_sha"] = hashlib.sha256(norm.encode("utf-8")).hexdigest()
+        line["prompt"] = short(norm)
+    for key in ("message", "last_assistant_message"):
+        if isinstance(data.get(key), str):
+            line[key] = short(data[key])
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, (json.dumps(line) + "\n").encode("utf-8"))
+    finally:
+        os.close(fd)
+try:
+    main()
+except Exception:
+    pass
+'''
+
+
+def normalize_prompt(text):
+    """Collapse whitespace the way the hook does, so sent text and hook text compare."""
+    return " ".join(text.split())
+
+
+def prompt_sha(text):
+    import hashlib
+    return hashlib.sha256(normalize_prompt(text).encode("utf-8")).hexdigest()
+
+
+def install_hook_script():
+    path = os.path.join(data_dir(), "hook.py")
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.read() == HOOK_SCRIPT:
+                return path
+    except OSError:
+        pass
+    write_file_atomic(path, HOOK_SCRIPT, 0o600)
+    return path
+
+
+def hook_settings(name):
+    """Return the --settings JSON that makes claude report every event to orch."""
+    import shlex
+    hook = install_hook_script()
+    # -I -S: skip site-packages and user environment: faster, and immune to PYTHON* vars.
+    base = " ".join(shlex.quote(p) for p in (sys.executable, "-I", "-S", hook, events_path(name)))
+    hooks = {}
+    for event in HOOK_EVENTS:
+        hooks[event] = [{"hooks": [{"type": "command", "command": base + " " + event}]}]
+    return json.dumps({"hooks": hooks}, separators=(",", ":"))
+
+
+def read_events(name, since=0.0, tail_bytes=None):
+    """Return the agent's hook events with time >= since, oldest first."""
+    try:
+        with open(events_path(name), "rb") as f:
+            if tail_bytes:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - tail_bytes))
+            data = f.read()
+    except OSError:
+        return []
+    events = []
+    for raw in data.split(b"\n"):
+        try:
+            event = json.loads(raw.decode("utf-8"))
+        except ValueError:
+            continue    # a partial first line after seek, or a torn write
+        if isinstance(event, dict) and event.get("t", 0) >= since:
+            events.append(event)
+    return events
+
+
+def events_size(name):
+    try:
+        return os.path.getsize(events_path(name))
+    except OSError:
+        return 0
+
+
+# ###########################################################################
+# Status: what each agent is doing, from hooks plus tmux's view of the pane
+# ###########################################################################
+
+def event_status(event):
+    """Map one hook event to (status, needs) or None when it says nothing of status."""
+    kind = event.get("event")
+    if kind in ("UserPromptSubmit", "PreToolUse", "PostToolUse"):
+        return ("working", None)
+    if kind in ("SessionStart", "Stop"):
+        return ("idle", None)
+    if kind == "PermissionRequest":
+        return ("needs-input", "question" if event.get("tool_name") == "AskUserQuestion"
+                else "permission")
+    if kind == "Notification":
+        ntype = event.get("notification_type")
+        if ntype == "permission_prompt":
+            return ("needs-input", "permission")
+        if ntype == "elicitation_dialog":
+            return ("needs-input", "question")
+        if ntype == "idle_prompt":
+            return ("idle", None)
+        return None
+    if kind == "SessionEnd":
+        return ("exited", None)
+    return None
+
+
+def claude_session_file_status(agent, pid):
+    """Read claude's own status file: (status, mtime) or None.
+
+    Claude fires no hook when a turn is interrupted (Esc) or a dialog is
+    cancelled; this file (an internal one, no compatibility promise) does
+    return to "idle" then, so it is the cross-check for working/needs-input.
+    """
+    home = agent.get("home")
+    if not home or not pid:
+        return None
+    path = os.path.join(home, ".claude", "sessions", "%s.json" % pid)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return data.get("status"), os.path.getmtime(path)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+TRUST_MARKERS = ("trust this folder", "Do you trust the files", "one you trust")
+
+
+def screen_needs(rows):
+    """Recognise a dialog on a claude screen that no hook reports (the trust dialog)."""
+    text = "\n".join(rows[-40:])
+    if any(marker in text for marker in TRUST_MARKERS):
+        return "trust"
+    return None
+
+
+def pane_of(agent, panes):
+    """Return the live tmux pane of this agent, or None if it is gone."""
+    info = agent.get("tmux") or {}
+    pane = panes.get(info.get("pane"))
+    # Pane ids restart at %0 with a new server: the pid proves it is still ours.
+    if pane is None or pane["pane_pid"] != str(info.get("pid")):
+        return None
+    return pane
+
+
+def agent_status(agent, panes, screen=None):
+    """Return {status, since, needs, exit_code, source, last_prompt} for one agent."""
+    result = {"status": "exited", "since": agent.get("exited_at"), "needs": None,
+              "exit_code": agent.get("exit_code"), "source": "tmux", "last_prompt": None}
+    pane = pane_of(agent, panes)
+    if pane is None:
+        return result
+    if pane["pane_dead"] == "1":
+        code = pane["pane_dead_status"]
+        result["exit_code"] = int(code) if code.lstrip("-").isdigit() else None
+        return result
+    launched = agent.get("launched", agent.get("created", 0))
+    result.update(status="starting", since=launched)
+    if agent.get("cmd"):
+        return screen_status(result, pane)
+    result["source"] = "hooks"
+    events = read_events(agent["name"], since=launched, tail_bytes=65536)
+    first_prompt_pending = bool(agent.get("first_prompt_sha"))
+    for event in events:
+        if event.get("event") == "UserPromptSubmit":
+            result["last_prompt"] = event.get("prompt")
+            first_prompt_pending = False
+        found = event_status(event)
+        if found:
+            result.update(status=found[0], needs=found[1], since=event.get("t"))
+    if first_prompt_pending and result["status"] == "idle":
+        # Started but has not yet taken the prompt given on its command line.
+        result["status"] = "starting"
+    if result["status"] == "starting" and screen is not None:
+        needs = screen_needs(screen)
+        if needs:
+            result.update(status="needs-input", needs=needs, source="screen")
+    if result["status"] in ("working", "needs-input") and result["source"] == "hooks":
+        own = claude_session_file_status(agent, pane["pane_pid"])
+        if own and own[0] == "idle" and own[1] > (result["since"] or 0):
+            result.update(status="idle", needs=None, since=own[1], source="claude-status")
+    return result
+
+
+def screen_status(result, pane):
+    """Best-effort status for agents without hooks: recent output means working."""
+    result["source"] = "activity"
+    try:
+        last_output = float(pane["window_activity"])
+    except ValueError:
+        return result
+    busy = time.time() - last_output < 3
+    result.update(status="working" if busy else "idle", since=last_output)
+    return result
+
+
+def needs_screen(agent, panes):
+    """True when this agent's status depends on its screen (claude not yet reporting)."""
+    pane = pane_of(agent, panes)
+    if agent.get("cmd") or pane is None or pane["pane_dead"] == "1":
+        return False
+    launched = agent.get("launched", agent.get("created", 0))
+    return not any(e.get("event") == "SessionStart"
+                   for e in read_events(agent["name"], since=launched, tail_bytes=65536))
+
+
+def statuses(agents):
+    """Return {name: status dict} for agents, with one list-panes per tmux server."""
+    by_socket = {}
+    for agent in agents:
+        socket = (agent.get("tmux") or {}).get("socket")
+        by_socket.setdefault(socket, []).append(agent)
+    result = {}
+    for socket, group in by_socket.items():
+        panes = list_panes(socket)
+        for agent in group:
+            screen = None
+            if needs_screen(agent, panes):
+                try:
+                    screen = capture_pane(agent["tmux"]["pane"], socket)
+                except TmuxError:
+                    screen = None
+            result[agent["name"]] = agent_status(agent, panes, screen)
+    return result
+
+
+def status_of(agent):
+    return statuses([agent])[agent["name"]]
+
+
+def retry_until(check, timeout, interval=0.1):
+    """Call check() until it returns a true value or timeout passes; return its last value."""
+    deadline = time.time() + timeout
+    while True:
+        value = check()
+        if value or time.time() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+# ###########################################################################
+# Launching agents in tmux windows
+# ###########################################################################
+
+def agent_environment():
+    """The caller's environment, minus what would confuse the agent."""
+    return dict((k, v) for k, v in os.environ.items() if k not in SCRUBBED_ENV)
+
+
+def find_program(program):
+    """Resolve the agent program to an absolute path, or say how to get it."""
+    import shutil
+    found = shutil.which(program)
+    if not found:
+        raise OrchError("%s not found on PATH: install Claude Code "
+                        "(npm install -g @anthropic-ai/claude-code) or set ORCH_CLAUDE "
+                        "to the program to run" % program)
+    return os.path.abspath(found)
+
+
+def check_command(cmd):
+    """Refuse a --cmd whose program is missing, before a window is opened for it."""
+    import shlex
+    import shutil
+    try:
+        words = shlex.split(cmd)
+    except ValueError as e:
+        raise OrchError("cannot parse --cmd %r: %s" % (cmd, e), EXIT_USAGE)
+    if not words:
+        raise OrchError("--cmd is empty", EXIT_USAGE)
+    first = words[0]
+    if "=" not in first and not shutil.which(first) and not is_shell_word(first):
+        raise OrchError("%s not found on PATH (from --cmd %r)" % (first, cmd))
+
+
+def is_shell_word(word):
+    return word in ("exec", "cd", "env", "set", "export", "exit", "true", "false", ":", ".", "{", "(")
+
+
+def launch_script(argv, cwd, env):
+    """Return a /bin/sh script that runs argv in cwd with exactly env.
+
+    Every value is shell-quoted, so prompts, names and environment values are
+    data, never code.  The pane gets remain-on-exit from inside, before the
+    agent starts: set from outside, it races with an agent that exits at once.
+    """
+    import shlex
+    import shutil
+    q = shlex.quote
+    tmux_bin = shutil.which("tmux") or "tmux"
+    assignments = " ".join(q("%s=%s" % (k, v)) for k, v in sorted(env.items()) if k != "TERM")
+    return "\n".join([
+        "#!/bin/sh",
+        "# Written by orch: starts one agent. Safe to delete once it runs.",
+        '%s -S "${TMUX%%%%,*}" set-option -w -t "$TMUX_PANE" remain-on-exit on >/dev/null 2>&1'
+        % q(tmux_bin),
+        "cd %s || exit 126" % q(cwd),
+        # tmux's TERM is the right one inside the pane, not the caller's.
+        'exec env -i "TERM=$TERM" %s %s' % (assignments, " ".join(q(a) for a in argv)),
+        ""])
+
+
+def new_window(socket, session, name, cwd, command):
+    """Open a window running command; create the session if needed. Return pane info."""
+    fmt = SEP.join(("#{pane_id}", "#{pane_pid}", "#{window_id}", "#{pid}"))
+    window = ["new-window", "-d", "-P", "-F", fmt, "-t", "=%s:" % session, "-n", name, "-c", cwd]
+    try:
+        out = tmux(window + command, socket=socket)
+    except TmuxError as e:
+        if not (e.server_gone() or e.target_gone()):
+            raise
+        try:
+            out = tmux(["new-session", "-d", "-P", "-F", fmt, "-s", session, "-n", name,
+                        "-x", "200", "-y", "50", "-c", cwd] + command, socket=socket)
+        except TmuxError as e2:
+            if "duplicate session" not in e2.stderr:
+                raise
+            out = tmux(window + command, socket=socket)   # another orch created it first
+    pane, pid, window_id, server_pid = out.strip().split(SEP)
+    return {"socket": socket, "session": session, "pane": pane, "pid": int(pid),
+            "window": window_id, "server_pid": int(server_pid)}
+
+
+def claude_argv(agent, program, resume_id=None, prompt=None):
+    argv = [program]
+    argv += ["--resume", resume_id] if resume_id else ["--session-id", agent["session_id"]]
+    argv += ["--name", agent["name"], "--settings", hook_settings(agent["name"])]
+    argv += agent.get("extra_args") or []
+    if prompt is not None:
+        argv += ["--", prompt]      # "--": a prompt starting with "-" is not an option
+    return argv
+
+
+def start_in_tmux(agent, argv):
+    """Write the agent's launch script and start it in a new window of the session."""
+    folder = agent_dir(agent["name"])
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    script = os.path.join(folder, "launch.sh")
+    write_file_atomic(script, launch_script(argv, agent["cwd"], agent_environment()), 0o700)
+    agent["launched"] = time.time()
+    agent["tmux"] = new_window(agent["tmux"]["socket"], agent["tmux"]["session"],
+                               agent["name"], agent["cwd"], ["/bin/sh", script])
+    agent["exit_code"] = None
+
+
+def escape_leading(text):
+    """Make a leading '/', '!', '#' or '&' plain text: the agent would run it as a command."""
+    if text[:1] in ("/", "!", "#", "&", "@"):
+        return " " + text
+    return text
+
+
+def prompt_fits_argv(prompt):
+    return prompt is not None and len(prompt.encode("utf-8")) <= PROMPT_ARGV_MAX
+
+
+def wait_until_started(agent, timeout):
+    """Wait for a claude agent to report in (and take its first prompt); return its status.
+
+    Raises if it exits first; returns a needs-input status if a dialog blocks it.
+    """
+    def settled():
+        st = status_of(agent)
+        return st if st["status"] != "starting" else None
+    st = retry_until(settled, timeout, interval=0.1) or status_of(agent)
+    if st["status"] == "exited":
+        raise OrchError("agent %s exited at start (exit code %s); its last lines:\n%s"
+                        % (agent["name"], st["exit_code"], last_lines(agent, 8)))
+    return st
+
+
+def last_lines(agent, n):
+    try:
+        rows = capture_pane(agent["tmux"]["pane"], agent["tmux"]["socket"])
+    except OrchError:
+        return "  (screen not available)"
+    return "\n".join("  | " + row for row in rows[-n:])
+
+
+def wait_for_screen(agent, timeout=15):
+    """Wait until a program without hooks has drawn something and gone quiet."""
+    seen = {"rows": None, "since": time.time()}
+
+    def quiet():
+        rows = capture_pane(agent["tmux"]["pane"], agent["tmux"]["socket"])
+        if rows != seen["rows"]:
+            seen.update(rows=rows, since=time.time())
+            return False
+        return bool(rows) and time.time() - seen["since"] >= 0.5
+    retry_until(quiet, timeout, interval=0.1)
+
+
+# ###########################################################################
+# Sending: paste, Enter, then confirm from the agent's own hook event
+# ###########################################################################
+
+class SendLock(object):
+    """Serialise sends to one agent: two pastes before one Enter would merge."""
+
+    def __init__(self, name):
+        self.path = os.path.join(agent_dir(name), "send.lock")
+        self.fd = None
+
+    def __enter__(self):
+        import fcntl
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+        return False
+
+
+def submitted(agent, sha, since):
+    for event in read_events(agent["name"], since=since):
+        if event.get("event") == "UserPromptSubmit" and event.get("prompt_sha") == sha:
+            return event
+    return None
+
+
+def refuse_unless_ready(agent, st, force):
+    name = agent["name"]
+    if st["status"] == "exited":
+        raise OrchError("agent %s is not running (exit code %s): `orch resume %s` to continue it"
+                        % (name, st["exit_code"], name), EXIT_NOT_RUNNING)
+    if st["status"] == "needs-input" and not force:
+        raise OrchError("agent %s is waiting for an answer (%s); any Enter would answer it: "
+                        "look and answer with `orch attach %s` (or --force)"
+                        % (name, st["needs"], name), EXIT_NEEDS_INPUT)
+
+
+def send_message(agent, text, raw=False, force=False, timeout=None):
+    """Type text into the agent and submit it; return 'submitted', 'queued' or 'sent (unconfirmed)'."""
+    timeout = timeout if timeout is not None else float(os.environ.get("ORCH_SEND_TIMEOUT") or 10)
+    st = status_of(agent)
+    if st["status"] == "starting":
+        st = wait_until_started(agent, timeout=max(timeout, 30))
+    refuse_unless_ready(agent, st, force)
+    if not raw:
+        text = escape_leading(text)
+    if text.endswith("\\"):
+        text += " "     # a trailing backslash makes Enter insert a newline instead of sending
+    pane, socket = agent["tmux"]["pane"], agent["tmux"]["socket"]
+    with SendLock(agent["name"]):
+        since = time.time() - 0.5
+        paste_text(pane, socket, text)
+        time.sleep(0.1)     # Enter in the same read as the paste can be swallowed by it
+        send_enter(pane, socket)
+        if agent.get("cmd"):
+            return "sent (unconfirmed)"
+        return confirm_submit(agent, prompt_sha(text), since, st["status"] == "working", timeout)
+
+
+def confirm_submit(agent, sha, since, was_working, timeout):
+    """Wait for the UserPromptSubmit hook; re-press Enter (never re-type) if it does not come."""
+    pane, socket = agent["tmux"]["pane"], agent["tmux"]["socket"]
+    deadline = time.time() + timeout
+    tries = 0
+    while time.time() < deadline:
+        if retry_until(lambda: submitted(agent, sha, since), min(2.0, deadline - time.time())):
+            return "submitted"
+        st = status_of(agent)
+        if st["status"] == "exited":
+            raise OrchError("agent %s exited before taking the message" % agent["name"],
+                            EXIT_NOT_RUNNING)
+        if was_working and st["status"] == "working" and input_box_empty(agent):
+            return "queued"     # claude holds it until the turn ends, then submits it
+        if st["status"] == "needs-input":
+            break               # an Enter now would answer the dialog
+        if tries < 3:
+            send_enter(pane, socket)
+            tries += 1
+    raise OrchError("agent %s did not confirm the message within %gs: it may still be in the "
+                    "input box; look with `orch tail %s`" % (agent["name"], timeout, agent["name"]),
+                    EXIT_UNCONFIRMED)
+
+
+def input_box_empty(agent):
+    """True when claude's input line (the one starting with the prompt mark) is empty."""
+    rows = capture_pane(agent["tmux"]["pane"], agent["tmux"]["socket"])
+    for row in reversed(rows):
+        if row.startswith("\u276f"):
+            return row.strip("\u276f \u00a0") == ""
+    return False
+
+
+# ###########################################################################
+# Verbs: one cmd_<verb>(args) each
+# ###########################################################################
+
+def read_text(value, path=None, what="prompt"):
+    """Return text from an argument, '-' (stdin) or a file; None when none was given."""
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise OrchError("cannot read %s file %s: %s" % (what, path, e))
+    if value == "-":
+        text = sys.stdin.read()
+        # `echo msg | orch send a` ends in a newline nobody meant to send.
+        return text[:-1] if text.endswith("\n") else text
+    return value
+
+
+def resolve_cwd(cwd):
+    path = os.path.abspath(os.path.expanduser(cwd or os.getcwd()))
+    if not os.path.isdir(path):
+        raise OrchError("working folder %s does not exist: create it or pass --cwd" % path)
+    return path
+
+
+def cmd_spawn(args):
+    name = check_name(args.name)
+    prompt = read_text(args.prompt, args.prompt_file)
+    if prompt is not None and not prompt.strip():
+        prompt = None
+    cwd = resolve_cwd(args.cwd)
+    if args.cmd:
+        check_command(args.cmd)
+        argv_program = None
+    else:
+        argv_program = find_program(args.claude or default_program())
+    check_tmux_version()
+    import uuid
+    with LockedState() as state:
+        refuse_existing(state, name)
+        agent = {"name": name, "backend": "tmux", "cwd": cwd, "created": time.time(),
+                 "cmd": args.cmd, "session_id": None if args.cmd else str(uuid.uuid4()),
+                 "extra_args": args.extra, "home": os.path.expanduser("~"),
+                 "tmux": {"socket": args.socket or default_socket(),
+                          "session": args.session or default_session()}}
+        reset_agent_dir(name)
+        first = None if prompt is None or args.raw else escape_leading(prompt)
+        first = first if prompt is None or not args.raw else prompt
+        if args.cmd:
+            argv = ["/bin/sh", "-c", args.cmd]
+        else:
+            on_argv = first if prompt_fits_argv(first) else None
+            agent["first_prompt_sha"] = prompt_sha(on_argv) if on_argv else None
+            argv = claude_argv(agent, argv_program, prompt=on_argv)
+        start_in_tmux(agent, argv)
+        state["agents"][name] = agent
+    return finish_start(agent, first, "started")
+
+
+def finish_start(agent, first, verb):
+    """Confirm a just-launched agent is running and has its first message; report it."""
+    name = agent["name"]
+    if agent.get("cmd"):
+        if status_of(agent)["status"] == "exited":
+            raise OrchError("agent %s exited at start; its last lines:\n%s"
+                            % (name, last_lines(agent, 8)))
+        outcome = ""
+        if first is not None:
+            wait_for_screen(agent)
+            outcome = ", first message " + send_message(agent, first, raw=True)
+        print("%s agent %s (%s)%s" % (verb, name, agent["cmd"], outcome))
+    else:
+        timeout = float(os.environ.get("ORCH_START_TIMEOUT") or 60)
+        st = wait_until_started(agent, timeout)
+        outcome = ""
+        if st["status"] == "needs-input":
+            print("%s agent %s, but it is waiting at a %s dialog: answer it with "
+                  "`orch attach %s`%s" % (verb, name, st["needs"], name,
+                                            " or start it with --trust" if st["needs"] == "trust" else ""))
+            return EXIT_NEEDS_INPUT
+        if st["status"] == "starting":
+            raise OrchError("agent %s is running but did not report ready within %gs; "
+                            "look with `orch tail %s`" % (name, timeout, name), EXIT_UNCONFIRMED)
+        if first is not None and not agent.get("first_prompt_sha"):
+            outcome = ", first message " + send_message(agent, first, raw=True)
+        print("%s agent %s (claude, session %s)%s" % (verb, name, agent["session_id"], outcome))
+    print("  attach: orch attach %s    tail: orch tail %s" % (name, name))
+    return EXIT_OK
+
+
+def refuse_existing(state, name):
+    agent = state["agents"].get(name)
+    if agent is None:
+        return
+    if status_of(agent)["status"] == "exited":
+        raise OrchError("agent %s already exists (exited): `orch resume %s` to continue it, "
+                        "or `orch rm %s` first" % (name, name, name))
+    raise OrchError("agent %s is already running: choose another name, or `orch rm %s` first"
+                    % (name, name))
+
+
+def reset_agent_dir(name):
+    import shutil
+    folder = agent_dir(name)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder, mode=0o700)
+
+
+def cmd_send(args):
+    agent = find_agent(load_state(), check_name(args.name))
+    text = read_text("-" if args.message in (None, "-") else args.message, what="message")
+    if not text.strip():
+        raise OrchError("empty message: nothing to send", EXIT_USAGE)
+    print("%s: %s" % (agent["name"], send_message(agent, text, raw=args.raw, force=args.force,
+                                                  timeout=args.timeout)))
+    return EXIT_OK
+
+
+def new_rows(previous, rows):
+    """Return the rows of a fresh capture that were not printed from the previous one."""
+    for k in range(min(len(previous), len(rows)), 0, -1):
+        if previous[-k:] == rows[:k]:       # the screen scrolled by len(rows) - k
+            return rows[k:]
+    seen = set(previous)
+    return [row for row in rows if row not in seen]
+
+
+def cmd_tail(args):
+    agent = find_agent(load_state(), check_name(args.name))
+    pane, socket = agent["tmux"]["pane"], agent["tmux"]["socket"]
+    if pane_of(agent, list_panes(socket)) is None:
+        raise OrchError("agent %s has no window any more (its tmux server or window is gone); "
+                        "`orch resume %s` to start it again" % (agent["name"], agent["name"]),
+                        EXIT_NOT_RUNNING)
+    rows = capture_pane(pane, socket, lines=args.lines)
+    if args.lines:
+        rows = rows[-args.lines:]
+    write_rows(rows)
+    while args.follow and status_of(agent)["status"] != "exited":
+        time.sleep(0.5)
+        fresh = capture_pane(pane, socket, lines=args.lines)
+        write_rows(new_rows(rows, fresh))
+        rows = fresh
+    return EXIT_OK
+
+
+def write_rows(rows):
+    if rows:
+        sys.stdout.write("\n".join(rows) + "\n")
+        sys.stdout.flush()
+
+
+def cmd_attach(args):
+    agent = find_agent(load_state(), check_name(args.name))
+    info = agent["tmux"]
+    if pane_of(agent, list_panes(info["socket"])) is None:
+        raise OrchError("agent %s has no window any more: `orch resume %s` to start it again"
+                        % (agent["name"], agent["name"]), EXIT_NOT_RUNNING)
+    inside = os.environ.get("TMUX", "").split(",")[0]
+    if inside and inside == socket_path(info["socket"]):
+        argv = tmux_argv(info["socket"], ["switch-client", "-t", info["pane"]])
+    else:
+        # Two clients of one session share its current window; a grouped session
+        # per attach lets two terminals each watch their own agent.
+        group = "%s-%s-%d" % (info["session"], agent["name"], os.getpid())
+        tmux(["new-session", "-d", "-t", "=" + info["session"], "-s", group, ";",
+              "set-option", "-t", "=" + group, "destroy-unattached", "on", ";",
+              "select-window", "-t", "=%s:%s" % (group, info["window"])], socket=info["socket"])
+        argv = tmux_argv(info["socket"], ["attach-session", "-t", "=" + group])
+        if inside:
+            sys.stderr.write("orch: attaching inside your own tmux (nested): press your prefix "
+                             "key twice to reach the agent's tmux\n")
+    trace(argv)
+    sys.stdout.flush()
+    os.execvpe(argv[0], argv, tmux_env())
+
+
+def socket_path(socket):
+    """Return the socket path tmux would use for this -L name / -S path / default."""
+    if socket and "/" in socket:
+        return os.path.abspath(socket)
+    folder = os.environ.get("TMUX_TMPDIR") or "/tmp"
+    return os.path.join(folder, "tmux-%d" % os.getuid(), socket or "default")
+
+
+def age(seconds):
+    if seconds is None:
+        return "-"
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return "%d%s" % (seconds // size, unit)
+    return "%ds" % seconds
+
+
+def agent_row(agent, st, now):
+    since = st["since"]
+    return {"name": agent["name"], "status": st["status"], "needs": st["needs"],
+            "status_since": since, "status_source": st["source"],
+            "backend": agent.get("backend", "tmux"), "cwd": agent["cwd"],
+            "session_id": agent.get("session_id"), "created": agent.get("created"),
+            "exit_code": st["exit_code"], "last_prompt": st["last_prompt"],
+            "command": agent.get("cmd") or "claude",
+            "pane": (agent.get("tmux") or {}).get("pane")}
+
+
+def cmd_list(args):
+    agents = sorted(load_state()["agents"].values(), key=lambda a: a.get("created", 0))
+    found = statuses(agents)
+    now = time.time()
+    rows = [agent_row(a, found[a["name"]], now) for a in agents]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return EXIT_OK
+    if not rows:
+        print("no agents: start one with `orch spawn NAME \"task\"`")
+        return EXIT_OK
+    table = [("NAME", "STATUS", "FOR", "AGE", "BACKEND", "SESSION", "CWD", "LAST PROMPT")]
+    for row in rows:
+        table.append((row["name"], status_label(row), age(now - row["status_since"])
+                      if row["status_since"] else "-", age(now - (row["created"] or now)),
+                      row["backend"], (row["session_id"] or "-")[:8], short_path(row["cwd"]),
+                      shorten(row["last_prompt"] or "", 40)))
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
+    for r in table:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    return EXIT_OK
+
+
+def status_label(row):
+    label = row["status"]
+    if row["needs"]:
+        label += " (%s)" % row["needs"]
+    if row["status"] == "exited" and row["exit_code"] is not None:
+        label += " (%s)" % row["exit_code"]
+    if row["status_source"] == "activity" and row["status"] != "exited":
+        label += "?"        # guessed from screen activity: the program has no hooks
+    return label
+
+
+def short_path(path):
+    home = os.path.expanduser("~")
+    return "~" + path[len(home):] if path == home or path.startswith(home + "/") else path
+
+
+def shorten(text, n):
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[:n - 1] + "\u2026"
+
+
+def stop_agent(agent, grace=None):
+    """Stop a running agent: SIGTERM to its process group, SIGKILL after a grace period."""
+    import signal
+    grace = grace if grace is not None else float(os.environ.get("ORCH_KILL_GRACE") or 5)
+    if status_of(agent)["status"] == "exited":
+        return False
+    pid = agent["tmux"]["pid"]
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            os.kill(pid, sig)
+        if retry_until(lambda: status_of(agent)["status"] == "exited", wait):
+            return True
+    raise OrchError("agent %s (pid %d) did not stop even after SIGKILL" % (agent["name"], pid))
+
+
+def cmd_kill(args):
+    agent = find_agent(load_state(), check_name(args.name))
+    stopped = stop_agent(agent)
+    st = status_of(agent)
+    print("%s: %s (exit code %s)" % (agent["name"], "killed" if stopped else "already exited",
+                                     st["exit_code"]))
+    return EXIT_OK
+
+
+def cmd_rm(args):
+    state = load_state()
+    if args.exited:
+        found = statuses(list(state["agents"].values()))
+        names = [n for n, st in found.items() if st["status"] == "exited"]
+    elif args.names:
+        names = [check_name(n) for n in args.names]
+        for name in names:
+            find_agent(state, name)
+    else:
+        raise OrchError("name the agents to remove, or pass --exited", EXIT_USAGE)
+    import shutil
+    for name in names:
+        agent = state["agents"][name]
+        stop_agent(agent)
+        close_window(agent)
+        with LockedState() as locked:
+            locked["agents"].pop(name, None)
+        shutil.rmtree(agent_dir(name), ignore_errors=True)
+        print("removed %s" % name)
+    return EXIT_OK
+
+
+def close_window(agent):
+    info = agent.get("tmux") or {}
+    if pane_of(agent, list_panes(info.get("socket"))) is None:
+        return
+    try:
+        tmux(["kill-pane", "-t", info["pane"]], socket=info["socket"])
+    except TmuxError as e:
+        if not (e.target_gone() or e.server_gone()):
+            raise
+
+
+def cmd_wait(args):
+    names = [check_name(n) for n in args.names]
+    state = load_state()
+    agents = [find_agent(state, n) for n in names]
+    goals = {"idle": ("idle",), "exited": ("exited",), "needs-input": ("needs-input",),
+             None: ("idle", "exited", "needs-input")}[args.until]
+    found = {}
+
+    def reached():
+        found.update(statuses(agents))
+        return all(found[n]["status"] in goals for n in names)
+    done = retry_until(reached, args.timeout if args.timeout is not None else 1e9, interval=0.25)
+    for name in names:
+        st = found[name]
+        print("%s: %s" % (name, status_label({"status": st["status"], "needs": st["needs"],
+                                               "exit_code": st["exit_code"],
+                                               "status_source": st["source"]})))
+    if not done:
+        raise OrchError("timed out after %gs waiting for %s" % (args.timeout, " ".join(names)),
+                        EXIT_TIMEOUT)
+    return EXIT_OK
+
+
+def latest_session_id(agent):
+    """The session id claude last reported (it changes on /clear), else the one from spawn."""
+    sid = agent.get("session_id")
+    for event in read_events(agent["name"]):
+        if event.get("event") == "SessionStart" and event.get("session_id"):
+            sid = event["session_id"]
+    return sid
+
+
+def cmd_resume(args):
+    name = check_name(args.name)
+    message = read_text(args.message, what="message")
+    check_tmux_version()
+    with LockedState() as state:
+        agent = find_agent(state, name)
+        if status_of(agent)["status"] != "exited":
+            raise OrchError("agent %s is still running: `orch send %s MESSAGE` to talk to it, "
+                            "or `orch kill %s` first" % (name, name, name))
+        close_window(agent)
+        first = None
+        if agent.get("cmd"):
+            argv = ["/bin/sh", "-c", agent["cmd"]]
+            first = message
+        else:
+            agent["session_id"] = latest_session_id(agent)
+            on_argv = escape_leading(message) if prompt_fits_argv(message) else None
+            agent["first_prompt_sha"] = prompt_sha(on_argv) if on_argv else None
+            first = None if on_argv else message
+            argv = claude_argv(agent, find_program(args.claude or default_program()),
+                               resume_id=agent["session_id"], prompt=on_argv)
+        start_in_tmux(agent, argv)
+        agent["resumed"] = agent.get("resumed", 0) + 1
+    return finish_start(agent, first, "resumed")
+
+
+# ###########################################################################
+# Command line
+# ###########################################################################
+
+EPILOG = """\
+examples:
+  orch spawn fix-tests "make the failing tests pass" --cwd ~/src/app
+  orch send fix-tests "also update the changelog"
+  orch list                   # every agent and what it is doing
+  orch wait fix-tests && orch tail fix-tests -n 40
+  orch attach fix-tests       # take the keyboard (detach: prefix d)
+
+exit codes:
+  0 ok   1 error   2 usage or bad name   3 agent not running
+  4 refused: agent waits at a dialog (answer with attach, or --force)
+  5 message not confirmed as submitted   6 wait timed out   130 interrupted
+
+environment:
+  ORCH_STATE  ORCH_TMUX_SOCKET  ORCH_SESSION  ORCH_CLAUDE  ORCH_TRACE=1
+"""
+
+
+def add_target_options(p):
+    p.add_argument("--socket", help="tmux socket name (-L) or path (default $ORCH_TMUX_SOCKET)")
+    p.add_argument("--session", help="tmux session (default $ORCH_SESSION or 'orch')")
+    p.add_argument("--claude", help="claude program (default $ORCH_CLAUDE or 'claude')")
+
+
+def add_spawn(sub):
+    p = sub.add_parser("spawn", help="start an agent with a first task",
+                       description="Start an agent in its own tmux window.")
+    p.add_argument("name")
+    p.add_argument("prompt", nargs="?", help="first message; '-' reads stdin")
+    p.add_argument("--prompt-file", metavar="FILE", help="read the first message from FILE")
+    p.add_argument("--cwd", metavar="DIR", help="working folder (default: current)")
+    p.add_argument("--cmd", metavar="COMMAND",
+                   help="run this shell command line instead of claude (no hooks)")
+    p.add_argument("--raw", action="store_true",
+                   help="send a leading '/' or '!' as a command, not as text")
+    add_target_options(p)
+    p.set_defaults(func=cmd_spawn, extra=[])
+
+
+def add_send(sub):
+    p = sub.add_parser("send", help="submit a message to a running agent",
+                       description="Type MESSAGE into the agent and confirm it was submitted.")
+    p.add_argument("name")
+    p.add_argument("message", nargs="?", help="the message; omitted or '-' reads stdin")
+    p.add_argument("--raw", action="store_true",
+                   help="send a leading '/' or '!' as a command (e.g. /compact)")
+    p.add_argument("--force", action="store_true",
+                   help="type even while the agent shows a dialog (Enter answers it!)")
+    p.add_argument("--timeout", type=float, help="seconds to wait for confirmation (default 10)")
+    p.set_defaults(func=cmd_send)
+
+
+def add_tail(sub):
+    p = sub.add_parser("tail", help="print the agent's screen")
+    p.add_argument("name")
+    p.add_argument("-n", "--lines", type=int, metavar="LINES", help="last LINES lines")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.set_defaults(func=cmd_tail)
+
+
+def add_simple(sub):
+    p = sub.add_parser("attach", help="take the keyboard of an agent's window")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_attach)
+    for verb in ("list", "ls"):
+        p = sub.add_parser(verb, help="every agent and its status")
+        p.add_argument("--json", action="store_true", help="print a JSON array")
+        p.set_defaults(func=cmd_list)
+    p = sub.add_parser("kill", help="stop an agent, keep its record")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_kill)
+    p = sub.add_parser("rm", help="stop and forget agents")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--exited", action="store_true", help="remove every exited agent")
+    p.set_defaults(func=cmd_rm)
+    p = sub.add_parser("wait", help="block until agents are idle, exited or need input")
+    p.add_argument("names", nargs="+", metavar="NAME")
+    p.add_argument("--timeout", type=float, metavar="SECONDS")
+    p.add_argument("--until", choices=("idle", "exited", "needs-input"))
+    p.set_defaults(func=cmd_wait)
+    p = sub.add_parser("resume", help="start an exited agent again in the same conversation")
+    p.add_argument("name")
+    p.add_argument("message", nargs="?", help="a message to deliver; '-' reads stdin")
+    add_target_options(p)
+    p.set_defaults(func=cmd_resume)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="orch", description="Run and steer many AI coding agents in tmux.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version="orch " + __version__)
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    add_spawn(sub)
+    add_send(sub)
+    add_tail(sub)
+    add_simple(sub)
+    return parser
+
+
+def split_extra(argv):
+    """Split `spawn ... -- EXTRA CLAUDE ARGS` so argparse never sees claude's own flags."""
+    if argv[:1] == ["spawn"] and "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, extra = split_extra(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    if args.verb == "spawn":
+        args.extra = extra
+    try:
+        return args.func(args)
+    except OrchError as e:
+        sys.stderr.write("orch: error: %s\n" % e)
+        return e.code
+    except KeyboardInterrupt:
+        sys.stderr.write("orch: interrupted\n")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
