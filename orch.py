@@ -188,8 +188,9 @@ def check_tmux_version():
                         % (version + MIN_TMUX))
 
 
-PANE_FIELDS = ("pane_id", "pane_pid", "pane_dead", "pane_dead_status", "window_id",
-               "session_name", "window_activity", "pid")
+# pane_dead_signal is empty before tmux 3.3; the rest exist in 3.0.
+PANE_FIELDS = ("pane_id", "pane_pid", "pane_dead", "pane_dead_status", "pane_dead_signal",
+               "window_id", "session_name", "window_activity", "pid")
 
 
 def parse_panes(text):
@@ -479,7 +480,7 @@ def event_status(event):
 
 
 def claude_session_file_status(agent, pid):
-    """Read claude's own status file: (status, mtime) or None.
+    """Read claude's own status file: (status, waiting_for, time) or None.
 
     Claude fires no hook when a turn is interrupted (Esc) or a dialog is
     cancelled; this file (an internal one, no compatibility promise) does
@@ -492,7 +493,9 @@ def claude_session_file_status(agent, pid):
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        return data.get("status"), os.path.getmtime(path)
+        changed = data.get("statusUpdatedAt")
+        changed = changed / 1000.0 if isinstance(changed, (int, float)) else os.path.getmtime(path)
+        return data.get("status"), data.get("waitingFor"), changed
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -518,31 +521,62 @@ def pane_of(agent, panes):
     return pane
 
 
+def exit_code_of(pane):
+    """The dead pane's exit code; a signal death reads as 128+N, as in the shell."""
+    code, sig = pane["pane_dead_status"], pane["pane_dead_signal"]
+    if sig.isdigit() and int(sig) > 0:
+        return 128 + int(sig)
+    if code.lstrip("-").isdigit():
+        return int(code)
+    return zombie_exit_code(pane["pane_pid"])
+
+
+def zombie_exit_code(pid):
+    """Exit code of an unreaped child, from /proc/PID/stat (Linux), or None.
+
+    tmux (seen with 3.3a) sometimes leaves a pane's process a zombie for a
+    long time and reports no exit status until it reaps it; the kernel
+    already knows the status.
+    """
+    try:
+        with open("/proc/%s/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] != "Z" or len(fields) < 50:
+        return None
+    status = int(fields[-1])        # field 52: the status as waitpid(2) reports it
+    return 128 + (status & 0x7f) if status & 0x7f else (status >> 8) & 0xff
+
+
 def agent_status(agent, panes, screen=None):
-    """Return {status, since, needs, exit_code, source, last_prompt} for one agent."""
-    result = {"status": "exited", "since": agent.get("exited_at"), "needs": None,
-              "exit_code": agent.get("exit_code"), "source": "tmux", "last_prompt": None}
-    pane = pane_of(agent, panes)
-    if pane is None:
-        return result
-    if pane["pane_dead"] == "1":
-        code = pane["pane_dead_status"]
-        result["exit_code"] = int(code) if code.lstrip("-").isdigit() else None
-        return result
+    """Return {status, since, needs, detail, exit_code, source, last_prompt} for one agent."""
     launched = agent.get("launched", agent.get("created", 0))
-    result.update(status="starting", since=launched)
-    if agent.get("cmd"):
-        return screen_status(result, pane)
-    result["source"] = "hooks"
-    events = read_events(agent["name"], since=launched, tail_bytes=65536)
+    result = {"status": "exited", "since": None, "needs": None, "detail": None,
+              "exit_code": None, "source": "tmux", "last_prompt": None}
+    events = [] if agent.get("cmd") else read_events(agent["name"], since=launched,
+                                                     tail_bytes=65536)
     first_prompt_pending = bool(agent.get("first_prompt_sha"))
     for event in events:
         if event.get("event") == "UserPromptSubmit":
             result["last_prompt"] = event.get("prompt")
             first_prompt_pending = False
+        result["since"] = event.get("t")
+    pane = pane_of(agent, panes)
+    if pane is None:
+        return result
+    if pane["pane_dead"] == "1":
+        result["exit_code"] = exit_code_of(pane)
+        return result
+    result.update(status="starting", since=launched)
+    if agent.get("cmd"):
+        return screen_status(result, pane)
+    result["source"] = "hooks"
+    for event in events:
         found = event_status(event)
         if found:
-            result.update(status=found[0], needs=found[1], since=event.get("t"))
+            result.update(status=found[0], needs=found[1], since=event.get("t"),
+                          detail=event.get("tool_name") if found[1] else None)
     if first_prompt_pending and result["status"] == "idle":
         # Started but has not yet taken the prompt given on its command line.
         result["status"] = "starting"
@@ -551,10 +585,27 @@ def agent_status(agent, panes, screen=None):
         if needs:
             result.update(status="needs-input", needs=needs, source="screen")
     if result["status"] in ("working", "needs-input") and result["source"] == "hooks":
-        own = claude_session_file_status(agent, pane["pane_pid"])
-        if own and own[0] == "idle" and own[1] > (result["since"] or 0):
-            result.update(status="idle", needs=None, since=own[1], source="claude-status")
+        cross_check(agent, pane, result)
     return result
+
+
+def cross_check(agent, pane, result):
+    """Correct hook status with claude's own status file when that file is newer.
+
+    No hook fires when a turn is interrupted (Esc) or a dialog is cancelled, so
+    after those the last hook still says working/needs-input; claude's file says idle.
+    """
+    own = claude_session_file_status(agent, pane["pane_pid"])
+    if not own or own[2] <= (result["since"] or 0):
+        return
+    status, waiting_for, changed = own
+    if status == "idle":
+        result.update(status="idle", needs=None, detail=None, since=changed,
+                      source="claude-status")
+    elif status == "waiting" and result["status"] != "needs-input":
+        reason = "permission" if "permission" in (waiting_for or "") else "question"
+        result.update(status="needs-input", needs=reason, detail=waiting_for, since=changed,
+                      source="claude-status")
 
 
 def screen_status(result, pane):
@@ -588,6 +639,13 @@ def statuses(agents):
     result = {}
     for socket, group in by_socket.items():
         panes = list_panes(socket)
+        for _ in range(10):
+            # tmux marks a pane dead when its pty closes, a moment before it
+            # reaps the exit status: ask again rather than report no code.
+            if not any(p["pane_dead"] == "1" and exit_code_of(p) is None for p in panes.values()):
+                break
+            time.sleep(0.02)
+            panes = list_panes(socket)
         for agent in group:
             screen = None
             if needs_screen(agent, panes):
@@ -718,6 +776,40 @@ def start_in_tmux(agent, argv):
     agent["exit_code"] = None
 
 
+def trust_folder(cwd):
+    """Mark cwd trusted in ~/.claude.json so claude starts without its trust dialog.
+
+    Claude rewrites that file itself, so: lock against other orch processes,
+    re-read just before writing, change one key, keep every other key exactly,
+    and replace the file atomically with its original mode.
+    """
+    import fcntl
+    path = os.path.join(os.path.expanduser("~"), ".claude.json")
+    os.makedirs(data_dir(), mode=0o700, exist_ok=True)
+    lock = os.open(os.path.join(data_dir(), "claude-json.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            mode = os.stat(path).st_mode & 0o777
+        except FileNotFoundError:
+            text, mode = "{}", 0o600
+        try:
+            config = json.loads(text or "{}")
+            projects = config.setdefault("projects", {})
+            project = projects.setdefault(cwd, {})
+            if project.get("hasTrustDialogAccepted") is True:
+                return
+            project["hasTrustDialogAccepted"] = True
+        except (ValueError, AttributeError, TypeError):
+            raise OrchError("cannot mark %s trusted: %s is not the JSON object claude writes; "
+                            "fix it or start without --trust" % (cwd, path))
+        write_file_atomic(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n", mode)
+    finally:
+        os.close(lock)
+
+
 def escape_leading(text):
     """Make a leading '/', '!', '#' or '&' plain text: the agent would run it as a command."""
     if text[:1] in ("/", "!", "#", "&", "@"):
@@ -739,17 +831,25 @@ def wait_until_started(agent, timeout):
         return st if st["status"] != "starting" else None
     st = retry_until(settled, timeout, interval=0.1) or status_of(agent)
     if st["status"] == "exited":
-        raise OrchError("agent %s exited at start (exit code %s); its last lines:\n%s"
-                        % (agent["name"], st["exit_code"], last_lines(agent, 8)))
+        # tmux sees the pty close a moment before it reaps the exit status.
+        st = retry_until(lambda: (lambda s: s if s["exit_code"] is not None else None)(
+            status_of(agent)), 1.0) or st
+        raise OrchError("agent %s exited at start (exit code %s), saying %s; see `orch tail %s`"
+                        % (agent["name"], st["exit_code"], last_words(agent), agent["name"]))
     return st
 
 
-def last_lines(agent, n):
+def last_words(agent):
+    """The agent's last line of output, to explain in one line why it stopped."""
+    def words():
+        rows = capture_pane(agent["tmux"]["pane"], agent["tmux"]["socket"], lines=200)
+        return [r.strip() for r in rows if r.strip() and not r.startswith("Pane is dead")]
     try:
-        rows = capture_pane(agent["tmux"]["pane"], agent["tmux"]["socket"])
+        # The last output of a process that died at once can reach the screen late.
+        rows = retry_until(words, 1.0)
     except OrchError:
-        return "  (screen not available)"
-    return "\n".join("  | " + row for row in rows[-n:])
+        return "(screen not available)"
+    return repr(shorten(rows[-1], 120)) if rows else "(no output)"
 
 
 def wait_for_screen(agent, timeout=15):
@@ -801,9 +901,11 @@ def refuse_unless_ready(agent, st, force):
         raise OrchError("agent %s is not running (exit code %s): `orch resume %s` to continue it"
                         % (name, st["exit_code"], name), EXIT_NOT_RUNNING)
     if st["status"] == "needs-input" and not force:
-        raise OrchError("agent %s is waiting for an answer (%s); any Enter would answer it: "
-                        "look and answer with `orch attach %s` (or --force)"
-                        % (name, st["needs"], name), EXIT_NEEDS_INPUT)
+        asking = {"permission": "permission to use %s" % (st["detail"] or "a tool"),
+                  "trust": "whether to trust its folder"}.get(st["needs"], "a question")
+        raise OrchError("agent %s is asking for %s and any Enter would answer it: answer with "
+                        "`orch attach %s` (or send anyway with --force)"
+                        % (name, asking, name), EXIT_NEEDS_INPUT)
 
 
 def send_message(agent, text, raw=False, force=False, timeout=None):
@@ -819,30 +921,33 @@ def send_message(agent, text, raw=False, force=False, timeout=None):
         text += " "     # a trailing backslash makes Enter insert a newline instead of sending
     pane, socket = agent["tmux"]["pane"], agent["tmux"]["socket"]
     with SendLock(agent["name"]):
-        since = time.time() - 0.5
+        since = time.time()
         paste_text(pane, socket, text)
         time.sleep(0.1)     # Enter in the same read as the paste can be swallowed by it
         send_enter(pane, socket)
         if agent.get("cmd"):
             return "sent (unconfirmed)"
-        return confirm_submit(agent, prompt_sha(text), since, st["status"] == "working", timeout)
+        if raw and text.startswith("/"):
+            return confirm_command(agent)
+        return confirm_submit(agent, text, since, st["status"] == "working", timeout)
 
 
-def confirm_submit(agent, sha, since, was_working, timeout):
+def confirm_submit(agent, text, since, was_working, timeout):
     """Wait for the UserPromptSubmit hook; re-press Enter (never re-type) if it does not come."""
     pane, socket = agent["tmux"]["pane"], agent["tmux"]["socket"]
+    sha = prompt_sha(text)
     deadline = time.time() + timeout
     tries = 0
     while time.time() < deadline:
-        if retry_until(lambda: submitted(agent, sha, since), min(2.0, deadline - time.time())):
+        if retry_until(lambda: submitted(agent, sha, since), min(1.5, deadline - time.time())):
             return "submitted"
         st = status_of(agent)
         if st["status"] == "exited":
             raise OrchError("agent %s exited before taking the message" % agent["name"],
                             EXIT_NOT_RUNNING)
-        if was_working and st["status"] == "working" and input_box_empty(agent):
+        if was_working and st["status"] == "working" and shows_queued(agent, text):
             return "queued"     # claude holds it until the turn ends, then submits it
-        if st["status"] == "needs-input":
+        if st["status"] == "needs-input" and st["needs"] == "trust":
             break               # an Enter now would answer the dialog
         if tries < 3:
             send_enter(pane, socket)
@@ -852,13 +957,42 @@ def confirm_submit(agent, sha, since, was_working, timeout):
                     EXIT_UNCONFIRMED)
 
 
-def input_box_empty(agent):
-    """True when claude's input line (the one starting with the prompt mark) is empty."""
+PROMPT_MARK = "\u276f"      # claude's input line and queued lines start with it
+
+
+def input_box(rows):
+    """Return (index, text) of claude's input line, or (None, None)."""
+    for i in range(len(rows) - 1, -1, -1):
+        if rows[i].startswith(PROMPT_MARK):
+            return i, rows[i].strip(PROMPT_MARK + " \u00a0")
+    return None, None
+
+
+def confirm_command(agent):
+    """Slash commands fire no hook: the input box emptying is the only sign they were taken."""
+    def taken():
+        rows = capture_pane(agent["tmux"]["pane"], agent["tmux"]["socket"])
+        return input_box(rows)[1] == ""
+    if retry_until(taken, 3.0):
+        return "sent (a slash command: claude reports none, so unconfirmed)"
+    raise OrchError("agent %s still shows the command in its input box; look with `orch tail %s`"
+                    % (agent["name"], agent["name"]), EXIT_UNCONFIRMED)
+
+
+def shows_queued(agent, text):
+    """True when claude's screen lists text as a queued message and its input box is empty.
+
+    A busy claude fires no hook for a queued message until the turn ends, so
+    the screen is the only witness: the message shows as an indented line
+    above the input box, which itself offers "Press up to edit queued messages".
+    """
     rows = capture_pane(agent["tmux"]["pane"], agent["tmux"]["socket"])
-    for row in reversed(rows):
-        if row.startswith("\u276f"):
-            return row.strip("\u276f \u00a0") == ""
-    return False
+    index, box = input_box(rows)
+    if index is None or (box and "queued" not in box):
+        return False        # something is still typed in the box: Enter was not taken
+    head = normalize_prompt(text)[:30]
+    return any(row.lstrip().startswith(PROMPT_MARK) and head in normalize_prompt(row)
+               for row in rows[:index])
 
 
 # ###########################################################################
@@ -899,6 +1033,8 @@ def cmd_spawn(args):
     else:
         argv_program = find_program(args.claude or default_program())
     check_tmux_version()
+    if args.trust and not args.cmd:
+        trust_folder(cwd)
     import uuid
     with LockedState() as state:
         refuse_existing(state, name)
@@ -926,8 +1062,8 @@ def finish_start(agent, first, verb):
     name = agent["name"]
     if agent.get("cmd"):
         if status_of(agent)["status"] == "exited":
-            raise OrchError("agent %s exited at start; its last lines:\n%s"
-                            % (name, last_lines(agent, 8)))
+            raise OrchError("agent %s exited at start, saying %s; see `orch tail %s`"
+                            % (name, last_words(agent), name))
         outcome = ""
         if first is not None:
             wait_for_screen(agent)
@@ -937,10 +1073,10 @@ def finish_start(agent, first, verb):
         timeout = float(os.environ.get("ORCH_START_TIMEOUT") or 60)
         st = wait_until_started(agent, timeout)
         outcome = ""
-        if st["status"] == "needs-input":
+        if st["status"] == "needs-input" and st["needs"] == "trust":
             print("%s agent %s, but it is waiting at a %s dialog: answer it with "
                   "`orch attach %s`%s" % (verb, name, st["needs"], name,
-                                            " or start it with --trust" if st["needs"] == "trust" else ""))
+                                            " (or start it with --trust)"))
             return EXIT_NEEDS_INPUT
         if st["status"] == "starting":
             raise OrchError("agent %s is running but did not report ready within %gs; "
@@ -996,6 +1132,14 @@ def cmd_tail(args):
         raise OrchError("agent %s has no window any more (its tmux server or window is gone); "
                         "`orch resume %s` to start it again" % (agent["name"], agent["name"]),
                         EXIT_NOT_RUNNING)
+    if status_of(agent)["status"] == "exited":
+        # A dead pane's last output may have scrolled off when tmux drew its notice.
+        rows = [r for r in capture_pane(pane, socket, lines=args.lines or 200)
+                if not r.startswith("Pane is dead")]
+        while rows and not rows[-1]:
+            rows.pop()
+        write_rows(rows[-(args.lines or 50):])
+        return EXIT_OK
     rows = capture_pane(pane, socket, lines=args.lines)
     if args.lines:
         rows = rows[-args.lines:]
@@ -1026,11 +1170,12 @@ def cmd_attach(args):
     else:
         # Two clients of one session share its current window; a grouped session
         # per attach lets two terminals each watch their own agent.
+        # It must be created attached: destroy-unattached removes a detached one at once.
         group = "%s-%s-%d" % (info["session"], agent["name"], os.getpid())
-        tmux(["new-session", "-d", "-t", "=" + info["session"], "-s", group, ";",
-              "set-option", "-t", "=" + group, "destroy-unattached", "on", ";",
-              "select-window", "-t", "=%s:%s" % (group, info["window"])], socket=info["socket"])
-        argv = tmux_argv(info["socket"], ["attach-session", "-t", "=" + group])
+        argv = tmux_argv(info["socket"], [
+            "new-session", "-t", "=" + info["session"], "-s", group, ";",
+            "set-option", "-t", "=%s:" % group, "destroy-unattached", "on", ";",
+            "select-window", "-t", "=%s:%s" % (group, info["window"])])
         if inside:
             sys.stderr.write("orch: attaching inside your own tmux (nested): press your prefix "
                              "key twice to reach the agent's tmux\n")
@@ -1271,6 +1416,8 @@ def add_spawn(sub):
                    help="run this shell command line instead of claude (no hooks)")
     p.add_argument("--raw", action="store_true",
                    help="send a leading '/' or '!' as a command, not as text")
+    p.add_argument("--trust", action="store_true",
+                   help="mark DIR trusted in ~/.claude.json first (skips claude's trust dialog)")
     add_target_options(p)
     p.set_defaults(func=cmd_spawn, extra=[])
 
@@ -1348,7 +1495,15 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, extra = split_extra(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    # argparse fills an optional positional before later flags (`send a --raw /x`
+    # leaves /x over); put a single leftover where it belongs.
+    text_field = {"spawn": "prompt", "send": "message", "resume": "message"}.get(args.verb)
+    if text_field and len(rest) == 1 and getattr(args, text_field) is None \
+            and not rest[0].startswith("-"):
+        setattr(args, text_field, rest.pop())
+    if rest:
+        parser.error("unrecognized arguments: %s" % " ".join(rest))
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE

@@ -7,10 +7,10 @@ the fake Messages API below (`make e2e`).
 """
 
 import http.server
+import io
 import json
 import os
 import shutil
-import signal
 import socketserver
 import subprocess
 import sys
@@ -41,6 +41,924 @@ def retry_until(check, timeout=15.0, interval=0.05):
         if time.time() > deadline:
             raise AssertionError("condition not met within %ss: %s" % (timeout, check))
         time.sleep(interval)
+
+
+# ###########################################################################
+# Stand-in agent: behaves like Claude Code where orch depends on it
+# ###########################################################################
+
+FAKE_AGENT = r"""#!PYTHON
+# Stand-in for claude: raw tty, bracketed paste, hooks from --settings, and
+# trigger words: SLOW-N (busy N s), ASK (permission dialog), EXIT-N (exit N),
+# SWALLOW (the first Enter after it is lost).  Logs to $FAKE_LOG/<pid>.jsonl.
+import json, os, select, signal, subprocess, sys, termios, time, tty
+
+args = sys.argv[1:]
+opts, prompt = {}, None
+i = 0
+while i < len(args):
+    if args[i] == "--":
+        prompt = args[i + 1] if i + 1 < len(args) else None
+        break
+    if args[i] in ("--session-id", "--resume", "--name", "--settings"):
+        opts[args[i]] = args[i + 1]
+        i += 2
+    else:
+        i += 1
+session = opts.get("--resume") or opts.get("--session-id") or "none"
+hooks = json.loads(opts.get("--settings", "{}")).get("hooks", {})
+LOG = os.path.join(os.environ["FAKE_LOG"], "%d.jsonl" % os.getpid())
+
+def log(kind, **fields):
+    fields.update(kind=kind, t=time.time(), session=session, name=opts.get("--name"))
+    with open(LOG, "a") as f:
+        f.write(json.dumps(fields) + "\n")
+
+def hook(event, **fields):
+    fields.update(session_id=session, hook_event_name=event, cwd=os.getcwd())
+    for group in hooks.get(event, []):
+        for h in group["hooks"]:
+            subprocess.run(h["command"], shell=True, input=json.dumps(fields).encode())
+
+def set_status(status, waiting=None):
+    folder = os.path.join(os.environ["HOME"], ".claude", "sessions")
+    os.makedirs(folder, exist_ok=True)
+    data = {"pid": os.getpid(), "sessionId": session, "status": status,
+            "statusUpdatedAt": int(time.time() * 1000)}
+    if waiting:
+        data["waitingFor"] = waiting
+    with open(os.path.join(folder, "%d.json" % os.getpid()), "w") as f:
+        json.dump(data, f)
+
+def say(line):
+    sys.stdout.write(line.replace("\n", "\r\n") + "\r\n")
+    sys.stdout.flush()
+
+def on_term(signum, frame):
+    hook("SessionEnd", reason="other")
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+signal.signal(signal.SIGTERM, on_term)
+if os.environ.get("FAKE_DIE_AT_START"):
+    sys.stderr.write("error: unknown option (stand-in dies at start)\n")
+    sys.exit(int(os.environ["FAKE_DIE_AT_START"]))
+log("start", argv=sys.argv[1:], env=dict(os.environ), cwd=os.getcwd())
+fd = sys.stdin.fileno()
+tty.setraw(fd)
+sys.stdout.write("\x1b[?2004h")     # ask for bracketed paste, as claude does
+state = {"mode": "idle", "until": 0, "queue": [], "swallow": False}
+
+def trusted():
+    try:
+        with open(os.path.join(os.environ["HOME"], ".claude.json")) as f:
+            return json.load(f)["projects"][os.getcwd()]["hasTrustDialogAccepted"] is True
+    except Exception:
+        return False
+
+def start():
+    hook("SessionStart", source="resume" if "--resume" in opts else "startup")
+    set_status("idle")
+    say("fake agent ready")
+    say("\u276f ")
+    if prompt is not None:
+        submit(prompt)
+
+def submit(text):
+    if text.startswith("/") or text.startswith("!"):
+        log("command", text=text)       # claude would run it: tests assert this never happens
+        say("ran command " + text)
+        say("\u276f ")
+        return
+    log("message", text=text)
+    hook("UserPromptSubmit", prompt=text.strip())
+    set_status("busy")
+    words = text.split()
+    for w in words:
+        if w.startswith("EXIT-"):
+            hook("SessionEnd", reason="prompt_input_exit")
+            sys.exit(int(w[5:]))
+        if w.startswith("SLOW-"):
+            state.update(mode="busy", until=time.time() + float(w[5:]))
+            say("* Working... (esc to interrupt)")
+            return
+    if "ASK" in words:
+        hook("PreToolUse", tool_name="Bash")
+        hook("PermissionRequest", tool_name="Bash")
+        set_status("waiting", "permission prompt")
+        state["mode"] = "dialog"
+        say("Do you want to proceed?\n\u276f 1. Yes\n  2. Yes, and always allow\n  3. No")
+        return
+    finish("reply: " + " ".join(words)[:60])
+
+def finish(reply):
+    say("\u25cf " + reply)
+    state["mode"] = "idle"
+    hook("Stop", last_assistant_message=reply)
+    set_status("idle")
+    if state["queue"]:
+        queued, state["queue"] = "\n".join(state["queue"]), []
+        submit(queued)
+    else:
+        say("\u276f ")
+
+def enter(text):
+    mode = state["mode"]
+    if mode == "trust":
+        if text in ("", "1"):
+            state["mode"] = "idle"
+            start()
+        elif text == "2":
+            sys.exit(1)
+        return
+    if mode == "dialog":
+        log("approved")
+        hook("PostToolUse", tool_name="Bash")
+        finish("tool ran")
+        return
+    if not text:
+        return
+    if mode == "busy":
+        state["queue"].append(text)
+        say("  \u276f " + text)
+        say("\u276f Press up to edit queued messages")
+        return
+    submit(text)
+
+def escape():
+    if state["mode"] in ("busy", "dialog"):
+        log("interrupted")
+        state["mode"] = "idle"
+        set_status("idle")              # like claude: no hook fires for this
+        say("Interrupted")
+        say("\u276f ")
+    elif state["mode"] == "trust":
+        sys.exit(1)
+
+if os.environ.get("FAKE_TRUST") and not trusted():
+    state["mode"] = "trust"
+    say("Is this a project you created or one you trust?")
+    say("\u276f 1. Yes, I trust this folder\n  2. No, exit")
+else:
+    start()
+
+data, pasted, typed, pasting = b"", b"", "", False
+while True:
+    timeout = max(0.0, state["until"] - time.time()) if state["mode"] == "busy" else None
+    ready, _, _ = select.select([fd], [], [], timeout)
+    if state["mode"] == "busy" and time.time() >= state["until"]:
+        finish("slow reply done")
+    if not ready:
+        continue
+    data += os.read(fd, 65536)
+    while data:
+        if data.startswith(b"\x1b[200~"):
+            pasting, data = True, data[6:]
+        elif data.startswith(b"\x1b[201~"):
+            pasting, data = False, data[6:]
+            say("\u276f " + typed.split("\n")[0])
+        elif pasting:
+            end = data.find(b"\x1b[201~")
+            if end < 0:
+                # Keep a tail that may be the start of the end marker; wait for more.
+                pasted, data = pasted + data[:-6], data[-6:]
+                break
+            pasted, data = pasted + data[:end], data[end:]
+            typed += pasted.decode("utf-8").replace("\r", "\n")
+            pasted = b""
+        elif data[:1] == b"\r":
+            data = data[1:]
+            if "SWALLOW" in typed and not state["swallow"]:
+                state["swallow"] = True     # lose this Enter, as claude sometimes does
+                continue
+            text, typed = typed, ""
+            enter(text)
+        elif data[:1] == b"\x1b":
+            data = data[1:]
+            escape()
+        else:
+            typed += data[:1].decode("latin-1")
+            data = data[1:]
+"""
+
+
+def write_fake_agent(folder):
+    path = os.path.join(folder, "fake-claude")
+    with open(path, "w") as f:
+        f.write(FAKE_AGENT.replace("#!PYTHON", "#!" + sys.executable, 1))
+    os.chmod(path, 0o755)
+    return path
+
+
+def tmux_cmd(*args):
+    """Run tmux against the test's private server; return stdout."""
+    socket = os.environ["ORCH_TMUX_SOCKET"]
+    env = dict(os.environ)
+    env.pop("TMUX", None)
+    return subprocess.run(["tmux", "-L", socket] + list(args), env=env, check=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True).stdout
+
+
+class Env(object):
+    """One test's private world: HOME, state, tmux server, stand-in agent."""
+
+    def __init__(self, root, monkeypatch):
+        self.root = root
+        self.home = os.path.join(root, "home")
+        self.work = os.path.join(root, "work")
+        self.logs = os.path.join(root, "logs")
+        for folder in (self.home, self.work, self.logs):
+            os.makedirs(folder)
+        self.fake = write_fake_agent(root)
+        self.socket = "orcht%d%s" % (os.getpid(), uuid.uuid4().hex[:8])
+        # Short socket folder: a Unix socket path must fit in ~100 bytes.
+        self.tmpdir = tempfile.mkdtemp(prefix="ot", dir="/tmp")
+        for var in ("TMUX", "TMUX_PANE", "CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT",
+                    "ORCH_SESSION", "ORCH_TRACE", "ORCH_BACKEND", "FAKE_TRUST",
+                    "FAKE_DIE_AT_START"):
+            monkeypatch.delenv(var, raising=False)
+        env = {"HOME": self.home, "ORCH_STATE": os.path.join(root, "state.json"),
+               "ORCH_TMUX_SOCKET": self.socket, "TMUX_TMPDIR": self.tmpdir,
+               "ORCH_CLAUDE": self.fake, "FAKE_LOG": self.logs, "SHELL": "/bin/sh",
+               "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TZ": "UTC", "ORCH_KILL_GRACE": "3"}
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.chdir(self.work)
+        self.conf = os.path.join(root, "tmux.conf")
+        with open(self.conf, "w") as f:
+            f.write("set -g history-limit 5000\n")
+
+    def start_server(self, **extra_env):
+        """Start the private server from a bare environment, as a login shell might have."""
+        env = {"PATH": os.environ["PATH"], "HOME": self.home, "TMUX_TMPDIR": self.tmpdir}
+        env.update(extra_env)
+        subprocess.run(["tmux", "-L", self.socket, "-f", self.conf, "new-session", "-d",
+                        "-s", "keep", "sleep", "100000"], env=env, check=True)
+
+    def stop(self):
+        env = dict(os.environ)
+        env.pop("TMUX", None)
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def records(self, kind=None):
+        """Everything the stand-in agents logged, oldest first."""
+        found = []
+        for name in sorted(os.listdir(self.logs)):
+            with open(os.path.join(self.logs, name)) as f:
+                found += [json.loads(line) for line in f if line.strip()]
+        found.sort(key=lambda r: r["t"])
+        return [r for r in found if kind is None or r["kind"] == kind]
+
+    def messages(self, name=None):
+        return [r["text"] for r in self.records("message") if name is None or r["name"] == name]
+
+    def state(self):
+        with open(os.environ["ORCH_STATE"]) as f:
+            return json.load(f)
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    world = Env(str(tmp_path), monkeypatch)
+    world.start_server()
+    yield world
+    world.stop()
+
+
+def run(capsys, *args, stdin=None):
+    """Run orch in this process; return (exit code, stdout, stderr)."""
+    old = sys.stdin
+    if stdin is not None:
+        sys.stdin = io.StringIO(stdin)
+    try:
+        try:
+            code = orch.main(list(args))
+        except SystemExit as e:
+            code = e.code
+    finally:
+        sys.stdin = old
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def cli(*args, stdin=None, python=None, env_extra=None):
+    """Run orch.py as its own process (exit codes, stderr, other interpreters)."""
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    proc = subprocess.run([python or sys.executable, ORCH] + list(args), env=env,
+                          input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=120)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def status(capsys, name):
+    code, out, _ = run(capsys, "list", "--json")
+    assert code == 0
+    return {row["name"]: row for row in json.loads(out)}[name]
+
+
+def wait_status(capsys, name, wanted, timeout=15):
+    return retry_until(lambda: status(capsys, name)["status"] == wanted and status(capsys, name),
+                       timeout)
+
+
+# ###########################################################################
+# Pure functions, tested with literal strings
+# ###########################################################################
+
+def test_parse_tmux_version():
+    assert orch.parse_tmux_version("tmux 3.3a") == (3, 3)
+    assert orch.parse_tmux_version("tmux 3.0") == (3, 0)
+    assert orch.parse_tmux_version("tmux 2.9a") < orch.MIN_TMUX
+    assert orch.parse_tmux_version("tmux next-3.5") == (3, 5)
+    assert orch.parse_tmux_version("tmux master") >= orch.MIN_TMUX
+
+
+def test_parse_panes_keeps_separator_inside_fields_apart():
+    line = orch.SEP.join(["%3", "42", "1", "7", "", "@2", "orch", "1700000000", "9"])
+    panes = orch.parse_panes(line + "\nnot a pane line\n")
+    assert list(panes) == ["%3"]
+    assert panes["%3"]["pane_dead_status"] == "7" and panes["%3"]["pid"] == "9"
+
+
+def test_exit_code_of_signal_death():
+    assert orch.exit_code_of({"pane_dead_status": "", "pane_dead_signal": "15"}) == 143
+    assert orch.exit_code_of({"pane_dead_status": "3", "pane_dead_signal": ""}) == 3
+    assert orch.exit_code_of({"pane_dead_status": "", "pane_dead_signal": "",
+                              "pane_pid": str(os.getpid())}) is None
+
+
+def test_zombie_exit_code_from_proc():
+    proc = subprocess.Popen(["sh", "-c", "exit 7"])
+    retry_until(lambda: orch.zombie_exit_code(proc.pid) is not None)
+    assert orch.zombie_exit_code(proc.pid) == 7
+    proc.wait()
+    killed = subprocess.Popen(["sleep", "100"])
+    killed.terminate()
+    retry_until(lambda: orch.zombie_exit_code(killed.pid) is not None)
+    assert orch.zombie_exit_code(killed.pid) == 143
+    killed.wait()
+
+
+def test_parse_state_refuses_corrupt_and_newer():
+    with pytest.raises(orch.OrchError, match="corrupt"):
+        orch.parse_state("{not json", "/x/state.json")
+    with pytest.raises(orch.OrchError, match="newer"):
+        orch.parse_state(json.dumps({"version": orch.STATE_VERSION + 1, "agents": {}}), "/x")
+    with pytest.raises(orch.OrchError, match="not an orch state file"):
+        orch.parse_state("[]", "/x")
+    assert orch.parse_state("", "/x") == orch.empty_state()
+
+
+def test_new_rows_after_scroll_and_redraw():
+    assert orch.new_rows(["a", "b", "c"], ["b", "c", "d", "e"]) == ["d", "e"]
+    assert orch.new_rows(["a", "b"], ["a", "b"]) == []
+    assert orch.new_rows(["x", "y"], ["p", "y", "q"]) == ["p", "q"]
+
+
+def test_escape_leading_command_characters():
+    assert orch.escape_leading("/compact") == " /compact"
+    assert orch.escape_leading("!rm -rf x") == " !rm -rf x"
+    assert orch.escape_leading("plain / text") == "plain / text"
+
+
+@pytest.mark.parametrize("name", ["", "a b", "a.b", "a:b", "a/b", "-a", "_a", "é", "a" * 41,
+                                  "a\n", "a;b", "$(x)"])
+def test_bad_names_are_refused(name):
+    with pytest.raises(orch.OrchError) as e:
+        orch.check_name(name)
+    assert e.value.code == orch.EXIT_USAGE
+
+
+@pytest.mark.parametrize("name", ["a", "A1", "fix-tests", "x_y", "9" * 40])
+def test_good_names_are_accepted(name):
+    assert orch.check_name(name) == name
+
+
+# ###########################################################################
+# spawn
+# ###########################################################################
+
+def test_spawn_delivers_prompt_and_records_agent(env, capsys):
+    code, out, err = run(capsys, "spawn", "a1", "fix the tests")
+    assert code == 0, err
+    assert "a1" in out and "orch attach a1" in out
+    agent = env.state()["agents"]["a1"]
+    start = env.records("start")[0]
+    argv = start["argv"]
+    assert argv[argv.index("--session-id") + 1] == agent["session_id"]
+    assert argv[argv.index("--name") + 1] == "a1"
+    assert start["cwd"] == env.work
+    assert env.messages() == ["fix the tests"]
+    assert wait_status(capsys, "a1", "idle")["last_prompt"] == "fix the tests"
+
+
+def test_spawn_gives_agent_the_callers_environment(env, capsys, monkeypatch):
+    monkeypatch.setenv("ONLY_IN_CALLER", "caller value $(x) 'q'")
+    monkeypatch.setenv("CLAUDECODE", "1")
+    monkeypatch.setenv("CLAUDE_CODE_ENTRYPOINT", "cli")
+    monkeypatch.setenv("TMUX", "/nonexistent/socket,1,0")   # must not redirect orch either
+    monkeypatch.setenv("TMUX_PANE", "%99")
+    code, _, err = run(capsys, "spawn", "a1")
+    assert code == 0, err
+    seen = env.records("start")[0]["env"]
+    assert seen["ONLY_IN_CALLER"] == "caller value $(x) 'q'"
+    for var in ("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT", "TMUX", "TMUX_PANE"):
+        assert var not in seen
+
+
+def test_spawn_huge_prompt_with_shell_metacharacters_arrives_exactly(env, capsys):
+    unit = "q'uote \"dq\" $(touch pwned) `touch pwned2` ; & | > x < y \\ \u00e9\u6f22\U0001F600\n"
+    prompt = (unit * (105000 // len(unit.encode("utf-8")) + 1)).rstrip("\n")
+    assert len(prompt.encode("utf-8")) > orch.PROMPT_ARGV_MAX    # goes by paste, not argv
+    code, out, err = run(capsys, "spawn", "big", "-", stdin=prompt)
+    assert code == 0, err
+    assert "submitted" in out
+    assert env.messages() == [prompt]
+    for path in (env.work, env.root, env.home):
+        assert not [n for n in os.listdir(path) if n.startswith("pwned")]
+
+
+def test_spawn_prompt_on_argv_with_metacharacters(env, capsys):
+    prompt = "-leading dash; $(touch pwned) `id` 'single' \"double\"\nsecond line \u2713"
+    code, _, err = run(capsys, "spawn", "a1", prompt)
+    assert code == 0, err
+    assert env.messages() == [prompt]
+    assert not os.path.exists(os.path.join(env.work, "pwned"))
+
+
+def test_spawn_prompt_file_and_cwd(env, capsys, tmp_path):
+    other = tmp_path / "elsewhere with space"
+    other.mkdir()
+    (tmp_path / "p.txt").write_text("from a file")
+    code, _, err = run(capsys, "spawn", "a1", "--prompt-file", str(tmp_path / "p.txt"),
+                       "--cwd", str(other))
+    assert code == 0, err
+    assert env.messages() == ["from a file"]
+    assert env.records("start")[0]["cwd"] == str(other)
+
+
+def test_spawn_passes_extra_args_after_double_dash(env, capsys):
+    code, _, err = run(capsys, "spawn", "a1", "go", "--", "--model", "x", "--allowedTools", "Bash")
+    assert code == 0, err
+    argv = env.records("start")[0]["argv"]
+    assert argv[-2:] == ["--", "go"]
+    assert ["--model", "x", "--allowedTools", "Bash"] == argv[-6:-2]
+
+
+def test_spawn_refuses_duplicates(env, capsys):
+    assert run(capsys, "spawn", "a1")[0] == 0
+    code, _, err = run(capsys, "spawn", "a1")
+    assert code == 1 and "already running" in err
+    run(capsys, "kill", "a1")
+    code, _, err = run(capsys, "spawn", "a1")
+    assert code == 1 and "orch resume a1" in err and "orch rm a1" in err
+
+
+def test_spawn_agent_that_dies_at_start_fails(env, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_DIE_AT_START", "4")
+    code, _, err = run(capsys, "spawn", "a1", "task")
+    assert code == 1
+    assert "exited at start (exit code 4)" in err and "unknown option" in err
+    assert status(capsys, "a1")["status"] == "exited"
+
+
+def test_spawn_missing_cwd_and_program(env, capsys, monkeypatch):
+    code, _, err = run(capsys, "spawn", "a1", "--cwd", "/nonexistent/dir")
+    assert code == 1 and "/nonexistent/dir" in err and "does not exist" in err
+    monkeypatch.setenv("ORCH_CLAUDE", "no-such-claude-program")
+    code, _, err = run(capsys, "spawn", "a1")
+    assert code == 1 and "no-such-claude-program not found" in err
+    code, _, err = run(capsys, "spawn", "a2", "--cmd", "no-such-agent-program --x")
+    assert code == 1 and "no-such-agent-program not found" in err
+    assert not os.path.exists(os.environ["ORCH_STATE"]) or not env.state()["agents"]
+
+
+def test_cmd_agent_gets_first_message_and_sends_unconfirmed(env, capsys):
+    code, out, err = run(capsys, "spawn", "c1", "first task", "--cmd", env.fake + " --plain")
+    assert code == 0, err
+    assert "sent (unconfirmed)" in out
+    code, out, err = run(capsys, "send", "c1", "/not a command")
+    assert code == 0 and "sent (unconfirmed)" in out
+    retry_until(lambda: env.messages() == ["first task", " /not a command"])
+    assert not env.records("command")
+    row = status(capsys, "c1")
+    assert row["status_source"] == "activity" and row["session_id"] is None
+
+
+# ###########################################################################
+# send
+# ###########################################################################
+
+HARD_MESSAGES = [
+    "it's \"quoted\" and 'single'",
+    "$(touch pwned) and `touch pwned2` and ${HOME}",
+    "ends with a semicolon;",
+    "line one\nline two\n\nline four",
+    "unicode: \u00e9\u00e8 \u6f22\u5b57 \U0001F680",
+    "Enter C-m \\; send-keys Escape",
+    "ends with a backslash \\",
+    "x" * 10240,
+]
+
+
+def test_send_hard_messages_arrive_exactly_once_in_order(env, capsys):
+    assert run(capsys, "spawn", "a1")[0] == 0
+    for message in HARD_MESSAGES:
+        code, out, err = run(capsys, "send", "a1", message)
+        assert (code, out) == (0, "a1: submitted\n"), err
+    received = env.messages()
+    assert received[:-1] == HARD_MESSAGES[:-2] + [HARD_MESSAGES[-2] + " "]
+    assert received[-1] == HARD_MESSAGES[-1]
+    assert not [n for n in os.listdir(env.work) if n.startswith("pwned")]
+
+
+def test_send_from_stdin(env, capsys):
+    assert run(capsys, "spawn", "a1")[0] == 0
+    code, out, _ = run(capsys, "send", "a1", stdin="from stdin\nsecond line\n")
+    assert code == 0 and "submitted" in out
+    code, out, _ = run(capsys, "send", "a1", "-", stdin="dash means stdin")
+    assert code == 0
+    assert env.messages() == ["from stdin\nsecond line", "dash means stdin"]
+
+
+def test_send_command_characters_as_text_unless_raw(env, capsys):
+    assert run(capsys, "spawn", "a1")[0] == 0
+    assert run(capsys, "send", "a1", "/compact")[0] == 0
+    assert run(capsys, "send", "a1", "!touch pwned")[0] == 0
+    assert env.messages() == [" /compact", " !touch pwned"]
+    assert not env.records("command")
+    code, out, err = run(capsys, "send", "a1", "--raw", "/compact")
+    assert code == 0 and "unconfirmed" in out, err      # a slash command fires no hook
+    assert [r["text"] for r in env.records("command")] == ["/compact"]
+
+
+def test_send_retries_enter_when_it_is_lost_and_never_retypes(env, capsys):
+    assert run(capsys, "spawn", "a1")[0] == 0
+    code, out, err = run(capsys, "send", "a1", "SWALLOW this one")
+    assert (code, out) == (0, "a1: submitted\n"), err
+    assert env.messages() == ["SWALLOW this one"]
+
+
+def test_send_while_working_is_queued_once(env, capsys):
+    assert run(capsys, "spawn", "a1", "SLOW-3 long job")[0] == 0
+    code, out, err = run(capsys, "send", "a1", "do this next")
+    assert (code, out) == (0, "a1: queued\n"), err
+    assert run(capsys, "wait", "a1", "--timeout", "30")[0] == 0
+    retry_until(lambda: env.messages() == ["SLOW-3 long job", "do this next"])
+    assert wait_status(capsys, "a1", "idle")["last_prompt"] == "do this next"
+
+
+def test_send_refused_at_permission_dialog_and_tool_not_approved(env, capsys):
+    assert run(capsys, "spawn", "a1", "ASK to run a tool")[0] == 0
+    row = wait_status(capsys, "a1", "needs-input")
+    assert row["needs"] == "permission"
+    code, _, err = run(capsys, "send", "a1", "please continue")
+    assert code == orch.EXIT_NEEDS_INPUT
+    assert "orch attach a1" in err and "Bash" in err
+    assert not env.records("approved")
+    assert env.messages() == ["ASK to run a tool"]
+
+
+def test_interrupt_without_hook_shows_idle(env, capsys):
+    assert run(capsys, "spawn", "a1", "ASK to run a tool")[0] == 0
+    wait_status(capsys, "a1", "needs-input")
+    tmux_cmd("send-keys", "-t", env.state()["agents"]["a1"]["tmux"]["pane"], "Escape")
+    retry_until(lambda: env.records("interrupted"))
+    row = wait_status(capsys, "a1", "idle")
+    assert row["status_source"] == "claude-status"
+    assert run(capsys, "send", "a1", "after the interrupt")[0] == 0
+    assert env.messages()[-1] == "after the interrupt"
+
+
+def test_send_to_exited_agent_says_resume(env, capsys):
+    assert run(capsys, "spawn", "a1")[0] == 0
+    assert run(capsys, "send", "a1", "EXIT-3 bye")[0] in (0, orch.EXIT_NOT_RUNNING)
+    row = wait_status(capsys, "a1", "exited")
+    assert row["exit_code"] == 3
+    code, _, err = run(capsys, "send", "a1", "hello?")
+    assert code == orch.EXIT_NOT_RUNNING and "orch resume a1" in err
+
+
+def test_send_unknown_agent_and_empty_message(env, capsys):
+    code, _, err = run(capsys, "send", "ghost", "hi")
+    assert code == 1 and "no agent named 'ghost'" in err
+    assert run(capsys, "spawn", "a1")[0] == 0
+    code, _, err = run(capsys, "send", "a1", "   ")
+    assert code == 2 and "empty" in err
+
+
+# ###########################################################################
+# list, wait, kill, rm
+# ###########################################################################
+
+def test_list_json_keys_and_table(env, capsys):
+    assert run(capsys, "spawn", "a1", "hello")[0] == 0
+    row = wait_status(capsys, "a1", "idle")
+    for key in ("name", "status", "backend", "cwd", "session_id", "created", "exit_code",
+                "status_since", "needs", "last_prompt"):
+        assert key in row
+    assert row["backend"] == "tmux" and row["cwd"] == env.work
+    code, out, _ = run(capsys, "ls")
+    assert code == 0 and "a1" in out and "idle" in out and "hello" in out
+
+
+def test_list_reconciles_with_tmux(env, capsys):
+    assert run(capsys, "spawn", "a1")[0] == 0
+    assert run(capsys, "spawn", "a2")[0] == 0
+    tmux_cmd("kill-window", "-t", env.state()["agents"]["a1"]["tmux"]["window"])
+    assert wait_status(capsys, "a1", "exited")
+    assert status(capsys, "a2")["status"] == "idle"
+    env.stop()
+    assert status(capsys, "a2")["status"] == "exited"
+
+
+def test_list_makes_one_tmux_call_whatever_the_number_of_agents(env, capsys, monkeypatch):
+    for i in range(3):
+        assert run(capsys, "spawn", "c%d" % i, "--cmd", "sleep 1000")[0] == 0
+    monkeypatch.setenv("ORCH_TRACE", "1")
+    code, _, err = run(capsys, "list")
+    assert code == 0
+    assert err.count("orch: trace: tmux") == 1
+
+
+def test_wait_until_idle_and_timeout(env, capsys):
+    assert run(capsys, "spawn", "a1", "SLOW-2 job")[0] == 0
+    assert status(capsys, "a1")["status"] == "working"
+    code, out, _ = run(capsys, "wait", "a1", "--timeout", "30")
+    assert (code, out) == (0, "a1: idle\n")
+    assert run(capsys, "send", "a1", "SLOW-30 long")[0] == 0
+    code, out, err = run(capsys, "wait", "a1", "--timeout", "0.5")
+    assert code == orch.EXIT_TIMEOUT and "timed out" in err and "a1: working" in out
+
+
+def test_wait_until_exited(env, capsys):
+    assert run(capsys, "spawn", "a1")[0] == 0
+    run(capsys, "send", "a1", "EXIT-0 done")
+    code, out, _ = run(capsys, "wait", "a1", "--until", "exited", "--timeout", "30")
+    assert (code, out) == (0, "a1: exited (0)\n")
+
+
+def test_kill_keeps_record_and_exit_code(env, capsys):
+    assert run(capsys, "spawn", "a1")[0] == 0
+    code, out, _ = run(capsys, "kill", "a1")
+    assert code == 0 and "killed" in out
+    row = status(capsys, "a1")
+    assert row["status"] == "exited" and row["exit_code"] == 143
+    assert env.records("start")      # record and window survive for tail
+    code, out, _ = run(capsys, "tail", "a1")
+    assert code == 0 and "fake agent ready" in out
+
+
+def test_rm_named_and_exited(env, capsys):
+    for name in ("a1", "a2", "a3"):
+        assert run(capsys, "spawn", name)[0] == 0
+    run(capsys, "kill", "a2")
+    code, out, _ = run(capsys, "rm", "--exited")
+    assert (code, out) == (0, "removed a2\n")
+    code, out, _ = run(capsys, "rm", "a1")
+    assert code == 0
+    assert list(env.state()["agents"]) == ["a3"]
+    panes = tmux_cmd("list-panes", "-a", "-F", "#{window_name}").split()
+    assert "a1" not in panes and "a2" not in panes and "a3" in panes
+    assert not os.path.exists(orch.agent_dir("a1"))
+    code, _, err = run(capsys, "rm", "ghost")
+    assert code == 1 and "ghost" in err
+
+
+# ###########################################################################
+# tail and attach
+# ###########################################################################
+
+def test_tail_shows_screen_and_last_lines(env, capsys):
+    assert run(capsys, "spawn", "a1", "first")[0] == 0
+    assert run(capsys, "send", "a1", "second")[0] == 0
+    retry_until(lambda: "reply: second" in run(capsys, "tail", "a1")[1])
+    code, out, _ = run(capsys, "tail", "a1", "-n", "2")
+    assert code == 0 and out.splitlines() == ["\u25cf reply: second", "\u276f"]
+
+
+def test_tail_follow_prints_new_lines_until_exit(env, capsys):
+    assert run(capsys, "spawn", "a1")[0] == 0
+    proc = subprocess.Popen([sys.executable, ORCH, "tail", "a1", "-f"], stdout=subprocess.PIPE,
+                            universal_newlines=True)
+    try:
+        run(capsys, "send", "a1", "one")
+        run(capsys, "send", "a1", "EXIT-0 two")
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    assert "fake agent ready" in out and "reply: one" in out
+    assert out.count("reply: one") == 1
+
+
+def outer_terminal(env, name, *args):
+    """Run a command in a window of a second tmux server that stands in for a terminal."""
+    outer = env.socket + "o"
+    command = " ".join(orch_quote(a) for a in [sys.executable, ORCH] + list(args))
+    subprocess.run(["tmux", "-L", outer, "-f", env.conf, "new-session", "-d", "-s", name,
+                    "-x", "120", "-y", "30", "env", "-u", "TMUX", "sh", "-c", command],
+                   check=True, env=dict(os.environ))
+    return outer
+
+
+def orch_quote(word):
+    import shlex
+    return shlex.quote(word)
+
+
+def test_attach_two_terminals_each_see_their_own_agent(env, capsys):
+    assert run(capsys, "spawn", "a1", "alpha task")[0] == 0
+    assert run(capsys, "spawn", "a2", "bravo task")[0] == 0
+    outer = outer_terminal(env, "t1", "attach", "a1")
+    outer_terminal(env, "t2", "attach", "a2")
+
+    def screen(session):
+        return subprocess.run(["tmux", "-L", outer, "capture-pane", "-p", "-t", "=%s:" % session],
+                              stdout=subprocess.PIPE, universal_newlines=True).stdout
+    try:
+        retry_until(lambda: "reply: alpha task" in screen("t1"))
+        retry_until(lambda: "reply: bravo task" in screen("t2"))
+        assert "bravo" not in screen("t1") and "alpha" not in screen("t2")
+    finally:
+        subprocess.run(["tmux", "-L", outer, "kill-server"])
+    # Detached grouped sessions clean themselves up.
+    retry_until(lambda: tmux_cmd("list-sessions", "-F", "#{session_name}").split()
+                == ["keep", "orch"])
+
+
+def test_attach_unknown_or_gone(env, capsys):
+    code, _, err = run(capsys, "attach", "ghost")
+    assert code == 1 and "ghost" in err
+    assert run(capsys, "spawn", "a1")[0] == 0
+    env.stop()
+    code, _, err = run(capsys, "attach", "a1")
+    assert code == orch.EXIT_NOT_RUNNING and "orch resume a1" in err
+
+
+# ###########################################################################
+# resume and trust
+# ###########################################################################
+
+def test_resume_after_kill_server_continues_same_session(env, capsys):
+    assert run(capsys, "spawn", "a1", "remember 42")[0] == 0
+    sid = env.state()["agents"]["a1"]["session_id"]
+    env.stop()
+    assert status(capsys, "a1")["status"] == "exited"
+    code, out, err = run(capsys, "resume", "a1", "what was the number?")
+    assert code == 0, err
+    last = env.records("start")[-1]
+    assert last["argv"][last["argv"].index("--resume") + 1] == sid
+    assert last["cwd"] == env.work and last["name"] == "a1"
+    assert env.messages() == ["remember 42", "what was the number?"]
+    assert wait_status(capsys, "a1", "idle")["session_id"] == sid
+
+
+def test_resume_uses_latest_session_id_and_refuses_running(env, capsys):
+    assert run(capsys, "spawn", "a1")[0] == 0
+    code, _, err = run(capsys, "resume", "a1")
+    assert code == 1 and "still running" in err
+    newer = str(uuid.uuid4())      # claude starts a new session id on /clear
+    with open(orch.events_path("a1"), "a") as f:
+        f.write(json.dumps({"t": time.time(), "event": "SessionStart", "session_id": newer,
+                            "source": "clear"}) + "\n")
+    run(capsys, "kill", "a1")
+    assert run(capsys, "resume", "a1")[0] == 0
+    argv = env.records("start")[-1]["argv"]
+    assert argv[argv.index("--resume") + 1] == newer
+    assert len([r for r in env.records("start")]) == 2
+
+
+def test_untrusted_folder_needs_input_and_send_refuses(env, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_TRUST", "1")
+    code, out, _ = run(capsys, "spawn", "a1", "task")
+    assert code == orch.EXIT_NEEDS_INPUT and "trust" in out
+    row = status(capsys, "a1")
+    assert (row["status"], row["needs"]) == ("needs-input", "trust")
+    code, _, err = run(capsys, "send", "a1", "hello")
+    assert code == orch.EXIT_NEEDS_INPUT and "trust" in err
+    assert env.messages() == []
+
+
+def test_spawn_trust_marks_folder_and_keeps_other_keys(env, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_TRUST", "1")
+    config = {"theme": "dark", "numStartups": 7, "projects": {"/other": {"x": [1, 2]}},
+              "unicode": "\u00e9"}
+    path = os.path.join(env.home, ".claude.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    os.chmod(path, 0o640)
+    code, _, err = run(capsys, "spawn", "a1", "task", "--trust")
+    assert code == 0, err
+    assert env.messages() == ["task"]
+    with open(path) as f:
+        after = json.load(f)
+    config["projects"][env.work] = {"hasTrustDialogAccepted": True}
+    assert after == config
+    assert os.stat(path).st_mode & 0o777 == 0o640
+
+
+# ###########################################################################
+# State safety and bad input
+# ###########################################################################
+
+def test_corrupt_state_is_reported_and_never_overwritten(env, capsys):
+    path = os.environ["ORCH_STATE"]
+    with open(path, "w") as f:
+        f.write("{half a file")
+    for args in (("list",), ("spawn", "a1"), ("send", "a1", "x")):
+        code, out, err = run(capsys, *args)
+        assert code == 1 and path in err and "corrupt" in err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    with open(path) as f:
+        assert f.read() == "{half a file"
+
+
+def test_newer_state_is_refused(env, capsys):
+    path = os.environ["ORCH_STATE"]
+    text = json.dumps({"version": 99, "agents": {}})
+    with open(path, "w") as f:
+        f.write(text)
+    code, _, err = run(capsys, "spawn", "a1")
+    assert code == 1 and "newer" in err
+    with open(path) as f:
+        assert f.read() == text
+
+
+def test_state_file_is_private(env, capsys):
+    assert run(capsys, "spawn", "a1")[0] == 0
+    assert os.stat(os.environ["ORCH_STATE"]).st_mode & 0o777 == 0o600
+    assert os.stat(orch.agent_dir("a1")).st_mode & 0o777 == 0o700
+
+
+@pytest.mark.cli
+def test_thirty_concurrent_spawns_all_recorded(env):
+    procs = [subprocess.Popen([cli_python(), ORCH, "spawn", "c%02d" % i, "--cmd", "sleep 1000"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i in range(30)]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    assert [r for r in results if r[0] != 0] == []
+    assert sorted(env.state()["agents"]) == ["c%02d" % i for i in range(30)]
+    windows = tmux_cmd("list-windows", "-t", "=orch", "-F", "#{window_name}").split()
+    assert sorted(windows) == ["c%02d" % i for i in range(30)]
+
+
+def cli_python():
+    return os.environ.get("ORCH_TEST_PYTHON") or sys.executable
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("name", ["bad name", "a.b", "\u00e9t\u00e9", "a:1", "a/b"])
+def test_cli_bad_name_is_one_line_exit_2(env, name):
+    code, out, err = cli("send", name, "hi", python=cli_python())
+    assert code == 2
+    assert err.startswith("orch: error: invalid agent name") and len(err.splitlines()) == 1
+
+
+@pytest.mark.cli
+def test_cli_errors_are_one_line_without_traceback(env, tmp_path):
+    py = cli_python()
+    code, _, err = cli("tail", "ghost", python=py)
+    assert code == 1 and err.startswith("orch: error: no agent named 'ghost'")
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    code, _, err = cli("spawn", "a1", "--cmd", "/bin/sleep 1", python=py,
+                       env_extra={"PATH": str(bare)})
+    assert code == 1 and "tmux is not installed" in err and "Traceback" not in err
+    fake_tmux = bare / "tmux"
+    fake_tmux.write_text("#!/bin/sh\necho 'tmux 2.9a'\n")
+    fake_tmux.chmod(0o755)
+    code, _, err = cli("spawn", "a1", "--cmd", "true", python=py,
+                       env_extra={"PATH": str(bare) + ":/usr/bin:/bin"})
+    assert code == 1 and "tmux 2.9 is too old" in err
+
+
+@pytest.mark.cli
+def test_cli_spawn_send_list_kill_rm_round_trip(env):
+    py = cli_python()
+    code, out, err = cli("spawn", "a1", "hello from " + py, python=py)
+    assert code == 0, err
+    assert cli("send", "a1", "second", python=py)[:2] == (0, "a1: submitted\n")
+    code, out, _ = cli("list", "--json", python=py)
+    assert code == 0 and json.loads(out)[0]["name"] == "a1"
+    assert cli("kill", "a1", python=py)[0] == 0
+    assert cli("rm", "a1", python=py)[:2] == (0, "removed a1\n")
+    assert env.messages() == ["hello from " + py, "second"]
+
+
+@pytest.mark.cli
+def test_cli_version_and_help(env):
+    code, out, _ = cli("--version", python=cli_python())
+    assert code == 0 and out.strip() == "orch " + orch.__version__
+    code, out, _ = cli("--help", python=cli_python())
+    assert code == 0 and "examples:" in out and "exit codes:" in out
 
 
 # ###########################################################################
