@@ -1045,9 +1045,11 @@ class FakeAPI(object):
                 if block.get("type") == "tool_result":
                     tool_result = True
                 elif block.get("type") == "text" and not block.get("text", "").startswith(
-                        "<system-reminder>"):
+                        ("<system-reminder>", "[Request interrupted")):
                     texts.append(block["text"])
-            return "\n".join(texts), tool_result
+            # After an interrupted tool call, the user's next words ride along
+            # with the tool's refusal: that request is theirs, not a tool result.
+            return "\n".join(texts), tool_result and not texts
         return "", False
 
     def handle_messages(self, handler, data):
@@ -1055,6 +1057,7 @@ class FakeAPI(object):
         side = ("<session>" in text or "Write the title" in text
                 or not data.get("tools") and "Write" in text[:200])
         record = {"text": text, "side": side, "tool_result": tool_result,
+                  "history": json.dumps(data.get("messages") or [], ensure_ascii=False),
                   "session": handler.headers.get("x-claude-code-session-id"),
                   "time": time.time()}
         with self.lock:
@@ -1118,6 +1121,159 @@ class FakeAPI(object):
                      and (session is None or r["session"] == session)]
         # Claude re-sends the conversation on each request; a text counts once per turn.
         return [r["text"] for r in found]
+
+
+# ###########################################################################
+# End to end: the real Claude Code CLI against the fake API (make e2e)
+# ###########################################################################
+
+E2E_KEY = "sk-ant-orch-e2e-0123456789abcdefghij"
+
+
+@pytest.fixture
+def claude(env, monkeypatch):
+    """The real claude, offline: private HOME with onboarding done, the work folder trusted."""
+    binary = os.environ.get("ORCH_E2E_CLAUDE")
+    if not binary or not os.access(binary, os.X_OK):
+        pytest.fail("ORCH_E2E_CLAUDE must point at the claude binary: run `make e2e`")
+    api = FakeAPI().start()
+    for key, value in {"ORCH_CLAUDE": binary, "ANTHROPIC_BASE_URL": api.url,
+                       "ANTHROPIC_API_KEY": E2E_KEY, "DISABLE_AUTOUPDATER": "1",
+                       "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}.items():
+        monkeypatch.setenv(key, value)
+    write_claude_config(env.home, [env.work])
+    env.api = api
+    yield env
+    env.stop()
+    api.stop()
+
+
+def write_claude_config(home, trusted, extra=None):
+    config = {"hasCompletedOnboarding": True, "theme": "dark",
+              "projects": dict((d, {"hasTrustDialogAccepted": True}) for d in trusted),
+              "customApiKeyResponses": {"approved": [E2E_KEY[-20:]], "rejected": []}}
+    config.update(extra or {})
+    with open(os.path.join(home, ".claude.json"), "w") as f:
+        json.dump(config, f)
+    return config
+
+
+def sid_of(name):
+    with open(os.environ["ORCH_STATE"]) as f:
+        return json.load(f)["agents"][name]["session_id"]
+
+
+@pytest.mark.e2e
+def test_e2e_spawn_huge_prompt_arrives_exactly_with_session_id(claude, capsys):
+    unit = "q'uote \"dq\" $(touch pwned) `touch pwned2`; & | > x \\ \u00e9\u6f22\U0001F600\n"
+    prompt = (unit * (102400 // len(unit.encode("utf-8")) + 1)).rstrip("\n")
+    code, out, err = run(capsys, "spawn", "big", "-", stdin=prompt)
+    assert code == 0, err
+    assert retry_until(lambda: claude.api.texts(sid_of("big"))) == [prompt]
+    assert not [n for n in os.listdir(claude.work) if n.startswith("pwned")]
+
+
+@pytest.mark.e2e
+def test_e2e_send_hard_messages_each_arrive_once_in_order(claude, capsys):
+    assert run(capsys, "spawn", "a1", "first")[0] == 0
+    messages = ["it's \"quoted\" and 'single'", "$(touch pwned) `touch pwned2` ${HOME}",
+                "ends with a semicolon;", "line one\nline two\n\nline four",
+                "unicode \u00e9\u00e8 \u6f22\u5b57 \U0001F680", "Enter C-m \\; Escape",
+                "y" * 10240, "/compact is not run", "!touch pwned3"]
+    for message in messages:
+        code, out, err = run(capsys, "send", "a1", message)
+        assert (code, out) == (0, "a1: submitted\n"), err
+    code, out, err = run(capsys, "send", "a1", "-", stdin="from stdin\n")
+    assert (code, out) == (0, "a1: submitted\n"), err
+    expected = ["first"] + messages[:-2] + [" /compact is not run", " !touch pwned3",
+                                            "from stdin"]
+    assert retry_until(lambda: len(claude.api.texts()) >= len(expected) and claude.api.texts()) \
+        == expected
+    assert not [n for n in os.listdir(claude.work) if n.startswith("pwned")]
+
+
+@pytest.mark.e2e
+def test_e2e_tail_and_attach_show_the_agent(claude, capsys):
+    assert run(capsys, "spawn", "a1", "hello")[0] == 0
+    retry_until(lambda: "reply 1: ok" in run(capsys, "tail", "a1")[1]
+                or "reply 2: ok" in run(capsys, "tail", "a1")[1])
+    outer = outer_terminal(claude, "t1", "attach", "a1")
+    try:
+        retry_until(lambda: "hello" in subprocess.run(
+            ["tmux", "-L", outer, "capture-pane", "-p", "-t", "=t1:"],
+            stdout=subprocess.PIPE, universal_newlines=True).stdout)
+    finally:
+        subprocess.run(["tmux", "-L", outer, "kill-server"])
+
+
+@pytest.mark.e2e
+def test_e2e_status_working_idle_queued_and_wait(claude, capsys):
+    assert run(capsys, "spawn", "a1", "SLOW-5 think hard")[0] == 0
+    assert status(capsys, "a1")["status"] == "working"
+    code, out, err = run(capsys, "send", "a1", "then this")
+    assert (code, out) == (0, "a1: queued\n"), err
+    code, out, _ = run(capsys, "wait", "a1", "--timeout", "60")
+    assert code == 0
+    retry_until(lambda: claude.api.texts() == ["SLOW-5 think hard", "then this"])
+    assert wait_status(capsys, "a1", "idle")["last_prompt"] == "then this"
+    assert claude.api.texts() == ["SLOW-5 think hard", "then this"]
+
+
+@pytest.mark.e2e
+def test_e2e_permission_dialog_refuses_send_and_escape_returns_idle(claude, capsys):
+    assert run(capsys, "spawn", "a1", "TOOL please")[0] == 0
+    row = wait_status(capsys, "a1", "needs-input")
+    assert row["needs"] == "permission"
+    code, _, err = run(capsys, "send", "a1", "yes do it")
+    assert code == orch.EXIT_NEEDS_INPUT and "Bash" in err
+    tmux_cmd("send-keys", "-t", claude.state()["agents"]["a1"]["tmux"]["pane"], "Escape")
+    wait_status(capsys, "a1", "idle")
+    assert not [n for n in os.listdir(claude.work) if n.startswith("orch-tool-ran")]
+    assert "yes do it" not in claude.api.texts()
+    assert run(capsys, "send", "a1", "after escape")[0] == 0
+    retry_until(lambda: "after escape" in "".join(claude.api.texts()[-1:]))
+    assert claude.api.texts()[-1:] == ["after escape"]
+
+
+@pytest.mark.e2e
+def test_e2e_untrusted_folder_and_spawn_trust(claude, capsys, tmp_path):
+    fresh = tmp_path / "untrusted"
+    fresh.mkdir()
+    code, out, _ = run(capsys, "spawn", "u1", "hi", "--cwd", str(fresh))
+    assert code == orch.EXIT_NEEDS_INPUT and "trust" in out
+    row = status(capsys, "u1")
+    assert (row["status"], row["needs"]) == ("needs-input", "trust")
+    assert run(capsys, "send", "u1", "hello")[0] == orch.EXIT_NEEDS_INPUT
+    assert run(capsys, "rm", "u1")[0] == 0
+    other = tmp_path / "trusted-by-orch"
+    other.mkdir()
+    before = write_claude_config(claude.home, [claude.work], {"orchKeepMe": 3, "x": {"y": [1]}})
+    code, out, err = run(capsys, "spawn", "t1", "trusted now", "--cwd", str(other), "--trust")
+    assert code == 0, err
+    retry_until(lambda: "trusted now" in claude.api.texts())
+    with open(os.path.join(claude.home, ".claude.json")) as f:
+        after = json.load(f)
+    assert after["projects"][str(other)]["hasTrustDialogAccepted"] is True
+    for key in ("orchKeepMe", "x", "customApiKeyResponses", "hasCompletedOnboarding"):
+        assert after[key] == before[key]
+
+
+@pytest.mark.e2e
+def test_e2e_kill_then_resume_after_kill_server_keeps_conversation(claude, capsys):
+    assert run(capsys, "spawn", "a1", "remember the word avocado")[0] == 0
+    sid = sid_of("a1")
+    wait_status(capsys, "a1", "idle")
+    assert run(capsys, "kill", "a1")[0] == 0
+    assert status(capsys, "a1")["status"] == "exited"
+    claude.stop()
+    code, out, err = run(capsys, "resume", "a1", "which word?")
+    assert code == 0, err
+    retry_until(lambda: "which word?" in claude.api.texts(sid))
+    with claude.api.lock:
+        last = [r for r in claude.api.requests if r["text"] == "which word?"][-1]
+    assert last["session"] == sid
+    assert "remember the word avocado" in last["history"]
+    assert wait_status(capsys, "a1", "idle")["session_id"] == sid
 
 
 if __name__ == "__main__":
