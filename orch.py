@@ -633,10 +633,13 @@ def needs_screen(agent, panes):
 def statuses(agents):
     """Return {name: status dict} for agents, with one list-panes per tmux server."""
     by_socket = {}
+    result = {}
     for agent in agents:
+        if agent.get("backend") == "headless":
+            result[agent["name"]] = headless_status(agent)
+            continue
         socket = (agent.get("tmux") or {}).get("socket")
         by_socket.setdefault(socket, []).append(agent)
-    result = {}
     for socket, group in by_socket.items():
         panes = list_panes(socket)
         for _ in range(10):
@@ -910,6 +913,8 @@ def refuse_unless_ready(agent, st, force):
 
 def send_message(agent, text, raw=False, force=False, timeout=None):
     """Type text into the agent and submit it; return 'submitted', 'queued' or 'sent (unconfirmed)'."""
+    if agent.get("backend") == "headless":
+        return headless_send(agent, text, raw, timeout)
     timeout = timeout if timeout is not None else float(os.environ.get("ORCH_SEND_TIMEOUT") or 10)
     st = status_of(agent)
     if st["status"] == "starting":
@@ -996,6 +1001,493 @@ def shows_queued(agent, text):
 
 
 # ###########################################################################
+# Headless backend: claude -p on stream-json, stdin from a FIFO, no tmux
+# ###########################################################################
+#
+# A small supervisor (`orch.py _supervise DIR`, detached in its own session)
+# starts claude with the read end of a FIFO as stdin and keeps a write end
+# open, so claude never sees EOF between messages.  It appends claude's
+# stdout and stderr to a log, records claude's pid, and writes claude's exit
+# status when it ends: a detached process's exit code is otherwise lost.
+# `orch send` opens the FIFO non-blocking (no reader = the agent is gone) and
+# writes one JSON line under the agent's send lock.  `orch kill` asks the
+# supervisor (SIGUSR1) to close its write end: claude then finishes the turn
+# and exits; after the grace period the process group gets SIGTERM.
+
+HEADLESS_FLAGS = ["-p", "--input-format", "stream-json", "--output-format", "stream-json",
+                  "--verbose", "--replay-user-messages"]
+
+
+def hpath(name, what):
+    return os.path.join(agent_dir(name), {"fifo": "stdin.fifo", "log": "output.jsonl",
+                                          "sent": "sent.jsonl", "pid": "pid.json",
+                                          "exit": "exit.json", "spec": "launch.json"}[what])
+
+
+def tmux_available():
+    import shutil
+    return shutil.which("tmux") is not None
+
+
+def choose_backend(requested):
+    backend = requested or os.environ.get("ORCH_BACKEND") or "auto"
+    if backend not in ("auto", "tmux", "headless"):
+        raise OrchError("unknown backend %r: use tmux, headless or auto" % backend, EXIT_USAGE)
+    if backend == "auto":
+        return "tmux" if tmux_available() else "headless"
+    return backend
+
+
+def headless_argv(agent, program, resume_id=None):
+    argv = [program] + HEADLESS_FLAGS
+    argv += ["--resume", resume_id] if resume_id else ["--session-id", agent["session_id"]]
+    return argv + (agent.get("extra_args") or [])
+
+
+def start_headless(agent, argv):
+    """Start the supervisor for this agent and wait until claude's pid is known."""
+    name = agent["name"]
+    folder = agent_dir(name)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    for what in ("fifo", "pid", "exit"):
+        try:
+            os.unlink(hpath(name, what))
+        except FileNotFoundError:
+            pass
+    os.mkfifo(hpath(name, "fifo"), 0o600)
+    spec = {"argv": argv, "cwd": agent["cwd"], "env": agent_environment()}
+    write_file_atomic(hpath(name, "spec"), json.dumps(spec), 0o600)
+    agent["launched"] = time.time()
+    agent["results_before"] = log_facts(name)[0]
+    subprocess.Popen([sys.executable, os.path.abspath(__file__), "_supervise", folder],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True,
+                     cwd="/")
+    info = retry_until(lambda: read_json(hpath(name, "pid")) or read_json(hpath(name, "exit")), 10)
+    if not info or "pid" not in info:
+        raise OrchError("agent %s did not start: %s" % (name, headless_exit_words(name)))
+    agent["headless"] = info
+    agent["exit_code"] = None
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def process_start_time(pid):
+    """The kernel's start time of pid (Linux), to tell a reused pid from ours."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def supervise(folder):
+    """Run claude for a headless agent and record how it ends (internal)."""
+    import signal
+    spec = read_json(os.path.join(folder, "launch.json"))
+    fifo = os.path.join(folder, "stdin.fifo")
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    writer = os.open(fifo, os.O_WRONLY)     # held open: claude sees no EOF until kill
+    set_blocking(reader)
+    log = os.open(os.path.join(folder, "output.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                  0o600)
+    try:
+        proc = subprocess.Popen(spec["argv"], stdin=reader, stdout=log, stderr=log,
+                                cwd=spec["cwd"], env=spec["env"])
+    except OSError as e:
+        write_file_atomic(os.path.join(folder, "exit.json"),
+                          json.dumps({"exit_code": 127, "error": str(e), "t": time.time()}))
+        return 127
+    os.close(reader)
+    state = {"writer": writer}
+
+    def close_stdin(signum, frame):
+        if state["writer"] is not None:
+            os.close(state["writer"])
+            state["writer"] = None
+    signal.signal(signal.SIGUSR1, close_stdin)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: proc.terminate())
+    write_file_atomic(os.path.join(folder, "pid.json"), json.dumps({
+        "pid": proc.pid, "start": process_start_time(proc.pid),
+        "supervisor": os.getpid(), "supervisor_start": process_start_time(os.getpid())}))
+    code = proc.wait()
+    result = {"exit_code": code if code >= 0 else 128 - code, "t": time.time()}
+    if code < 0:
+        result["signal"] = signal.Signals(-code).name
+    write_file_atomic(os.path.join(folder, "exit.json"), json.dumps(result))
+    return 0
+
+
+def set_blocking(fd):
+    import fcntl
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+
+
+def alive(pid, start):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return start is None or process_start_time(pid) in (None, start)
+
+
+def headless_exit_words(name):
+    done = read_json(hpath(name, "exit")) or {}
+    if done.get("error"):
+        return done["error"]
+    try:
+        with open(hpath(name, "log"), "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            lines = [l for l in f.read().decode("utf-8", "replace").splitlines() if l.strip()]
+    except OSError:
+        lines = []
+    return repr(shorten(lines[-1], 120)) if lines else "(no output)"
+
+
+def log_facts(name):
+    """Count results and find the last one in the agent's log; (count, last, mtime)."""
+    try:
+        with open(hpath(name, "log"), "rb") as f:
+            data = f.read()
+        mtime = os.path.getmtime(hpath(name, "log"))
+    except OSError:
+        return 0, None, None
+    count = data.count(b'{"type":"result"')
+    last = None
+    if count:
+        start = data.rfind(b'{"type":"result"')
+        try:
+            last = json.loads(data[start:data.find(b"\n", start)].decode("utf-8"))
+        except ValueError:
+            last = None
+    return count, last, mtime
+
+
+def sent_entries(name):
+    entries = []
+    try:
+        with open(hpath(name, "sent"), encoding="utf-8") as f:
+            for line in f:
+                try:
+                    entries.append(json.loads(line))
+                except ValueError:
+                    pass
+    except OSError:
+        pass
+    return entries
+
+
+def silent_after():
+    return float(os.environ.get("ORCH_SILENT_AFTER") or 600)
+
+
+def headless_status(agent):
+    """Status of a headless agent from its files: pid, exit record, log, sent messages."""
+    name = agent["name"]
+    launched = agent.get("launched", agent.get("created", 0))
+    sent = [e for e in sent_entries(name) if e.get("t", 0) >= launched]
+    result = {"status": "exited", "since": None, "needs": None, "detail": None,
+              "exit_code": None, "source": "stream", "last_prompt": None, "silent": None}
+    if sent:
+        result["last_prompt"] = sent[-1].get("prompt")
+    done = read_json(hpath(name, "exit"))
+    info = agent.get("headless") or {}
+    if done is not None:
+        result.update(exit_code=done.get("exit_code"), since=done.get("t"),
+                      detail=done.get("signal"))
+        return result
+    if not info or not alive(info["pid"], info.get("start")):
+        return result       # the supervisor died with claude (SIGKILL, reboot): code unknown
+    count, last, mtime = log_facts(name)
+    # Each message becomes its own turn and each turn ends in one result line.
+    results_since = count - agent.get("results_before", 0)
+    if len(sent) > results_since:
+        result.update(status="working", since=sent[results_since]["t"])
+        if mtime and time.time() - mtime > silent_after():
+            result["silent"] = time.time() - mtime
+    else:
+        result.update(status="idle", since=mtime or launched)
+    if last and last.get("permission_denials"):
+        result["detail"] = "denied: " + ", ".join(sorted(set(
+            d.get("tool_name", "?") for d in last["permission_denials"])))
+    return result
+
+
+def write_fifo(name, line, timeout=30):
+    """Write one line to the agent's stdin FIFO; never block on a dead agent."""
+    import select
+    path = hpath(name, "fifo")
+    if not os.path.exists(path):
+        raise OrchError("the input pipe of agent %s (%s) is gone: `orch kill %s` then "
+                        "`orch resume %s`" % (name, path, name, name), EXIT_NOT_RUNNING)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as e:
+        import errno
+        if e.errno == errno.ENXIO:      # no reader: claude is gone
+            raise OrchError("agent %s is not running: `orch resume %s` to continue it"
+                            % (name, name), EXIT_NOT_RUNNING)
+        raise OrchError("cannot open the input pipe of agent %s: %s" % (name, e))
+    data = line.encode("utf-8")
+    deadline = time.time() + timeout
+    try:
+        while data:
+            if not select.select([], [fd], [], max(0, deadline - time.time()))[1]:
+                raise OrchError("agent %s has not read its input for %gs; it may hang: "
+                                "`orch kill %s`" % (name, timeout, name), EXIT_UNCONFIRMED)
+            try:
+                data = data[os.write(fd, data):]
+            except BlockingIOError:
+                continue
+            except BrokenPipeError:
+                raise OrchError("agent %s exited while reading the message" % name,
+                                EXIT_NOT_RUNNING)
+    finally:
+        os.close(fd)
+
+
+def user_line(text):
+    return json.dumps({"type": "user", "message": {"role": "user", "content": text}}) + "\n"
+
+
+def headless_send(agent, text, raw=False, timeout=None):
+    timeout = timeout if timeout is not None else float(os.environ.get("ORCH_SEND_TIMEOUT") or 10)
+    name = agent["name"]
+    st = headless_status(agent)
+    if st["status"] == "exited":
+        raise OrchError("agent %s is not running (exit code %s): `orch resume %s` to continue it"
+                        % (name, st["exit_code"], name), EXIT_NOT_RUNNING)
+    if not raw:
+        text = escape_leading(text)
+    with SendLock(name):
+        busy = headless_status(agent)["status"] == "working"
+        offset = log_size(name)
+        record = {"t": time.time(), "sha": prompt_sha(text), "prompt": normalize_prompt(text)[:200]}
+        write_fifo(name, user_line(text))
+        append_line(hpath(name, "sent"), json.dumps(record))
+    if busy:
+        return "queued"     # claude reads it now and starts it as its own turn after this one
+    if retry_until(lambda: echoed(name, offset, record["sha"]), timeout):
+        return "submitted"
+    if headless_status(agent)["status"] == "exited":
+        raise OrchError("agent %s exited before taking the message" % name, EXIT_NOT_RUNNING)
+    raise OrchError("agent %s did not take the message within %gs (it is in its input pipe); "
+                    "see `orch tail %s`" % (name, timeout, name), EXIT_UNCONFIRMED)
+
+
+def log_size(name):
+    try:
+        return os.path.getsize(hpath(name, "log"))
+    except OSError:
+        return 0
+
+
+def append_line(path, line):
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, (line + "\n").encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+def echoed(name, offset, sha):
+    """True when claude started a turn, or replayed this text, after offset in its log.
+
+    Claude writes `system/init` as soon as it takes a message (the replayed
+    user message only follows with the model's first output).  orch holds
+    the send lock and the agent was idle, so the next turn is this message's.
+    """
+    for event in log_events(name, offset):
+        if event.get("type") == "system" and event.get("subtype") == "init":
+            return True
+        if event.get("type") == "user" and event.get("isReplay"):
+            content = (event.get("message") or {}).get("content")
+            if isinstance(content, list):
+                content = "\n".join(b.get("text", "") for b in content if isinstance(b, dict))
+            if isinstance(content, str) and prompt_sha(content) == sha:
+                return True
+    return False
+
+
+def log_events(name, offset=0):
+    try:
+        with open(hpath(name, "log"), "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        return []
+    events = []
+    for raw in data.split(b"\n"):
+        try:
+            event = json.loads(raw.decode("utf-8"))
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            events.append(event)
+    return events
+
+
+def headless_interrupt(agent):
+    request = {"type": "control_request", "request_id": "orch-%s" % os.urandom(4).hex(),
+               "request": {"subtype": "interrupt"}}
+    with SendLock(agent["name"]):
+        write_fifo(agent["name"], json.dumps(request) + "\n")
+
+
+def headless_stop(agent, grace):
+    """Close claude's stdin (it finishes and exits); after grace, SIGTERM then SIGKILL."""
+    import signal
+    info = agent.get("headless") or {}
+    if headless_status(agent)["status"] == "exited":
+        return False
+    steps = [(info.get("supervisor"), info.get("supervisor_start"), signal.SIGUSR1, grace),
+             (info["pid"], info.get("start"), signal.SIGTERM, 5),
+             (info["pid"], info.get("start"), signal.SIGKILL, 5)]
+    for pid, start, sig, wait in steps:
+        if pid and alive(pid, start):
+            try:
+                os.killpg(pid, sig) if sig != signal.SIGUSR1 else os.kill(pid, sig)
+            except OSError:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+        if retry_until(lambda: headless_status(agent)["status"] == "exited", wait):
+            return True
+    raise OrchError("agent %s (pid %s) did not stop even after SIGKILL" % (agent["name"],
+                                                                          info.get("pid")))
+
+
+def render_event(event):
+    """Turn one stream-json event into lines a person can read."""
+    kind = event.get("type")
+    if kind == "system" and event.get("subtype") == "init":
+        return ["[session %s, model %s]" % (event.get("session_id"), event.get("model", "?"))]
+    if kind == "user":
+        return render_user(event)
+    if kind == "assistant":
+        lines = []
+        for block in (event.get("message") or {}).get("content") or []:
+            if block.get("type") == "text":
+                lines += ["\u25cf " + block.get("text", "")]
+            elif block.get("type") == "tool_use":
+                lines.append("\u25cf %s(%s)" % (block.get("name"), shorten(
+                    json.dumps(block.get("input"), ensure_ascii=False), 100)))
+        return lines
+    if kind == "result":
+        return render_result(event)
+    return []
+
+
+def render_user(event):
+    content = (event.get("message") or {}).get("content")
+    if isinstance(content, str):
+        return ["> " + content.replace("\n", "\n  ")]
+    lines = []
+    for block in content or []:
+        if block.get("type") == "tool_result":
+            body = block.get("content")
+            if isinstance(body, list):
+                body = " ".join(b.get("text", "") for b in body if isinstance(b, dict))
+            mark = "error: " if block.get("is_error") else ""
+            lines.append("  \u23bf " + mark + shorten(str(body or ""), 160))
+        elif block.get("type") == "text":
+            lines.append("> " + block.get("text", ""))
+    return lines
+
+
+def render_result(event):
+    cost = event.get("total_cost_usd")
+    line = "\u2714 turn done" if event.get("subtype") == "success" else \
+        "\u2718 turn ended: %s" % event.get("subtype")
+    line += " (%.1fs%s)" % ((event.get("duration_ms") or 0) / 1000.0,
+                            ", $%.4f" % cost if isinstance(cost, (int, float)) else "")
+    lines = [line]
+    for denial in event.get("permission_denials") or []:
+        lines.append("\u26a0 permission denied: %s(%s): allow it with -- --permission-mode "
+                     "acceptEdits or --allowedTools" % (denial.get("tool_name"), shorten(
+                         json.dumps(denial.get("tool_input"), ensure_ascii=False), 80)))
+    return lines
+
+
+def render_log(name, offset=0, raw=False):
+    """Return (lines, new offset) for the agent's log from offset; whole lines only."""
+    try:
+        with open(hpath(name, "log"), "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        raise OrchError("the log of agent %s (%s) is gone" % (name, hpath(name, "log")))
+    end = data.rfind(b"\n") + 1
+    lines = []
+    for raw_line in data[:end].decode("utf-8", "replace").split("\n"):
+        if not raw_line.strip():
+            continue
+        if raw:
+            lines.append(raw_line)
+            continue
+        try:
+            event = json.loads(raw_line)
+        except ValueError:
+            lines.append(raw_line)      # claude's own stderr
+            continue
+        if isinstance(event, dict):
+            lines += render_event(event)
+    return lines, offset + end
+
+
+def headless_tail(agent, lines, follow, raw):
+    name = agent["name"]
+    rows, offset = render_log(name, raw=raw)
+    write_rows(rows[-(lines or 40):])
+    while follow and headless_status(agent)["status"] != "exited":
+        time.sleep(0.3)
+        rows, offset = render_log(name, offset, raw)
+        write_rows(rows)
+    if follow:
+        write_rows(render_log(name, offset, raw)[0])
+
+
+def headless_attach(agent):
+    """Follow the agent live; each line typed is sent as a message. Ctrl-D/Ctrl-C leave."""
+    import threading
+    name = agent["name"]
+    rows, offset = render_log(name)
+    write_rows(rows[-20:])
+    sys.stderr.write("orch: attached to headless agent %s: type a line to send it; "
+                     "Ctrl-D or Ctrl-C leaves (the agent keeps running)\n" % name)
+    stop = threading.Event()
+
+    def follow(offset):
+        while not stop.is_set():
+            rows, offset = render_log(name, offset)
+            write_rows(rows)
+            stop.wait(0.3)
+    thread = threading.Thread(target=follow, args=(offset,))
+    thread.daemon = True
+    thread.start()
+    try:
+        for line in sys.stdin:
+            if line.strip():
+                headless_send(agent, line.rstrip("\n"))
+    except KeyboardInterrupt:
+        pass
+    stop.set()
+    return EXIT_OK
+
+
+# ###########################################################################
 # Verbs: one cmd_<verb>(args) each
 # ###########################################################################
 
@@ -1027,18 +1519,23 @@ def cmd_spawn(args):
     if prompt is not None and not prompt.strip():
         prompt = None
     cwd = resolve_cwd(args.cwd)
+    backend = choose_backend(args.backend)
+    if args.cmd and backend == "headless":
+        raise OrchError("--cmd needs the tmux backend: the headless backend speaks claude's "
+                        "stream-json protocol only", EXIT_USAGE)
     if args.cmd:
         check_command(args.cmd)
         argv_program = None
     else:
         argv_program = find_program(args.claude or default_program())
-    check_tmux_version()
+    if backend == "tmux":
+        check_tmux_version()
     if args.trust and not args.cmd:
         trust_folder(cwd)
     import uuid
     with LockedState() as state:
         refuse_existing(state, name)
-        agent = {"name": name, "backend": "tmux", "cwd": cwd, "created": time.time(),
+        agent = {"name": name, "backend": backend, "cwd": cwd, "created": time.time(),
                  "cmd": args.cmd, "session_id": None if args.cmd else str(uuid.uuid4()),
                  "extra_args": args.extra, "home": os.path.expanduser("~"),
                  "tmux": {"socket": args.socket or default_socket(),
@@ -1046,13 +1543,15 @@ def cmd_spawn(args):
         reset_agent_dir(name)
         first = None if prompt is None or args.raw else escape_leading(prompt)
         first = first if prompt is None or not args.raw else prompt
-        if args.cmd:
-            argv = ["/bin/sh", "-c", args.cmd]
+        if backend == "headless":
+            agent.pop("tmux")
+            start_headless(agent, headless_argv(agent, argv_program))
+        elif args.cmd:
+            start_in_tmux(agent, ["/bin/sh", "-c", args.cmd])
         else:
             on_argv = first if prompt_fits_argv(first) else None
             agent["first_prompt_sha"] = prompt_sha(on_argv) if on_argv else None
-            argv = claude_argv(agent, argv_program, prompt=on_argv)
-        start_in_tmux(agent, argv)
+            start_in_tmux(agent, claude_argv(agent, argv_program, prompt=on_argv))
         state["agents"][name] = agent
     return finish_start(agent, first, "started")
 
@@ -1060,6 +1559,15 @@ def cmd_spawn(args):
 def finish_start(agent, first, verb):
     """Confirm a just-launched agent is running and has its first message; report it."""
     name = agent["name"]
+    if agent["backend"] == "headless":
+        if headless_status(agent)["status"] == "exited":
+            raise OrchError("agent %s exited at start, saying %s; see `orch tail %s`"
+                            % (name, headless_exit_words(name), name))
+        outcome = ", first message " + headless_send(agent, first, raw=True) if first else ""
+        print("%s agent %s (claude, headless, session %s)%s"
+              % (verb, name, agent["session_id"], outcome))
+        print("  follow: orch tail %s -f    talk: orch attach %s" % (name, name))
+        return EXIT_OK
     if agent.get("cmd"):
         if status_of(agent)["status"] == "exited":
             raise OrchError("agent %s exited at start, saying %s; see `orch tail %s`"
@@ -1127,6 +1635,9 @@ def new_rows(previous, rows):
 
 def cmd_tail(args):
     agent = find_agent(load_state(), check_name(args.name))
+    if agent["backend"] == "headless":
+        headless_tail(agent, args.lines, args.follow, args.raw)
+        return EXIT_OK
     pane, socket = agent["tmux"]["pane"], agent["tmux"]["socket"]
     if pane_of(agent, list_panes(socket)) is None:
         raise OrchError("agent %s has no window any more (its tmux server or window is gone); "
@@ -1160,6 +1671,8 @@ def write_rows(rows):
 
 def cmd_attach(args):
     agent = find_agent(load_state(), check_name(args.name))
+    if agent["backend"] == "headless":
+        return headless_attach(agent)
     info = agent["tmux"]
     if pane_of(agent, list_panes(info["socket"])) is None:
         raise OrchError("agent %s has no window any more: `orch resume %s` to start it again"
@@ -1209,7 +1722,8 @@ def agent_row(agent, st, now):
             "backend": agent.get("backend", "tmux"), "cwd": agent["cwd"],
             "session_id": agent.get("session_id"), "created": agent.get("created"),
             "exit_code": st["exit_code"], "last_prompt": st["last_prompt"],
-            "command": agent.get("cmd") or "claude",
+            "command": agent.get("cmd") or "claude", "detail": st.get("detail"),
+            "silent_for": st.get("silent"),
             "pane": (agent.get("tmux") or {}).get("pane")}
 
 
@@ -1242,6 +1756,10 @@ def status_label(row):
         label += " (%s)" % row["needs"]
     if row["status"] == "exited" and row["exit_code"] is not None:
         label += " (%s)" % row["exit_code"]
+    if row.get("silent_for"):
+        label += " (silent %s)" % age(row["silent_for"])
+    if (row.get("detail") or "").startswith("denied"):
+        label += " (%s)" % row["detail"]
     if row["status_source"] == "activity" and row["status"] != "exited":
         label += "?"        # guessed from screen activity: the program has no hooks
     return label
@@ -1261,6 +1779,8 @@ def stop_agent(agent, grace=None):
     """Stop a running agent: SIGTERM to its process group, SIGKILL after a grace period."""
     import signal
     grace = grace if grace is not None else float(os.environ.get("ORCH_KILL_GRACE") or 5)
+    if agent["backend"] == "headless":
+        return headless_stop(agent, grace)
     if status_of(agent)["status"] == "exited":
         return False
     pid = agent["tmux"]["pid"]
@@ -1310,6 +1830,8 @@ def cmd_rm(args):
 
 def close_window(agent):
     info = agent.get("tmux") or {}
+    if not info:
+        return
     if pane_of(agent, list_panes(info.get("socket"))) is None:
         return
     try:
@@ -1342,9 +1864,32 @@ def cmd_wait(args):
     return EXIT_OK
 
 
+def cmd_interrupt(args):
+    agent = find_agent(load_state(), check_name(args.name))
+    st = status_of(agent)
+    if st["status"] == "exited":
+        raise OrchError("agent %s is not running" % agent["name"], EXIT_NOT_RUNNING)
+    if agent["backend"] == "headless":
+        headless_interrupt(agent)
+    else:
+        # Escape stops claude's turn, or cancels a dialog: never Enter, which approves.
+        tmux(["send-keys", "-t", agent["tmux"]["pane"], "Escape"], socket=agent["tmux"]["socket"])
+    print("%s: interrupt sent (was %s)" % (agent["name"], st["status"]))
+    return EXIT_OK
+
+
+def cmd_supervise(args):
+    return supervise(args.folder)
+
+
 def latest_session_id(agent):
     """The session id claude last reported (it changes on /clear), else the one from spawn."""
     sid = agent.get("session_id")
+    if agent["backend"] == "headless":
+        for event in log_events(agent["name"]):
+            if event.get("type") == "system" and event.get("session_id"):
+                sid = event["session_id"]
+        return sid
     for event in read_events(agent["name"]):
         if event.get("event") == "SessionStart" and event.get("session_id"):
             sid = event["session_id"]
@@ -1354,25 +1899,30 @@ def latest_session_id(agent):
 def cmd_resume(args):
     name = check_name(args.name)
     message = read_text(args.message, what="message")
-    check_tmux_version()
     with LockedState() as state:
         agent = find_agent(state, name)
+        if agent["backend"] == "tmux":
+            check_tmux_version()
         if status_of(agent)["status"] != "exited":
             raise OrchError("agent %s is still running: `orch send %s MESSAGE` to talk to it, "
                             "or `orch kill %s` first" % (name, name, name))
         close_window(agent)
         first = None
-        if agent.get("cmd"):
-            argv = ["/bin/sh", "-c", agent["cmd"]]
+        if agent["backend"] == "headless":
+            agent["session_id"] = latest_session_id(agent)
+            start_headless(agent, headless_argv(agent, find_program(
+                args.claude or default_program()), resume_id=agent["session_id"]))
+            first = message
+        elif agent.get("cmd"):
+            start_in_tmux(agent, ["/bin/sh", "-c", agent["cmd"]])
             first = message
         else:
             agent["session_id"] = latest_session_id(agent)
             on_argv = escape_leading(message) if prompt_fits_argv(message) else None
             agent["first_prompt_sha"] = prompt_sha(on_argv) if on_argv else None
             first = None if on_argv else message
-            argv = claude_argv(agent, find_program(args.claude or default_program()),
-                               resume_id=agent["session_id"], prompt=on_argv)
-        start_in_tmux(agent, argv)
+            start_in_tmux(agent, claude_argv(agent, find_program(args.claude or default_program()),
+                                             resume_id=agent["session_id"], prompt=on_argv))
         agent["resumed"] = agent.get("resumed", 0) + 1
     return finish_start(agent, first, "resumed")
 
@@ -1418,6 +1968,9 @@ def add_spawn(sub):
                    help="send a leading '/' or '!' as a command, not as text")
     p.add_argument("--trust", action="store_true",
                    help="mark DIR trusted in ~/.claude.json first (skips claude's trust dialog)")
+    p.add_argument("--backend", choices=("auto", "tmux", "headless"),
+                   help="tmux window or headless claude -p (default $ORCH_BACKEND or auto: "
+                        "tmux when installed)")
     add_target_options(p)
     p.set_defaults(func=cmd_spawn, extra=[])
 
@@ -1440,6 +1993,7 @@ def add_tail(sub):
     p.add_argument("name")
     p.add_argument("-n", "--lines", type=int, metavar="LINES", help="last LINES lines")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("--raw", action="store_true", help="headless: print the raw stream-json")
     p.set_defaults(func=cmd_tail)
 
 
@@ -1451,6 +2005,12 @@ def add_simple(sub):
         p = sub.add_parser(verb, help="every agent and its status")
         p.add_argument("--json", action="store_true", help="print a JSON array")
         p.set_defaults(func=cmd_list)
+    p = sub.add_parser("interrupt", help="stop the agent's current turn (it stays alive)")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_interrupt)
+    p = sub.add_parser("_supervise")     # internal: runs a headless agent
+    p.add_argument("folder")
+    p.set_defaults(func=cmd_supervise)
     p = sub.add_parser("kill", help="stop an agent, keep its record")
     p.add_argument("name")
     p.set_defaults(func=cmd_kill)

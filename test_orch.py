@@ -117,6 +117,7 @@ def trusted():
         return False
 
 def start():
+    time.sleep(float(os.environ.get("FAKE_START_DELAY") or 0))
     hook("SessionStart", source="resume" if "--resume" in opts else "startup")
     set_status("idle")
     say("fake agent ready")
@@ -142,9 +143,10 @@ def submit(text):
             state.update(mode="busy", until=time.time() + float(w[5:]))
             say("* Working... (esc to interrupt)")
             return
-    if "ASK" in words:
-        hook("PreToolUse", tool_name="Bash")
-        hook("PermissionRequest", tool_name="Bash")
+    if "ASK" in words or "QUESTION" in words:
+        tool = "Bash" if "ASK" in words else "AskUserQuestion"
+        hook("PreToolUse", tool_name=tool)
+        hook("PermissionRequest", tool_name=tool)
         set_status("waiting", "permission prompt")
         state["mode"] = "dialog"
         say("Do you want to proceed?\n\u276f 1. Yes\n  2. Yes, and always allow\n  3. No")
@@ -276,7 +278,7 @@ class Env(object):
         self.tmpdir = tempfile.mkdtemp(prefix="ot", dir="/tmp")
         for var in ("TMUX", "TMUX_PANE", "CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT",
                     "ORCH_SESSION", "ORCH_TRACE", "ORCH_BACKEND", "FAKE_TRUST",
-                    "FAKE_DIE_AT_START"):
+                    "FAKE_DIE_AT_START", "FAKE_START_DELAY"):
             monkeypatch.delenv(var, raising=False)
         env = {"HOME": self.home, "ORCH_STATE": os.path.join(root, "state.json"),
                "ORCH_TMUX_SOCKET": self.socket, "TMUX_TMPDIR": self.tmpdir,
@@ -632,6 +634,32 @@ def test_interrupt_without_hook_shows_idle(env, capsys):
     assert row["status_source"] == "claude-status"
     assert run(capsys, "send", "a1", "after the interrupt")[0] == 0
     assert env.messages()[-1] == "after the interrupt"
+
+
+def test_question_dialog_is_needs_input_question(env, capsys):
+    assert run(capsys, "spawn", "a1", "QUESTION which one")[0] == 0
+    row = wait_status(capsys, "a1", "needs-input")
+    assert row["needs"] == "question"
+    code, _, err = run(capsys, "send", "a1", "the first")
+    assert code == orch.EXIT_NEEDS_INPUT and "a question" in err
+    code, out, _ = run(capsys, "send", "a1", "--force", "--timeout", "1", "typed anyway")
+    assert env.records("approved")      # --force means it: the Enter answered the dialog
+
+
+def test_starting_agent_waits_then_send_submits(env, capsys):
+    slow = dict(os.environ, FAKE_START_DELAY="2")
+    spawn = subprocess.Popen([sys.executable, ORCH, "spawn", "a1"], env=slow,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        retry_until(lambda: os.path.exists(os.environ["ORCH_STATE"])
+                    and status(capsys, "a1")["status"] == "starting")
+        code, out, err = run(capsys, "send", "a1", "as soon as you can")
+        assert (code, out) == (0, "a1: submitted\n"), err
+    finally:
+        assert spawn.wait(timeout=30) == 0
+        spawn.stdout.close()
+        spawn.stderr.close()
+    assert env.messages() == ["as soon as you can"]
 
 
 def test_send_to_exited_agent_says_resume(env, capsys):
