@@ -1519,7 +1519,8 @@ def cmd_spawn(args):
     if prompt is not None and not prompt.strip():
         prompt = None
     cwd = resolve_cwd(args.cwd)
-    backend = choose_backend(args.backend)
+    # Any program but claude needs a terminal: --cmd means tmux unless told otherwise.
+    backend = choose_backend(args.backend or ("tmux" if args.cmd else None))
     if args.cmd and backend == "headless":
         raise OrchError("--cmd needs the tmux backend: the headless backend speaks claude's "
                         "stream-json protocol only", EXIT_USAGE)
