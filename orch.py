@@ -538,12 +538,8 @@ def zombie_exit_code(pid):
     long time and reports no exit status until it reaps it; the kernel
     already knows the status.
     """
-    try:
-        with open("/proc/%s/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    if fields[0] != "Z" or len(fields) < 50:
+    fields = proc_stat(int(pid)) if str(pid).isdigit() else None
+    if not fields or fields[0] != "Z" or len(fields) < 50:
         return None
     status = int(fields[-1])        # field 52: the status as waitpid(2) reports it
     return 128 + (status & 0x7f) if status & 0x7f else (status >> 8) & 0xff
@@ -1058,7 +1054,6 @@ def start_headless(agent, argv):
     spec = {"argv": argv, "cwd": agent["cwd"], "env": agent_environment()}
     write_file_atomic(hpath(name, "spec"), json.dumps(spec), 0o600)
     agent["launched"] = time.time()
-    agent["results_before"] = log_facts(name)[0]
     subprocess.Popen([sys.executable, os.path.abspath(__file__), "_supervise", folder],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                      stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True,
@@ -1078,13 +1073,19 @@ def read_json(path):
         return None
 
 
-def process_start_time(pid):
-    """The kernel's start time of pid (Linux), to tell a reused pid from ours."""
+def proc_stat(pid):
+    """Fields of /proc/PID/stat after the command name (Linux), or None."""
     try:
         with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
+            return f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
+
+
+def process_start_time(pid):
+    """The kernel's start time of pid, to tell a reused pid from ours."""
+    fields = proc_stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None
 
 
 def supervise(folder):
@@ -1132,13 +1133,17 @@ def set_blocking(fd):
 
 
 def alive(pid, start):
+    """True if pid runs and is the process that started at start (not a reused pid)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return start is None or process_start_time(pid) in (None, start)
+    fields = proc_stat(pid)
+    if fields is None:
+        return True         # no /proc: trust kill(0)
+    return fields[0] != "Z" and (start is None or fields[19] == start)
 
 
 def headless_exit_words(name):
@@ -1155,23 +1160,29 @@ def headless_exit_words(name):
     return repr(shorten(lines[-1], 120)) if lines else "(no output)"
 
 
-def log_facts(name):
-    """Count results and find the last one in the agent's log; (count, last, mtime)."""
-    try:
-        with open(hpath(name, "log"), "rb") as f:
-            data = f.read()
-        mtime = os.path.getmtime(hpath(name, "log"))
-    except OSError:
-        return 0, None, None
-    count = data.count(b'{"type":"result"')
-    last = None
-    if count:
-        start = data.rfind(b'{"type":"result"')
-        try:
-            last = json.loads(data[start:data.find(b"\n", start)].decode("utf-8"))
-        except ValueError:
-            last = None
-    return count, last, mtime
+def turn_done_after(name, offset):
+    """True when the log shows a turn that started after offset and has ended.
+
+    Claude may merge messages queued during a turn into one next turn, so a
+    message is done when a `system/init` follows the point where it was
+    written and a `result` follows that init, not by counting results.
+    """
+    started = False
+    for event in log_events(name, offset):
+        kind = event.get("type")
+        if kind == "system" and event.get("subtype") == "init":
+            started = True
+        elif kind == "result" and started:
+            return True
+    return False
+
+
+def last_result(name, tail=262144):
+    """The last `result` event in the agent's log (for denials), or None."""
+    for event in reversed(log_events(name, max(0, log_size(name) - tail))):
+        if event.get("type") == "result":
+            return event
+    return None
 
 
 def sent_entries(name):
@@ -1203,21 +1214,28 @@ def headless_status(agent):
         result["last_prompt"] = sent[-1].get("prompt")
     done = read_json(hpath(name, "exit"))
     info = agent.get("headless") or {}
+    if done is None and info and not alive(info["pid"], info.get("start")) \
+            and alive(info["supervisor"], info.get("supervisor_start")):
+        # Claude just ended; its supervisor is about to record how.
+        done = retry_until(lambda: read_json(hpath(name, "exit")), 2.0)
     if done is not None:
         result.update(exit_code=done.get("exit_code"), since=done.get("t"),
                       detail=done.get("signal"))
         return result
     if not info or not alive(info["pid"], info.get("start")):
         return result       # the supervisor died with claude (SIGKILL, reboot): code unknown
-    count, last, mtime = log_facts(name)
-    # Each message becomes its own turn and each turn ends in one result line.
-    results_since = count - agent.get("results_before", 0)
-    if len(sent) > results_since:
-        result.update(status="working", since=sent[results_since]["t"])
+    try:
+        mtime = os.path.getmtime(hpath(name, "log"))
+    except OSError:
+        mtime = None
+    # Turns are sequential: once the newest message's turn is over, all are.
+    if sent and not turn_done_after(name, sent[-1].get("offset", 0)):
+        result.update(status="working", since=sent[-1]["t"])
         if mtime and time.time() - mtime > silent_after():
             result["silent"] = time.time() - mtime
     else:
         result.update(status="idle", since=mtime or launched)
+    last = last_result(name)
     if last and last.get("permission_denials"):
         result["detail"] = "denied: " + ", ".join(sorted(set(
             d.get("tool_name", "?") for d in last["permission_denials"])))
@@ -1273,7 +1291,8 @@ def headless_send(agent, text, raw=False, timeout=None):
     with SendLock(name):
         busy = headless_status(agent)["status"] == "working"
         offset = log_size(name)
-        record = {"t": time.time(), "sha": prompt_sha(text), "prompt": normalize_prompt(text)[:200]}
+        record = {"t": time.time(), "sha": prompt_sha(text), "prompt": normalize_prompt(text)[:200],
+                  "offset": offset}
         write_fifo(name, user_line(text))
         append_line(hpath(name, "sent"), json.dumps(record))
     if busy:

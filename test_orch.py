@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socketserver
 import subprocess
 import sys
@@ -273,6 +274,7 @@ class Env(object):
         for folder in (self.home, self.work, self.logs):
             os.makedirs(folder)
         self.fake = write_fake_agent(root)
+        self.tmux = shutil.which("tmux")
         self.socket = "orcht%d%s" % (os.getpid(), uuid.uuid4().hex[:8])
         # Short socket folder: a Unix socket path must fit in ~100 bytes.
         self.tmpdir = tempfile.mkdtemp(prefix="ot", dir="/tmp")
@@ -301,7 +303,7 @@ class Env(object):
     def stop(self):
         env = dict(os.environ)
         env.pop("TMUX", None)
-        subprocess.run(["tmux", "-L", self.socket, "kill-server"], env=env,
+        subprocess.run([self.tmux, "-L", self.socket, "kill-server"], env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
@@ -990,6 +992,261 @@ def test_cli_version_and_help(env):
 
 
 # ###########################################################################
+# Headless backend, with tmux absent from PATH
+# ###########################################################################
+
+FAKE_HEADLESS = r"""#!PYTHON
+# Stand-in for `claude -p --input-format stream-json --output-format stream-json`.
+# Triggers: SLOW-N (turn takes N s), TOOL (a permission denial), HANG (a turn
+# that never ends and prints nothing), EXIT-N.  Logs to $FAKE_LOG/<pid>.jsonl.
+import json, os, select, sys, time
+args = sys.argv[1:]
+session = "none"
+for flag in ("--session-id", "--resume"):
+    if flag in args:
+        session = args[args.index(flag) + 1]
+LOG = os.path.join(os.environ["FAKE_LOG"], "%d.jsonl" % os.getpid())
+
+def log(kind, **fields):
+    fields.update(kind=kind, t=time.time(), session=session)
+    with open(LOG, "a") as f:
+        f.write(json.dumps(fields) + "\n")
+
+def out(obj):
+    sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")     # compact, like claude
+    sys.stdout.flush()
+
+log("start", argv=args, env=dict(os.environ), cwd=os.getcwd())
+state = {"busy": None, "until": None, "queue": []}
+
+def start(text):
+    log("message", text=text)
+    out({"type": "system", "subtype": "init", "session_id": session, "model": "fake"})
+    out({"type": "user", "message": {"role": "user", "content": text}, "isReplay": True})
+    words = text.split()
+    for w in words:
+        if w.startswith("EXIT-"):
+            sys.exit(int(w[5:]))
+        if w.startswith("SLOW-"):
+            state.update(busy=text, until=time.time() + float(w[5:]))
+            return
+    if "HANG" in words:
+        state.update(busy=text, until=float("inf"))
+        return
+    finish(text)
+
+def finish(text):
+    denials = []
+    if "TOOL" in text.split():
+        denials = [{"tool_name": "Bash", "tool_use_id": "t1", "tool_input": {"command": "touch x"}}]
+    out({"type": "assistant", "message": {"role": "assistant", "content": [
+        {"type": "text", "text": "reply: " + text[:60]}]}})
+    out({"type": "result", "subtype": "success", "result": "ok", "session_id": session,
+         "duration_ms": 10, "total_cost_usd": 0.001, "permission_denials": denials})
+    state.update(busy=None, until=None)
+    if state["queue"]:
+        start(state["queue"].pop(0))
+
+data, eof = b"", False
+fd = sys.stdin.fileno()
+while True:
+    timeout = None
+    if state["busy"] is not None and state["until"] != float("inf"):
+        timeout = max(0.0, state["until"] - time.time())
+    ready = select.select([fd], [], [], timeout)[0] if not eof else []
+    if state["busy"] is not None and time.time() >= (state["until"] or 0):
+        finish(state["busy"])
+    if eof and state["busy"] is None:
+        log("eof")
+        sys.exit(0)
+    if eof:
+        time.sleep(0.05)
+        continue
+    if not ready:
+        continue
+    chunk = os.read(fd, 65536)
+    if not chunk:
+        eof = True
+        continue
+    data += chunk
+    while b"\n" in data:
+        line, data = data.split(b"\n", 1)
+        msg = json.loads(line.decode("utf-8"))      # a malformed line kills it, as in claude
+        if msg.get("type") == "control_request":
+            out({"type": "control_response", "response": {
+                "subtype": "success", "request_id": msg["request_id"]}})
+            if state["busy"] is not None:
+                log("interrupted")
+                out({"type": "result", "subtype": "error_during_execution", "session_id": session})
+                state.update(busy=None, until=None)
+        elif msg.get("type") == "user":
+            text = msg["message"]["content"]
+            if state["busy"] is not None:
+                state["queue"].append(text)
+            else:
+                start(text)
+"""
+
+
+@pytest.fixture
+def headless(env, monkeypatch, tmp_path_factory):
+    """A world without tmux: PATH holds every program of /usr/bin and /bin but tmux."""
+    bin_dir = str(tmp_path_factory.mktemp("notmux"))
+    for folder in ("/usr/local/bin", "/usr/bin", "/bin"):
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            target = os.path.join(bin_dir, name)
+            if name != "tmux" and not os.path.lexists(target):
+                os.symlink(os.path.join(folder, name), target)
+    monkeypatch.setenv("PATH", bin_dir)
+    fake = os.path.join(env.root, "fake-claude-p")
+    with open(fake, "w") as f:
+        f.write(FAKE_HEADLESS.replace("#!PYTHON", "#!" + sys.executable, 1))
+    os.chmod(fake, 0o755)
+    monkeypatch.setenv("ORCH_CLAUDE", fake)
+    assert shutil.which("tmux") is None
+    yield env
+    for name, agent in (read_state_or_empty()["agents"]).items():
+        info = agent.get("headless") or {}
+        for pid in (info.get("pid"), info.get("supervisor")):
+            try:
+                os.kill(pid, 9)
+            except (TypeError, OSError):
+                pass
+
+
+def read_state_or_empty():
+    try:
+        with open(os.environ["ORCH_STATE"]) as f:
+            return json.load(f)
+    except OSError:
+        return {"agents": {}}
+
+
+def test_headless_is_chosen_without_tmux_and_takes_first_prompt(headless, capsys):
+    code, out, err = run(capsys, "spawn", "h1", "first task")
+    assert code == 0, err
+    assert "headless" in out and "submitted" in out
+    assert headless.messages() == ["first task"]
+    argv = headless.records("start")[0]["argv"]
+    assert argv[:argv.index("--session-id")] == orch.HEADLESS_FLAGS
+    row = wait_status(capsys, "h1", "idle")
+    assert row["backend"] == "headless" and row["last_prompt"] == "first task"
+    assert row["session_id"] == argv[argv.index("--session-id") + 1]
+
+
+def test_headless_concurrent_large_sends_arrive_intact_once(headless, capsys):
+    assert run(capsys, "spawn", "h1")[0] == 0
+    messages = ["%d %s" % (i, ("msg-%d \"q\" \\ $(x) \u00e9\n" % i) * 9000) for i in range(6)]
+    procs = [subprocess.Popen([sys.executable, ORCH, "send", "h1", "-"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True) for _ in messages]
+    results = [p.communicate(m + "x", timeout=120) for p, m in zip(procs, messages)]
+    assert [p.returncode for p in procs] == [0] * len(messages), results
+    retry_until(lambda: len(headless.messages()) == len(messages), 30)
+    assert sorted(headless.messages()) == sorted(m + "x" for m in messages)
+
+
+def test_headless_status_queue_wait_and_readable_tail(headless, capsys):
+    assert run(capsys, "spawn", "h1", "SLOW-2 long job")[0] == 0
+    assert status(capsys, "h1")["status"] == "working"
+    code, out, _ = run(capsys, "send", "h1", "next one")
+    assert (code, out) == (0, "h1: queued\n")
+    code, out, _ = run(capsys, "wait", "h1", "--timeout", "30")
+    assert (code, out) == (0, "h1: idle\n")
+    assert headless.messages() == ["SLOW-2 long job", "next one"]
+    code, out, _ = run(capsys, "tail", "h1")
+    assert code == 0 and "> next one" in out and "\u25cf reply: next one" in out
+    assert "turn done" in out and not [l for l in out.splitlines() if l.startswith("{")]
+    code, out, _ = run(capsys, "tail", "h1", "--raw", "-n", "1")
+    assert json.loads(out)["type"] == "result"
+
+
+def test_headless_denials_are_visible(headless, capsys):
+    assert run(capsys, "spawn", "h1", "TOOL please")[0] == 0
+    row = wait_status(capsys, "h1", "idle")
+    assert row["detail"] == "denied: Bash"
+    assert "denied: Bash" in run(capsys, "list")[1]
+    out = run(capsys, "tail", "h1")[1]
+    assert "permission denied: Bash" in out and "--permission-mode" in out
+
+
+def test_headless_interrupt_keeps_agent_alive(headless, capsys):
+    assert run(capsys, "spawn", "h1", "SLOW-60 forever")[0] == 0
+    code, out, _ = run(capsys, "interrupt", "h1")
+    assert code == 0 and "was working" in out
+    retry_until(lambda: headless.records("interrupted"))
+    wait_status(capsys, "h1", "idle")
+    assert run(capsys, "send", "h1", "still there?")[:2] == (0, "h1: submitted\n")
+
+
+def test_headless_kill_closes_stdin_then_resume_continues(headless, capsys):
+    assert run(capsys, "spawn", "h1", "hello")[0] == 0
+    sid = headless.state()["agents"]["h1"]["session_id"]
+    code, out, _ = run(capsys, "kill", "h1")
+    assert code == 0 and "exit code 0" in out
+    assert headless.records("eof")         # it saw EOF and left by itself
+    code, _, err = run(capsys, "send", "h1", "anyone?")
+    assert code == orch.EXIT_NOT_RUNNING and "orch resume h1" in err
+    code, out, err = run(capsys, "resume", "h1", "again")
+    assert code == 0, err
+    argv = headless.records("start")[-1]["argv"]
+    assert argv[argv.index("--resume") + 1] == sid
+    assert headless.records("start")[-1]["cwd"] == headless.work
+    assert headless.messages() == ["hello", "again"]
+    assert wait_status(capsys, "h1", "idle")["last_prompt"] == "again"
+
+
+def test_headless_kill_escalates_when_turn_never_ends(headless, capsys, monkeypatch):
+    monkeypatch.setenv("ORCH_KILL_GRACE", "0.5")
+    assert run(capsys, "spawn", "h1", "HANG")[0] == 0
+    code, out, _ = run(capsys, "kill", "h1")
+    assert code == 0 and "exit code 143" in out
+
+
+def test_headless_signal_death_and_silent_flag(headless, capsys, monkeypatch):
+    monkeypatch.setenv("ORCH_SILENT_AFTER", "0.5")
+    assert run(capsys, "spawn", "h1", "HANG")[0] == 0
+    row = retry_until(lambda: status(capsys, "h1")["silent_for"] and status(capsys, "h1"))
+    assert row["status"] == "working"
+    assert "silent" in run(capsys, "list")[1]
+    os.kill(headless.state()["agents"]["h1"]["headless"]["pid"], signal.SIGKILL)
+    row = wait_status(capsys, "h1", "exited")
+    assert row["exit_code"] == 137 and row["detail"] == "SIGKILL"
+
+
+def test_headless_dead_or_broken_agent_never_hangs_send(headless, capsys):
+    assert run(capsys, "spawn", "h1")[0] == 0
+    info = headless.state()["agents"]["h1"]["headless"]
+    for pid in (info["supervisor"], info["pid"]):
+        os.kill(pid, signal.SIGKILL)
+    wait_status(capsys, "h1", "exited")
+    code, _, err = run(capsys, "send", "h1", "hello")
+    assert code == orch.EXIT_NOT_RUNNING
+    assert run(capsys, "spawn", "h2")[0] == 0
+    os.unlink(orch.hpath("h2", "fifo"))
+    code, _, err = run(capsys, "send", "h2", "hello")
+    assert code == orch.EXIT_NOT_RUNNING and "input pipe" in err
+    os.unlink(orch.hpath("h2", "log"))
+    code, _, err = run(capsys, "tail", "h2")
+    assert code == 1 and "log" in err and "Traceback" not in err
+
+
+def test_headless_attach_sends_typed_lines(headless, capsys):
+    assert run(capsys, "spawn", "h1", "first")[0] == 0
+    code, out, err = run(capsys, "attach", "h1", stdin="typed line\n\nsecond typed\n")
+    assert code == 0 and "Ctrl-D" in err
+    assert headless.messages() == ["first", "typed line", "second typed"]
+    assert "reply: first" in out
+
+
+def test_headless_refuses_cmd_and_bad_backend(headless, capsys):
+    code, _, err = run(capsys, "spawn", "h1", "--cmd", "/bin/sleep 10", "--backend", "headless")
+    assert code == 2 and "--cmd needs the tmux backend" in err
+    code, _, err = run(capsys, "spawn", "h1", "--cmd", "/bin/sleep 10")
+    assert code == 1 and "tmux is not installed" in err
+
+
+# ###########################################################################
 # A fake Anthropic Messages API, enough for Claude Code to run offline
 # ###########################################################################
 
@@ -1086,6 +1343,7 @@ class FakeAPI(object):
                 or not data.get("tools") and "Write" in text[:200])
         record = {"text": text, "side": side, "tool_result": tool_result,
                   "history": json.dumps(data.get("messages") or [], ensure_ascii=False),
+                  "messages": data.get("messages") or [],
                   "session": handler.headers.get("x-claude-code-session-id"),
                   "time": time.time()}
         with self.lock:
@@ -1141,6 +1399,26 @@ class FakeAPI(object):
         out.write(sse("message_stop", {"type": "message_stop"}))
         out.flush()
         handler.close_connection = True
+
+    def conversation(self, session):
+        """Every text the user wrote, from the latest request of this session.
+
+        Claude may merge messages queued during a turn into one request, so
+        "arrived exactly once" is judged on the whole conversation it sends.
+        """
+        with self.lock:
+            found = [r for r in self.requests if not r["side"] and r["session"] == session]
+        texts = []
+        for message in (found[-1]["messages"] if found else []):
+            if message.get("role") != "user":
+                continue
+            content = message.get("content")
+            blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            for block in blocks or []:
+                text = block.get("text", "") if block.get("type") == "text" else ""
+                if text and not text.startswith(("<system-reminder>", "[Request interrupted")):
+                    texts.append(text)
+        return texts
 
     def texts(self, session=None):
         """What the agent's user typed, in order, side requests and tool results left out."""
@@ -1209,8 +1487,10 @@ def test_e2e_send_hard_messages_each_arrive_once_in_order(claude, capsys):
                 "unicode \u00e9\u00e8 \u6f22\u5b57 \U0001F680", "Enter C-m \\; Escape",
                 "y" * 10240, "/compact is not run", "!touch pwned3"]
     for message in messages:
+        assert run(capsys, "wait", "a1", "--timeout", "30")[0] == 0
         code, out, err = run(capsys, "send", "a1", message)
-        assert (code, out) == (0, "a1: submitted\n"), err
+        assert (code, out) == (0, "a1: submitted\n"), (message[:40], err,
+                                                       run(capsys, "tail", "a1", "-n", "15")[1])
     code, out, err = run(capsys, "send", "a1", "-", stdin="from stdin\n")
     assert (code, out) == (0, "a1: submitted\n"), err
     expected = ["first"] + messages[:-2] + [" /compact is not run", " !touch pwned3",
@@ -1302,6 +1582,66 @@ def test_e2e_kill_then_resume_after_kill_server_keeps_conversation(claude, capsy
     assert last["session"] == sid
     assert "remember the word avocado" in last["history"]
     assert wait_status(capsys, "a1", "idle")["session_id"] == sid
+
+
+@pytest.fixture
+def claude_headless(claude, monkeypatch, tmp_path_factory):
+    """The real claude with no tmux on PATH."""
+    bin_dir = str(tmp_path_factory.mktemp("notmux"))
+    for folder in ("/usr/local/bin", "/usr/bin", "/bin"):
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            target = os.path.join(bin_dir, name)
+            if name != "tmux" and not os.path.lexists(target):
+                os.symlink(os.path.join(folder, name), target)
+    monkeypatch.setenv("PATH", bin_dir)
+    assert shutil.which("tmux") is None
+    yield claude
+    for agent in read_state_or_empty()["agents"].values():
+        for pid in ((agent.get("headless") or {}).get(k) for k in ("pid", "supervisor")):
+            try:
+                os.kill(pid, 9)
+            except (TypeError, OSError):
+                pass
+
+
+@pytest.mark.e2e
+def test_e2e_headless_every_verb(claude_headless, capsys):
+    api = claude_headless.api
+    code, out, err = run(capsys, "spawn", "h1", "first headless")
+    assert code == 0 and "headless" in out, err
+    sid = sid_of("h1")
+    retry_until(lambda: api.texts(sid) == ["first headless"])
+    wait_status(capsys, "h1", "idle")
+    messages = ["concurrent %d: %send" % (i, "\"q\" $(x) `y` \u00e9 " * 300) for i in range(4)]
+    procs = [subprocess.Popen([sys.executable, ORCH, "send", "h1", m], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True) for m in messages]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, outs
+    wait_status(capsys, "h1", "idle", timeout=60)
+    # Claude joins messages queued during a turn into one text: count each in the whole.
+    everything = "\n".join(api.conversation(sid))
+    assert [everything.count(m) for m in ["first headless"] + messages] == [1] * 5
+    code, out, _ = run(capsys, "tail", "h1")
+    assert "> first headless" in out and "\u25cf reply" in out and "turn done" in out
+    assert not [l for l in out.splitlines() if l.startswith("{")]
+    assert run(capsys, "send", "h1", "SLOW-20 take your time")[0] == 0
+    assert status(capsys, "h1")["status"] == "working"
+    retry_until(lambda: api.texts(sid)[-1:] == ["SLOW-20 take your time"])
+    code, out, _ = run(capsys, "interrupt", "h1")
+    assert code == 0 and "was working" in out
+    wait_status(capsys, "h1", "idle")
+    assert "turn ended: error_during_execution" in run(capsys, "tail", "h1")[1]
+    code, out, _ = run(capsys, "kill", "h1")
+    # On EOF claude exits with 1 when its last turn ended in an error (here: interrupted).
+    assert code == 0 and "killed (exit code 1)" in out
+    code, out, err = run(capsys, "resume", "h1", "after resume")
+    assert code == 0, err
+    retry_until(lambda: api.texts(sid)[-1:] == ["after resume"])
+    with api.lock:
+        last = [r for r in api.requests if r["text"] == "after resume"][-1]
+    assert "first headless" in last["history"]
+    wait_status(capsys, "h1", "idle")
+    assert run(capsys, "kill", "h1")[0] == 0
 
 
 if __name__ == "__main__":
