@@ -1,6 +1,7 @@
 # make test          the whole suite (real tmux, stand-in agents), in a local virtualenv
 # make test-pythons  the command-line tests once per Python interpreter found (3.6+)
 # make e2e           end-to-end tests against the real Claude Code CLI (installed locally)
+# make bench         timings at 10, 100 and 300 stand-in agents against the floor
 
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +9,7 @@ CLAUDE_CODE_VERSION := 2.1.197
 E2E_DIR := .e2e
 CLAUDE_BIN := $(E2E_DIR)/node_modules/@anthropic-ai/claude-code/bin/claude.exe
 
-.PHONY: test test-pythons e2e clean
+.PHONY: test test-pythons e2e bench clean
 
 $(VENV)/bin/pytest:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +35,9 @@ $(CLAUDE_BIN):
 
 e2e: $(VENV)/bin/pytest $(CLAUDE_BIN)
 	ORCH_E2E_CLAUDE=$(abspath $(CLAUDE_BIN)) $(VENV)/bin/pytest -q -m e2e test_orch.py
+
+bench: $(VENV)/bin/pytest
+	$(VENV)/bin/python test_orch.py bench
 
 clean:
 	rm -rf $(VENV) $(E2E_DIR) .pytest_cache __pycache__

@@ -216,6 +216,21 @@ def list_panes(socket):
         raise
 
 
+def pane_info(pane, socket):
+    """Return {pane_id: fields} for one pane (empty if it or its server is gone).
+
+    One agent's status needs one pane, not all of them: this costs the same
+    with 3 or 300 agents, where list-panes -a grows with them.
+    """
+    fmt = SEP.join("#{%s}" % f for f in PANE_FIELDS)
+    try:
+        return parse_panes(tmux(["display-message", "-p", "-t", pane, fmt], socket=socket))
+    except TmuxError as e:
+        if e.server_gone() or e.target_gone():
+            return {}
+        raise
+
+
 def capture_pane(pane, socket, lines=None):
     """Return the pane's screen as plain text, wrapped lines joined."""
     args = ["capture-pane", "-p", "-J", "-t", pane]
@@ -637,14 +652,14 @@ def statuses(agents):
         socket = (agent.get("tmux") or {}).get("socket")
         by_socket.setdefault(socket, []).append(agent)
     for socket, group in by_socket.items():
-        panes = list_panes(socket)
+        panes = read_panes(group, socket)
         for _ in range(10):
             # tmux marks a pane dead when its pty closes, a moment before it
             # reaps the exit status: ask again rather than report no code.
             if not any(p["pane_dead"] == "1" and exit_code_of(p) is None for p in panes.values()):
                 break
             time.sleep(0.02)
-            panes = list_panes(socket)
+            panes = read_panes(group, socket)
         for agent in group:
             screen = None
             if needs_screen(agent, panes):
@@ -654,6 +669,13 @@ def statuses(agents):
                     screen = None
             result[agent["name"]] = agent_status(agent, panes, screen)
     return result
+
+
+def read_panes(group, socket):
+    """One tmux call for a group of agents: their one pane, or every pane."""
+    if len(group) == 1:
+        return pane_info(group[0]["tmux"]["pane"], socket)
+    return list_panes(socket)
 
 
 def status_of(agent):
@@ -1659,11 +1681,12 @@ def cmd_tail(args):
         headless_tail(agent, args.lines, args.follow, args.raw)
         return EXIT_OK
     pane, socket = agent["tmux"]["pane"], agent["tmux"]["socket"]
-    if pane_of(agent, list_panes(socket)) is None:
+    panes = pane_info(pane, socket)
+    if pane_of(agent, panes) is None:
         raise OrchError("agent %s has no window any more (its tmux server or window is gone); "
                         "`orch resume %s` to start it again" % (agent["name"], agent["name"]),
                         EXIT_NOT_RUNNING)
-    if status_of(agent)["status"] == "exited":
+    if panes[pane]["pane_dead"] == "1":
         # A dead pane's last output may have scrolled off when tmux drew its notice.
         rows = [r for r in capture_pane(pane, socket, lines=args.lines or 200)
                 if not r.startswith("Pane is dead")]
@@ -1694,7 +1717,7 @@ def cmd_attach(args):
     if agent["backend"] == "headless":
         return headless_attach(agent)
     info = agent["tmux"]
-    if pane_of(agent, list_panes(info["socket"])) is None:
+    if pane_of(agent, pane_info(info["pane"], info["socket"])) is None:
         raise OrchError("agent %s has no window any more: `orch resume %s` to start it again"
                         % (agent["name"], agent["name"]), EXIT_NOT_RUNNING)
     inside = os.environ.get("TMUX", "").split(",")[0]
@@ -1852,7 +1875,7 @@ def close_window(agent):
     info = agent.get("tmux") or {}
     if not info:
         return
-    if pane_of(agent, list_panes(info.get("socket"))) is None:
+    if pane_of(agent, pane_info(info["pane"], info.get("socket"))) is None:
         return
     try:
         tmux(["kill-pane", "-t", info["pane"]], socket=info["socket"])
@@ -2073,6 +2096,9 @@ def split_extra(argv):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--version"]:       # the fast path: no parser to build
+        print("orch " + __version__)
+        return EXIT_OK
     argv, extra = split_extra(argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)

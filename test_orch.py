@@ -1644,7 +1644,135 @@ def test_e2e_headless_every_verb(claude_headless, capsys):
     assert run(capsys, "kill", "h1")[0] == 0
 
 
-if __name__ == "__main__":
+# ###########################################################################
+# Benchmark (make bench): wall times against the floor, and tmux calls per verb
+# ###########################################################################
+
+def bench_time(argv, env, repeat):
+    """Run argv repeat times; return sorted wall times in ms."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       check=True)
+        times.append((time.perf_counter() - start) * 1000)
+    return sorted(times)
+
+
+def bench_pair(first, second, env, repeat):
+    """Wall time of running first then second, as one measurement."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for argv in (first, second):
+            subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           check=True)
+        times.append((time.perf_counter() - start) * 1000)
+    return sorted(times)
+
+
+def tmux_calls(argv, env):
+    proc = subprocess.run(argv, env=dict(env, ORCH_TRACE="1"), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, universal_newlines=True, check=True)
+    return proc.stderr.count("orch: trace: tmux")
+
+
+def bench(sizes=(10, 100, 300), repeat=15):
+    py = sys.executable
+    root = tempfile.mkdtemp(prefix="ob", dir="/tmp")
+    socket = "orchbench%d" % os.getpid()
+    env = dict(os.environ, HOME=root, ORCH_STATE=os.path.join(root, "state.json"),
+               ORCH_TMUX_SOCKET=socket, TMUX_TMPDIR=root, ORCH_KILL_GRACE="1")
+    env.pop("TMUX", None)
+    env.pop("ORCH_TRACE", None)
+    orch_cmd = [py, ORCH]
+    # `python3 -m orch` runs orch from cached bytecode; `python3 orch.py` compiles it each time.
+    cached_env = dict(env, PYTHONPATH=HERE)
+    cached_env.pop("PYTHONDONTWRITEBYTECODE", None)
+    cached_cmd = [py, "-m", "orch"]
+    subprocess.run(cached_cmd + ["--version"], env=cached_env, stdout=subprocess.DEVNULL, check=True)
+    fmt = orch.SEP.join("#{%s}" % f for f in orch.PANE_FIELDS)
+    floor_import = [py, "-c", "import argparse, json, subprocess, os, sys"]
+    floor_tmux = ["tmux", "-L", socket, "list-panes", "-a", "-F", fmt]
+    tmux_version = subprocess.run(["tmux", "-V"], stdout=subprocess.PIPE,
+                                  universal_newlines=True).stdout.strip()
+    print("orch %s bench: Python %s, %s, %d cores, %d runs per figure (ms)"
+          % (orch.__version__, sys.version.split()[0], tmux_version, os.cpu_count(), repeat))
+    spawned = 0
+    try:
+        for n in sizes:
+            while spawned < n:
+                subprocess.run(orch_cmd + ["spawn", "b%03d" % spawned, "--cmd", "sleep 100000"],
+                               env=env, stdout=subprocess.DEVNULL, check=True)
+                spawned += 1
+            rows = []
+
+            def row(label, times, calls="", note=""):
+                rows.append((label, "%.1f" % statistics.median(times), "%.1f" % times[0],
+                             "%.1f" % times[-1], str(calls), note))
+                return statistics.median(times)
+            floor = row("floor: python imports + 1 tmux list-panes",
+                        bench_pair(floor_import, floor_tmux, env, repeat), 1)
+            listing = row("orch list --json", bench_time(orch_cmd + ["list", "--json"], env,
+                                                         repeat),
+                          tmux_calls(orch_cmd + ["list", "--json"], env))
+            rows[-1] = rows[-1][:5] + ("%.2fx floor" % (listing / floor),)
+            listing = row("python3 -m orch list --json (bytecode cached)",
+                          bench_time(cached_cmd + ["list", "--json"], cached_env, repeat), 1)
+            rows[-1] = rows[-1][:5] + ("%.2fx floor" % (listing / floor),)
+            imports = row("python3 -c 'import argparse, json, subprocess, os, sys'",
+                          bench_time(floor_import, env, repeat), 0)
+            version = row("orch --version", bench_time(orch_cmd + ["--version"], env, repeat), 0)
+            rows[-1] = rows[-1][:5] + ("%.2fx imports" % (version / imports),)
+            version = row("python3 -m orch --version (bytecode cached)",
+                          bench_time(cached_cmd + ["--version"], cached_env, repeat), 0)
+            rows[-1] = rows[-1][:5] + ("%.2fx imports" % (version / imports),)
+            row("python3 -c pass", bench_time([py, "-c", "pass"], env, repeat), 0)
+            send = orch_cmd + ["send", "b000", "hello"]
+            sent = row("orch send (idle stand-in)", bench_time(send, env, repeat),
+                       tmux_calls(send, env))
+            rows[-1] = rows[-1][:5] + ("%.0f + %.0f pause" % (sent - 100, 100),)
+            row("orch tail", bench_time(orch_cmd + ["tail", "b000"], env, repeat),
+                tmux_calls(orch_cmd + ["tail", "b000"], env))
+            spawn_times = []
+            for i in range(repeat):
+                start = time.perf_counter()
+                subprocess.run(orch_cmd + ["spawn", "x%d" % i, "--cmd", "sleep 100000"], env=env,
+                               stdout=subprocess.DEVNULL, check=True)
+                spawn_times.append((time.perf_counter() - start) * 1000)
+            calls = tmux_calls(orch_cmd + ["spawn", "xc", "--cmd", "sleep 100000"], env)
+            subprocess.run(orch_cmd + ["rm"] + ["x%d" % i for i in range(repeat)] + ["xc"],
+                           env=env, stdout=subprocess.DEVNULL, check=True)
+            spawned_ms = row("orch spawn (stand-in)", sorted(spawn_times), calls)
+            rows[-1] = rows[-1][:5] + ("%.0f orch's own" % (spawned_ms - imports),)
+            start = time.perf_counter()
+            procs = [subprocess.Popen(orch_cmd + ["spawn", "c%02d" % i, "--cmd", "sleep 100000"],
+                                      env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL) for i in range(30)]
+            codes = [p.wait() for p in procs]
+            total = (time.perf_counter() - start) * 1000
+            with open(env["ORCH_STATE"]) as f:
+                recorded = len([a for a in json.load(f)["agents"] if a.startswith("c")])
+            rows.append(("30 concurrent orch spawn (total)", "%.0f" % total, "", "", "",
+                         "%d/30 ok, %d recorded" % (codes.count(0), recorded)))
+            subprocess.run(orch_cmd + ["rm"] + ["c%02d" % i for i in range(30)], env=env,
+                           stdout=subprocess.DEVNULL, check=True)
+            print("\nN = %d agents" % n)
+            table = [("", "median", "min", "max", "tmux calls", "")] + rows
+            widths = [max(len(r[i]) for r in table) for i in range(6)]
+            for r in table:
+                print("  ".join(c.rjust(w) if i else c.ljust(w)
+                                for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+    finally:
+        subprocess.run(["tmux", "-L", socket, "kill-server"], env=env,
+                       stderr=subprocess.DEVNULL)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["bench"]:
+    import statistics
+    bench(tuple(int(n) for n in sys.argv[2:]) or (10, 100, 300))
+elif __name__ == "__main__":
     # Run the fake API by hand: python3 test_orch.py PORT
     api = FakeAPI()
     api.server.server_close()
