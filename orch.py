@@ -438,25 +438,32 @@ def hook_settings(name):
     return json.dumps({"hooks": hooks}, separators=(",", ":"))
 
 
-def read_events(name, since=0.0, tail_bytes=None):
-    """Return the agent's hook events with time >= since, oldest first."""
+def read_json_lines(path, offset=0, tail_bytes=None):
+    """Return the JSON objects of a one-object-per-line file, from offset or its last bytes."""
     try:
-        with open(events_path(name), "rb") as f:
+        with open(path, "rb") as f:
             if tail_bytes:
                 f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - tail_bytes))
+                offset = max(offset, f.tell() - tail_bytes)
+            f.seek(offset)
             data = f.read()
     except OSError:
         return []
-    events = []
+    found = []
     for raw in data.split(b"\n"):
         try:
-            event = json.loads(raw.decode("utf-8"))
+            obj = json.loads(raw.decode("utf-8"))
         except ValueError:
-            continue    # a partial first line after seek, or a torn write
-        if isinstance(event, dict) and event.get("t", 0) >= since:
-            events.append(event)
-    return events
+            continue    # a partial first line after seek, a torn write, or stderr text
+        if isinstance(obj, dict):
+            found.append(obj)
+    return found
+
+
+def read_events(name, since=0.0, tail_bytes=None):
+    """Return the agent's hook events with time >= since, oldest first."""
+    return [e for e in read_json_lines(events_path(name), tail_bytes=tail_bytes)
+            if e.get("t", 0) >= since]
 
 
 def events_size(name):
@@ -1208,17 +1215,7 @@ def last_result(name, tail=262144):
 
 
 def sent_entries(name):
-    entries = []
-    try:
-        with open(hpath(name, "sent"), encoding="utf-8") as f:
-            for line in f:
-                try:
-                    entries.append(json.loads(line))
-                except ValueError:
-                    pass
-    except OSError:
-        pass
-    return entries
+    return read_json_lines(hpath(name, "sent"))
 
 
 def silent_after():
@@ -1362,21 +1359,7 @@ def echoed(name, offset, sha):
 
 
 def log_events(name, offset=0):
-    try:
-        with open(hpath(name, "log"), "rb") as f:
-            f.seek(offset)
-            data = f.read()
-    except OSError:
-        return []
-    events = []
-    for raw in data.split(b"\n"):
-        try:
-            event = json.loads(raw.decode("utf-8"))
-        except ValueError:
-            continue
-        if isinstance(event, dict):
-            events.append(event)
-    return events
+    return read_json_lines(hpath(name, "log"), offset)
 
 
 def headless_interrupt(agent):

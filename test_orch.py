@@ -1088,9 +1088,8 @@ while True:
 """
 
 
-@pytest.fixture
-def headless(env, monkeypatch, tmp_path_factory):
-    """A world without tmux: PATH holds every program of /usr/bin and /bin but tmux."""
+def hide_tmux(monkeypatch, tmp_path_factory):
+    """Set PATH to every program of /usr/local/bin, /usr/bin and /bin but tmux."""
     bin_dir = str(tmp_path_factory.mktemp("notmux"))
     for folder in ("/usr/local/bin", "/usr/bin", "/bin"):
         for name in os.listdir(folder) if os.path.isdir(folder) else []:
@@ -1098,20 +1097,30 @@ def headless(env, monkeypatch, tmp_path_factory):
             if name != "tmux" and not os.path.lexists(target):
                 os.symlink(os.path.join(folder, name), target)
     monkeypatch.setenv("PATH", bin_dir)
+    assert shutil.which("tmux") is None
+
+
+def kill_headless_agents():
+    """Stop what headless tests started, by the pids orch recorded."""
+    for agent in read_state_or_empty()["agents"].values():
+        for pid in ((agent.get("headless") or {}).get(k) for k in ("pid", "supervisor")):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (TypeError, OSError):
+                pass
+
+
+@pytest.fixture
+def headless(env, monkeypatch, tmp_path_factory):
+    """A world without tmux, with the stand-in for claude -p."""
+    hide_tmux(monkeypatch, tmp_path_factory)
     fake = os.path.join(env.root, "fake-claude-p")
     with open(fake, "w") as f:
         f.write(FAKE_HEADLESS.replace("#!PYTHON", "#!" + sys.executable, 1))
     os.chmod(fake, 0o755)
     monkeypatch.setenv("ORCH_CLAUDE", fake)
-    assert shutil.which("tmux") is None
     yield env
-    for name, agent in (read_state_or_empty()["agents"]).items():
-        info = agent.get("headless") or {}
-        for pid in (info.get("pid"), info.get("supervisor")):
-            try:
-                os.kill(pid, 9)
-            except (TypeError, OSError):
-                pass
+    kill_headless_agents()
 
 
 def read_state_or_empty():
@@ -1587,21 +1596,9 @@ def test_e2e_kill_then_resume_after_kill_server_keeps_conversation(claude, capsy
 @pytest.fixture
 def claude_headless(claude, monkeypatch, tmp_path_factory):
     """The real claude with no tmux on PATH."""
-    bin_dir = str(tmp_path_factory.mktemp("notmux"))
-    for folder in ("/usr/local/bin", "/usr/bin", "/bin"):
-        for name in os.listdir(folder) if os.path.isdir(folder) else []:
-            target = os.path.join(bin_dir, name)
-            if name != "tmux" and not os.path.lexists(target):
-                os.symlink(os.path.join(folder, name), target)
-    monkeypatch.setenv("PATH", bin_dir)
-    assert shutil.which("tmux") is None
+    hide_tmux(monkeypatch, tmp_path_factory)
     yield claude
-    for agent in read_state_or_empty()["agents"].values():
-        for pid in ((agent.get("headless") or {}).get(k) for k in ("pid", "supervisor")):
-            try:
-                os.kill(pid, 9)
-            except (TypeError, OSError):
-                pass
+    kill_headless_agents()
 
 
 @pytest.mark.e2e
