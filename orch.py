@@ -1369,6 +1369,20 @@ def headless_interrupt(agent):
         write_fifo(agent["name"], json.dumps(request) + "\n")
 
 
+def signal_process(pid, sig, group=True):
+    """Signal pid's process group (its tools die with it), or pid alone."""
+    try:
+        if group:
+            os.killpg(pid, sig)
+            return
+    except OSError:
+        pass            # not a group leader (claude under its supervisor): signal it alone
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass
+
+
 def headless_stop(agent, grace):
     """Close claude's stdin (it finishes and exits); after grace, SIGTERM then SIGKILL."""
     import signal
@@ -1380,13 +1394,7 @@ def headless_stop(agent, grace):
              (info["pid"], info.get("start"), signal.SIGKILL, 5)]
     for pid, start, sig, wait in steps:
         if pid and alive(pid, start):
-            try:
-                os.killpg(pid, sig) if sig != signal.SIGUSR1 else os.kill(pid, sig)
-            except OSError:
-                try:
-                    os.kill(pid, sig)
-                except OSError:
-                    pass
+            signal_process(pid, sig, group=sig != signal.SIGUSR1)
         if retry_until(lambda: headless_status(agent)["status"] == "exited", wait):
             return True
     raise OrchError("agent %s (pid %s) did not stop even after SIGKILL" % (agent["name"],
@@ -1566,8 +1574,7 @@ def cmd_spawn(args):
                  "tmux": {"socket": args.socket or default_socket(),
                           "session": args.session or default_session()}}
         reset_agent_dir(name)
-        first = None if prompt is None or args.raw else escape_leading(prompt)
-        first = first if prompt is None or not args.raw else prompt
+        first = prompt if prompt is None or args.raw else escape_leading(prompt)
         if backend == "headless":
             agent.pop("tmux")
             start_headless(agent, headless_argv(agent, argv_program))
@@ -1601,7 +1608,7 @@ def finish_start(agent, first, verb):
         if first is not None:
             wait_for_screen(agent)
             outcome = ", first message " + send_message(agent, first, raw=True)
-        print("%s agent %s (%s)%s" % (verb, name, agent["cmd"], outcome))
+        print("%s agent %s (%s, tmux)%s" % (verb, name, agent["cmd"], outcome))
     else:
         timeout = float(os.environ.get("ORCH_START_TIMEOUT") or 60)
         st = wait_until_started(agent, timeout)
@@ -1616,7 +1623,8 @@ def finish_start(agent, first, verb):
                             "look with `orch tail %s`" % (name, timeout, name), EXIT_UNCONFIRMED)
         if first is not None and not agent.get("first_prompt_sha"):
             outcome = ", first message " + send_message(agent, first, raw=True)
-        print("%s agent %s (claude, session %s)%s" % (verb, name, agent["session_id"], outcome))
+        print("%s agent %s (claude, tmux, session %s)%s" % (verb, name, agent["session_id"],
+                                                            outcome))
     print("  attach: orch attach %s    tail: orch tail %s" % (name, name))
     return EXIT_OK
 
@@ -1741,7 +1749,7 @@ def age(seconds):
     return "%ds" % seconds
 
 
-def agent_row(agent, st, now):
+def agent_row(agent, st):
     since = st["since"]
     return {"name": agent["name"], "status": st["status"], "needs": st["needs"],
             "status_since": since, "status_source": st["source"],
@@ -1757,7 +1765,7 @@ def cmd_list(args):
     agents = sorted(load_state()["agents"].values(), key=lambda a: a.get("created", 0))
     found = statuses(agents)
     now = time.time()
-    rows = [agent_row(a, found[a["name"]], now) for a in agents]
+    rows = [agent_row(a, found[a["name"]]) for a in agents]
     if args.json:
         print(json.dumps(rows, indent=1))
         return EXIT_OK
@@ -1811,12 +1819,7 @@ def stop_agent(agent, grace=None):
         return False
     pid = agent["tmux"]["pid"]
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            os.kill(pid, sig)
+        signal_process(pid, sig)
         if retry_until(lambda: status_of(agent)["status"] == "exited", wait):
             return True
     raise OrchError("agent %s (pid %d) did not stop even after SIGKILL" % (agent["name"], pid))
