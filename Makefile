@@ -16,7 +16,7 @@ $(VENV)/bin/pytest:
 	$(VENV)/bin/pip install --quiet pytest
 
 test: $(VENV)/bin/pytest
-	$(VENV)/bin/pytest -q test_orch.py
+	$(VENV)/bin/pytest -q -k "not test_e2e_" test_orch.py
 
 test-pythons: $(VENV)/bin/pytest
 	@seen=""; for py in $$(ls -d $$(pyenv root 2>/dev/null)/versions/3.*/bin/python3 2>/dev/null) \
@@ -24,7 +24,7 @@ test-pythons: $(VENV)/bin/pytest
 	  v=$$($$py -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || continue; \
 	  case " $$seen " in *" $$v "*) continue;; esac; seen="$$seen $$v"; \
 	  echo "== command-line tests with Python $$v ($$py)"; \
-	  ORCH_TEST_PYTHON=$$py $(VENV)/bin/pytest -q -m cli test_orch.py || exit 1; \
+	  ORCH_TEST_PYTHON=$$py $(VENV)/bin/pytest -q -k test_cli_ test_orch.py || exit 1; \
 	done; echo "tested with Python:$$seen"; [ -n "$$seen" ]
 
 $(CLAUDE_BIN):
@@ -34,7 +34,7 @@ $(CLAUDE_BIN):
 	@test -x $(CLAUDE_BIN) || { echo "make e2e: $(CLAUDE_BIN) missing after install"; exit 1; }
 
 e2e: $(VENV)/bin/pytest $(CLAUDE_BIN)
-	ORCH_E2E_CLAUDE=$(abspath $(CLAUDE_BIN)) $(VENV)/bin/pytest -q -m e2e test_orch.py
+	ORCH_E2E_CLAUDE=$(abspath $(CLAUDE_BIN)) $(VENV)/bin/pytest -q -k test_e2e_ test_orch.py
 
 bench: $(VENV)/bin/pytest
 	$(VENV)/bin/python test_orch.py bench
