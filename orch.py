@@ -1984,9 +1984,9 @@ def add_target_options(p):
     p.add_argument("--claude", help="claude program (default $ORCH_CLAUDE or 'claude')")
 
 
-def add_spawn(sub):
-    p = sub.add_parser("spawn", help="start an agent with a first task",
-                       description="Start an agent in its own tmux window.")
+def add_spawn(sub, verb):
+    p = sub.add_parser(verb, help="start an agent with a first task",
+                       description="Start an agent in its own tmux window (or headless).")
     p.add_argument("name")
     p.add_argument("prompt", nargs="?", help="first message; '-' reads stdin")
     p.add_argument("--prompt-file", metavar="FILE", help="read the first message from FILE")
@@ -2004,8 +2004,8 @@ def add_spawn(sub):
     p.set_defaults(func=cmd_spawn, extra=[])
 
 
-def add_send(sub):
-    p = sub.add_parser("send", help="submit a message to a running agent",
+def add_send(sub, verb):
+    p = sub.add_parser(verb, help="submit a message to a running agent",
                        description="Type MESSAGE into the agent and confirm it was submitted.")
     p.add_argument("name")
     p.add_argument("message", nargs="?", help="the message; omitted or '-' reads stdin")
@@ -2017,8 +2017,8 @@ def add_send(sub):
     p.set_defaults(func=cmd_send)
 
 
-def add_tail(sub):
-    p = sub.add_parser("tail", help="print the agent's screen")
+def add_tail(sub, verb):
+    p = sub.add_parser(verb, help="print the agent's screen")
     p.add_argument("name")
     p.add_argument("-n", "--lines", type=int, metavar="LINES", help="last LINES lines")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
@@ -2026,49 +2026,76 @@ def add_tail(sub):
     p.set_defaults(func=cmd_tail)
 
 
-def add_simple(sub):
-    p = sub.add_parser("attach", help="take the keyboard of an agent's window")
-    p.add_argument("name")
-    p.set_defaults(func=cmd_attach)
-    for verb in ("list", "ls"):
-        p = sub.add_parser(verb, help="every agent and its status")
-        p.add_argument("--json", action="store_true", help="print a JSON array")
-        p.set_defaults(func=cmd_list)
-    p = sub.add_parser("interrupt", help="stop the agent's current turn (it stays alive)")
-    p.add_argument("name")
-    p.set_defaults(func=cmd_interrupt)
-    p = sub.add_parser("_supervise")     # internal: runs a headless agent
-    p.add_argument("folder")
-    p.set_defaults(func=cmd_supervise)
-    p = sub.add_parser("kill", help="stop an agent, keep its record")
-    p.add_argument("name")
-    p.set_defaults(func=cmd_kill)
-    p = sub.add_parser("rm", help="stop and forget agents")
-    p.add_argument("names", nargs="*", metavar="NAME")
-    p.add_argument("--exited", action="store_true", help="remove every exited agent")
-    p.set_defaults(func=cmd_rm)
-    p = sub.add_parser("wait", help="block until agents are idle, exited or need input")
+def add_named(help_text, func):
+    """An adder for a verb whose only argument is the agent's name."""
+    def add(sub, verb):
+        p = sub.add_parser(verb, help=help_text)
+        p.add_argument("name")
+        p.set_defaults(func=func)
+    return add
+
+
+def add_list(sub, verb):
+    p = sub.add_parser(verb, help="every agent and its status")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+    p.set_defaults(func=cmd_list)
+
+
+def add_wait(sub, verb):
+    p = sub.add_parser(verb, help="block until agents are idle, exited or need input")
     p.add_argument("names", nargs="+", metavar="NAME")
     p.add_argument("--timeout", type=float, metavar="SECONDS")
     p.add_argument("--until", choices=("idle", "exited", "needs-input"))
     p.set_defaults(func=cmd_wait)
-    p = sub.add_parser("resume", help="start an exited agent again in the same conversation")
+
+
+def add_rm(sub, verb):
+    p = sub.add_parser(verb, help="stop and forget agents")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--exited", action="store_true", help="remove every exited agent")
+    p.set_defaults(func=cmd_rm)
+
+
+def add_resume(sub, verb):
+    p = sub.add_parser(verb, help="start an exited agent again in the same conversation")
     p.add_argument("name")
     p.add_argument("message", nargs="?", help="a message to deliver; '-' reads stdin")
     add_target_options(p)
     p.set_defaults(func=cmd_resume)
 
 
-def build_parser():
+def add_supervise(sub, verb):
+    p = sub.add_parser(verb)     # internal, no help: runs a headless agent
+    p.add_argument("folder")
+    p.set_defaults(func=cmd_supervise)
+
+
+VERBS = (
+    ("spawn", add_spawn),
+    ("send", add_send),
+    ("tail", add_tail),
+    ("attach", add_named("take the keyboard of an agent's window", cmd_attach)),
+    ("list", add_list),
+    ("ls", add_list),
+    ("wait", add_wait),
+    ("interrupt", add_named("stop the agent's current turn (it stays alive)", cmd_interrupt)),
+    ("kill", add_named("stop an agent, keep its record", cmd_kill)),
+    ("rm", add_rm),
+    ("resume", add_resume),
+    ("_supervise", add_supervise),
+)
+
+
+def build_parser(only=None):
+    """Build the command line; with only=VERB just that verb (start-up time matters)."""
     parser = argparse.ArgumentParser(
         prog="orch", description="Run and steer many AI coding agents in tmux.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="orch " + __version__)
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    add_spawn(sub)
-    add_send(sub)
-    add_tail(sub)
-    add_simple(sub)
+    for verb, add in VERBS:
+        if only in (None, verb):
+            add(sub, verb)
     return parser
 
 
@@ -2086,7 +2113,10 @@ def main(argv=None):
         print("orch " + __version__)
         return EXIT_OK
     argv, extra = split_extra(argv)
-    parser = build_parser()
+    if argv and not argv[0].startswith("-") and argv[0] not in dict(VERBS):
+        sys.stderr.write("orch: error: unknown verb %r: see `orch --help`\n" % argv[0])
+        return EXIT_USAGE
+    parser = build_parser(argv[0] if argv and argv[0] in dict(VERBS) else None)
     args, rest = parser.parse_known_args(argv)
     # argparse fills an optional positional before later flags (`send a --raw /x`
     # leaves /x over); put a single leftover where it belongs.

@@ -980,6 +980,11 @@ def test_cli_spawn_send_list_kill_rm_round_trip(env):
     assert env.messages() == ["hello from " + py, "second"]
 
 
+def test_cli_unknown_verb(env):
+    code, out, err = cli("lst", python=cli_python())
+    assert (code, out) == (2, "") and err == "orch: error: unknown verb 'lst': see `orch --help`\n"
+
+
 def test_cli_version_and_help(env):
     code, out, _ = cli("--version", python=cli_python())
     assert code == 0 and out.strip() == "orch " + orch.__version__
@@ -1647,16 +1652,21 @@ def bench_time(argv, env, repeat):
     return sorted(times)
 
 
-def bench_pair(first, second, env, repeat):
-    """Wall time of running first then second, as one measurement."""
-    times = []
+def bench_interleaved(commands, repeat):
+    """Time each (argv list, env) command once per round, round after round.
+
+    Interleaving puts the same machine noise on every command of a round, so
+    ratios between them hold up on a busy machine; returns sorted ms per command.
+    """
+    times = [[] for _ in commands]
     for _ in range(repeat):
-        start = time.perf_counter()
-        for argv in (first, second):
-            subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           check=True)
-        times.append((time.perf_counter() - start) * 1000)
-    return sorted(times)
+        for i, (argvs, env) in enumerate(commands):
+            start = time.perf_counter()
+            for argv in argvs:
+                subprocess.run(argv, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, check=True)
+            times[i].append((time.perf_counter() - start) * 1000)
+    return [sorted(t) for t in times]
 
 
 def tmux_calls(argv, env):
@@ -1665,7 +1675,7 @@ def tmux_calls(argv, env):
     return proc.stderr.count("orch: trace: tmux")
 
 
-def bench(sizes=(10, 100, 300), repeat=15):
+def bench(sizes=(10, 100, 300), repeat=21):
     py = sys.executable
     root = tempfile.mkdtemp(prefix="ob", dir="/tmp")
     socket = "orchbench%d" % os.getpid()
@@ -1699,21 +1709,23 @@ def bench(sizes=(10, 100, 300), repeat=15):
                 rows.append((label, "%.1f" % statistics.median(times), "%.1f" % times[0],
                              "%.1f" % times[-1], str(calls), note))
                 return statistics.median(times)
-            floor = row("floor: python imports + 1 tmux list-panes",
-                        bench_pair(floor_import, floor_tmux, env, repeat), 1)
-            listing = row("orch list --json", bench_time(orch_cmd + ["list", "--json"], env,
-                                                         repeat),
+            lists = bench_interleaved([([floor_import, floor_tmux], env),
+                                       ([orch_cmd + ["list", "--json"]], env),
+                                       ([cached_cmd + ["list", "--json"]], cached_env)], repeat)
+            floor = row("floor: python imports + 1 tmux list-panes", lists[0], 1)
+            listing = row("orch list --json", lists[1],
                           tmux_calls(orch_cmd + ["list", "--json"], env))
             rows[-1] = rows[-1][:5] + ("%.2fx floor" % (listing / floor),)
-            listing = row("python3 -m orch list --json (bytecode cached)",
-                          bench_time(cached_cmd + ["list", "--json"], cached_env, repeat), 1)
+            listing = row("python3 -m orch list --json (bytecode cached)", lists[2], 1)
             rows[-1] = rows[-1][:5] + ("%.2fx floor" % (listing / floor),)
+            versions = bench_interleaved([([floor_import], env),
+                                          ([orch_cmd + ["--version"]], env),
+                                          ([cached_cmd + ["--version"]], cached_env)], repeat)
             imports = row("python3 -c 'import argparse, json, subprocess, os, sys'",
-                          bench_time(floor_import, env, repeat), 0)
-            version = row("orch --version", bench_time(orch_cmd + ["--version"], env, repeat), 0)
+                          versions[0], 0)
+            version = row("orch --version", versions[1], 0)
             rows[-1] = rows[-1][:5] + ("%.2fx imports" % (version / imports),)
-            version = row("python3 -m orch --version (bytecode cached)",
-                          bench_time(cached_cmd + ["--version"], cached_env, repeat), 0)
+            version = row("python3 -m orch --version (bytecode cached)", versions[2], 0)
             rows[-1] = rows[-1][:5] + ("%.2fx imports" % (version / imports),)
             row("python3 -c pass", bench_time([py, "-c", "pass"], env, repeat), 0)
             send = orch_cmd + ["send", "b000", "hello"]
