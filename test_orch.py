@@ -822,6 +822,34 @@ def test_attach_two_terminals_each_see_their_own_agent(env, capsys):
                 == ["keep", "orch"])
 
 
+def test_attach_inside_tmux_switches_the_client(env, capsys):
+    assert run(capsys, "spawn", "a1", "alpha task")[0] == 0
+    outer = env.socket + "o"
+    # A terminal attached to the agents' own server, on another session...
+    subprocess.run(["tmux", "-L", outer, "-f", env.conf, "new-session", "-d", "-s", "t1",
+                    "-x", "120", "-y", "30", "env", "-u", "TMUX", "tmux", "-L", env.socket,
+                    "attach", "-t", "=keep"], check=True)
+
+    def screen():
+        return subprocess.run(["tmux", "-L", outer, "capture-pane", "-p", "-t", "=t1:"],
+                              stdout=subprocess.PIPE, universal_newlines=True).stdout
+    try:
+        retry_until(lambda: tmux_cmd("list-clients", "-F", "#{session_name}").split() == ["keep"])
+        # ...where `orch attach` runs in a window of that session, so $TMUX is set.
+        command = " ".join(orch_quote(w) for w in ["env"] + [
+            "%s=%s" % (k, os.environ[k]) for k in ("ORCH_STATE", "ORCH_TMUX_SOCKET", "HOME")]
+            + [sys.executable, ORCH, "attach", "a1"])
+        tmux_cmd("new-window", "-t", "=keep:", command)
+        retry_until(lambda: tmux_cmd("list-clients", "-F", "#{session_name}").split()
+                    == ["orch"])
+        retry_until(lambda: "reply: alpha task" in screen())
+        # switch-client reuses the client: no grouped session was made.
+        assert sorted(tmux_cmd("list-sessions", "-F", "#{session_name}").split()) \
+            == ["keep", "orch"]
+    finally:
+        subprocess.run(["tmux", "-L", outer, "kill-server"])
+
+
 def test_attach_unknown_or_gone(env, capsys):
     code, _, err = run(capsys, "attach", "ghost")
     assert code == 1 and "ghost" in err
