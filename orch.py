@@ -944,6 +944,10 @@ def send_message(agent, text, raw=False, force=False, timeout=None):
     st = status_of(agent)
     if st["status"] == "starting":
         st = wait_until_started(agent, timeout=max(timeout, 30))
+        if st["status"] == "starting":
+            raise OrchError("agent %s is not ready for input yet (still starting); nothing was "
+                            "typed: try again, or look with `orch tail %s`"
+                            % (agent["name"], agent["name"]), EXIT_UNCONFIRMED)
     refuse_unless_ready(agent, st, force)
     if not raw:
         text = escape_leading(text)
@@ -1928,6 +1932,8 @@ def latest_session_id(agent):
 def cmd_resume(args):
     name = check_name(args.name)
     message = read_text(args.message, what="message")
+    if message is not None:
+        message = escape_leading(message)
     with LockedState() as state:
         agent = find_agent(state, name)
         if agent["backend"] == "tmux":
@@ -1947,7 +1953,7 @@ def cmd_resume(args):
             first = message
         else:
             agent["session_id"] = latest_session_id(agent)
-            on_argv = escape_leading(message) if prompt_fits_argv(message) else None
+            on_argv = message if prompt_fits_argv(message) else None
             agent["first_prompt_sha"] = prompt_sha(on_argv) if on_argv else None
             first = None if on_argv else message
             start_in_tmux(agent, claude_argv(agent, find_program(args.claude or default_program()),

@@ -647,6 +647,7 @@ def test_question_dialog_is_needs_input_question(env, capsys):
     assert code == orch.EXIT_NEEDS_INPUT and "a question" in err
     code, out, _ = run(capsys, "send", "a1", "--force", "--timeout", "1", "typed anyway")
     assert env.records("approved")      # --force means it: the Enter answered the dialog
+    assert code == orch.EXIT_UNCONFIRMED    # and the text itself never became a prompt
 
 
 def test_starting_agent_waits_then_send_submits(env, capsys):
@@ -1232,6 +1233,9 @@ def test_headless_kill_closes_stdin_then_resume_continues(headless, capsys):
     assert headless.records("start")[-1]["cwd"] == headless.work
     assert headless.messages() == ["hello", "again"]
     assert wait_status(capsys, "h1", "idle")["last_prompt"] == "again"
+    run(capsys, "kill", "h1")
+    assert run(capsys, "resume", "h1", "/not a command")[0] == 0
+    assert headless.messages()[-1] == " /not a command"
 
 
 def test_headless_kill_escalates_when_turn_never_ends(headless, capsys, monkeypatch):
