@@ -579,6 +579,8 @@ def agent_status(agent, panes, screen=None):
         if event.get("event") == "UserPromptSubmit":
             result["last_prompt"] = event.get("prompt")
             first_prompt_pending = False
+        elif event.get("event") == "SessionStart" and event.get("session_id"):
+            result["session_id"] = event["session_id"]     # a new one after /clear
         result["since"] = event.get("t")
     pane = pane_of(agent, panes)
     if pane is None:
@@ -1758,7 +1760,8 @@ def agent_row(agent, st):
     return {"name": agent["name"], "status": st["status"], "needs": st["needs"],
             "status_since": since, "status_source": st["source"],
             "backend": agent.get("backend", "tmux"), "cwd": agent["cwd"],
-            "session_id": agent.get("session_id"), "created": agent.get("created"),
+            "session_id": st.get("session_id") or agent.get("session_id"),
+            "created": agent.get("created"),
             "exit_code": st["exit_code"], "last_prompt": st["last_prompt"],
             "command": agent.get("cmd") or "claude", "detail": st.get("detail"),
             "silent_for": st.get("silent"),

@@ -886,6 +886,7 @@ def test_resume_uses_latest_session_id_and_refuses_running(env, capsys):
     with open(orch.events_path("a1"), "a") as f:
         f.write(json.dumps({"t": time.time(), "event": "SessionStart", "session_id": newer,
                             "source": "clear"}) + "\n")
+    assert status(capsys, "a1")["session_id"] == newer
     run(capsys, "kill", "a1")
     assert run(capsys, "resume", "a1")[0] == 0
     argv = env.records("start")[-1]["argv"]
