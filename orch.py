@@ -389,6 +389,8 @@ def main():
         norm = " ".join(prompt.split())
         line["prompt_sha"] = hashlib.sha256(norm.encode("utf-8")).hexdigest()
         line["prompt"] = short(norm)
+        if len(norm) <= 4096:
+            line["prompt_text"] = norm      # claude may merge queued messages into one
     for key in ("message", "last_assistant_message"):
         if isinstance(data.get(key), str):
             line[key] = short(data[key])
@@ -918,9 +920,14 @@ class SendLock(object):
         return False
 
 
-def submitted(agent, sha, since):
+def submitted(agent, text, since):
+    """The UserPromptSubmit event since `since` that carries text, alone or merged, or None."""
+    norm = normalize_prompt(text)
+    sha = prompt_sha(text)
     for event in read_events(agent["name"], since=since):
-        if event.get("event") == "UserPromptSubmit" and event.get("prompt_sha") == sha:
+        if event.get("event") != "UserPromptSubmit":
+            continue
+        if event.get("prompt_sha") == sha or norm in event.get("prompt_text", ""):
             return event
     return None
 
@@ -971,11 +978,10 @@ def send_message(agent, text, raw=False, force=False, timeout=None):
 def confirm_submit(agent, text, since, was_working, timeout):
     """Wait for the UserPromptSubmit hook; re-press Enter (never re-type) if it does not come."""
     pane, socket = agent["tmux"]["pane"], agent["tmux"]["socket"]
-    sha = prompt_sha(text)
     deadline = time.time() + timeout
     tries = 0
     while time.time() < deadline:
-        if retry_until(lambda: submitted(agent, sha, since), min(1.5, deadline - time.time())):
+        if retry_until(lambda: submitted(agent, text, since), min(1.5, deadline - time.time())):
             return "submitted"
         st = status_of(agent)
         if st["status"] == "exited":

@@ -666,6 +666,21 @@ def test_starting_agent_waits_then_send_submits(env, capsys):
     assert env.messages() == ["as soon as you can"]
 
 
+def test_merged_prompt_confirms_each_message(env):
+    # Claude merges messages queued during a turn into one prompt at its end.
+    agent = {"name": "m1"}
+    os.makedirs(orch.agent_dir("m1"))
+    hook = orch.install_hook_script()
+    merged = {"hook_event_name": "UserPromptSubmit", "session_id": "s",
+              "prompt": "first queued\nsecond   queued"}
+    subprocess.run([sys.executable, "-I", "-S", hook, orch.events_path("m1"), "UserPromptSubmit"],
+                   input=json.dumps(merged), universal_newlines=True, check=True)
+    assert orch.submitted(agent, "second queued", 0)
+    assert orch.submitted(agent, "first queued", 0)
+    assert not orch.submitted(agent, "third", 0)
+    assert not orch.submitted(agent, "second queued", time.time() + 1)
+
+
 def test_send_to_exited_agent_says_resume(env, capsys):
     assert run(capsys, "spawn", "a1")[0] == 0
     assert run(capsys, "send", "a1", "EXIT-3 bye")[0] in (0, orch.EXIT_NOT_RUNNING)
