@@ -1578,7 +1578,8 @@ def cmd_spawn(args):
     if args.trust and not args.cmd:
         trust_folder(cwd)
     import uuid
-    with LockedState() as state:
+    started = []
+    with undo_on_failure(started), LockedState() as state:
         refuse_existing(state, name)
         agent = {"name": name, "backend": backend, "cwd": cwd, "created": time.time(),
                  "cmd": args.cmd, "session_id": None if args.cmd else str(uuid.uuid4()),
@@ -1596,6 +1597,7 @@ def cmd_spawn(args):
             on_argv = first if prompt_fits_argv(first) else None
             agent["first_prompt_sha"] = prompt_sha(on_argv) if on_argv else None
             start_in_tmux(agent, claude_argv(agent, argv_program, prompt=on_argv))
+        started.append(agent)
         state["agents"][name] = agent
     return finish_start(agent, first, "started")
 
@@ -1639,6 +1641,30 @@ def finish_start(agent, first, verb):
                                                             outcome))
     print("  attach: orch attach %s    tail: orch tail %s" % (name, name))
     return EXIT_OK
+
+
+class undo_on_failure(object):
+    """Stop the agents in `started` if the command fails before their record is saved.
+
+    Entered before the state lock, so it also covers a failed save: an agent
+    left running without a record could never be found again.
+    """
+
+    def __init__(self, started):
+        self.started = started
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            for agent in self.started:
+                try:
+                    stop_agent(agent, grace=0)
+                    close_window(agent)
+                except Exception:
+                    pass    # the original failure is the one to report
+        return False
 
 
 def refuse_existing(state, name):
@@ -1943,7 +1969,8 @@ def cmd_resume(args):
     message = read_text(args.message, what="message")
     if message is not None:
         message = escape_leading(message)
-    with LockedState() as state:
+    started = []
+    with undo_on_failure(started), LockedState() as state:
         agent = find_agent(state, name)
         if agent["backend"] == "tmux":
             check_tmux_version()
@@ -1967,6 +1994,7 @@ def cmd_resume(args):
             first = None if on_argv else message
             start_in_tmux(agent, claude_argv(agent, find_program(args.claude or default_program()),
                                              resume_id=agent["session_id"], prompt=on_argv))
+        started.append(agent)
         agent["resumed"] = agent.get("resumed", 0) + 1
     return finish_start(agent, first, "resumed")
 

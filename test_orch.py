@@ -965,6 +965,31 @@ def test_newer_state_is_refused(env, capsys):
         assert f.read() == text
 
 
+def test_failed_save_stops_the_agent_it_started(env, capsys, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(orch, "write_file_atomic", disk_full)
+    monkeypatch.setattr(orch, "install_hook_script", lambda: "/nonexistent/hook.py")
+    monkeypatch.setattr(orch, "start_in_tmux", started_for_test(orch.start_in_tmux))
+    with pytest.raises(OSError):
+        orch.main(["spawn", "a1", "--cmd", "sleep 1000"])
+    assert not os.path.exists(os.environ["ORCH_STATE"])
+    panes = tmux_cmd("list-panes", "-a", "-F", "#{window_name} #{pane_dead}").splitlines()
+    assert [p for p in panes if p.startswith("a1 ") and p.endswith(" 0")] == []
+
+
+def started_for_test(real):
+    """start_in_tmux, writing its launch script even though saving is broken."""
+    def start(agent, argv):
+        path = os.path.join(orch.agent_dir(agent["name"]), "launch.sh")
+        with open(path, "w") as f:
+            f.write(orch.launch_script(argv, agent["cwd"], orch.agent_environment()))
+        agent["launched"] = time.time()
+        agent["tmux"] = orch.new_window(agent["tmux"]["socket"], agent["tmux"]["session"],
+                                        agent["name"], agent["cwd"], ["/bin/sh", path])
+    return start
+
+
 def test_state_file_is_private(env, capsys):
     assert run(capsys, "spawn", "a1")[0] == 0
     assert os.stat(os.environ["ORCH_STATE"]).st_mode & 0o777 == 0o600
