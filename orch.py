@@ -99,6 +99,20 @@ def agent_dir(name):
     return os.path.join(data_dir(), "agents", name)
 
 
+def make_private_dir(path):
+    """Create path and its parents up to the data folder, each 0700 (makedirs sets only the leaf)."""
+    if os.path.isdir(path):
+        return path
+    parent = os.path.dirname(path)
+    if path != data_dir() and not os.path.isdir(parent):
+        make_private_dir(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass            # another orch made it first
+    return path
+
+
 def events_path(name):
     return os.path.join(agent_dir(name), "events.jsonl")
 
@@ -417,7 +431,7 @@ def prompt_sha(text):
 
 
 def install_hook_script():
-    path = os.path.join(data_dir(), "hook.py")
+    path = os.path.join(make_private_dir(data_dir()), "hook.py")
     try:
         with open(path, encoding="utf-8") as f:
             if f.read() == HOOK_SCRIPT:
@@ -799,7 +813,7 @@ def claude_argv(agent, program, resume_id=None, prompt=None):
 def start_in_tmux(agent, argv):
     """Write the agent's launch script and start it in a new window of the session."""
     folder = agent_dir(agent["name"])
-    os.makedirs(folder, mode=0o700, exist_ok=True)
+    make_private_dir(folder)
     script = os.path.join(folder, "launch.sh")
     write_file_atomic(script, launch_script(argv, agent["cwd"], agent_environment()), 0o700)
     agent["launched"] = time.time()
@@ -817,7 +831,7 @@ def trust_folder(cwd):
     """
     import fcntl
     path = os.path.join(os.path.expanduser("~"), ".claude.json")
-    os.makedirs(data_dir(), mode=0o700, exist_ok=True)
+    make_private_dir(data_dir())
     lock = os.open(os.path.join(data_dir(), "claude-json.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -910,7 +924,7 @@ class SendLock(object):
 
     def __enter__(self):
         import fcntl
-        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        make_private_dir(os.path.dirname(self.path))
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
@@ -1085,7 +1099,7 @@ def start_headless(agent, argv):
     """Start the supervisor for this agent and wait until claude's pid is known."""
     name = agent["name"]
     folder = agent_dir(name)
-    os.makedirs(folder, mode=0o700, exist_ok=True)
+    make_private_dir(folder)
     for what in ("fifo", "pid", "exit"):
         try:
             os.unlink(hpath(name, what))
@@ -1682,7 +1696,7 @@ def reset_agent_dir(name):
     import shutil
     folder = agent_dir(name)
     shutil.rmtree(folder, ignore_errors=True)
-    os.makedirs(folder, mode=0o700)
+    make_private_dir(folder)
 
 
 def cmd_send(args):

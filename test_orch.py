@@ -993,7 +993,8 @@ def started_for_test(real):
 def test_state_file_is_private(env, capsys):
     assert run(capsys, "spawn", "a1")[0] == 0
     assert os.stat(os.environ["ORCH_STATE"]).st_mode & 0o777 == 0o600
-    assert os.stat(orch.agent_dir("a1")).st_mode & 0o777 == 0o700
+    for folder in (orch.data_dir(), os.path.dirname(orch.agent_dir("a1")), orch.agent_dir("a1")):
+        assert os.stat(folder).st_mode & 0o777 == 0o700
 
 
 def test_cli_thirty_concurrent_spawns_all_recorded(env):
