@@ -45,7 +45,6 @@ HOOK_EVENTS = ("SessionStart", "UserPromptSubmit", "PreToolUse", "PostToolUse",
 
 SEP = "\x1e"                # ASCII record separator: never appears in tmux names/paths we use
 PROMPT_ARGV_MAX = 100000    # bytes; Linux refuses one argument over 128 KiB
-STATUSES = ("starting", "working", "idle", "needs-input", "exited")
 
 
 # ###########################################################################
@@ -482,13 +481,6 @@ def read_events(name, since=0.0, tail_bytes=None):
             if e.get("t", 0) >= since]
 
 
-def events_size(name):
-    try:
-        return os.path.getsize(events_path(name))
-    except OSError:
-        return 0
-
-
 # ###########################################################################
 # Status: what each agent is doing, from hooks plus tmux's view of the pane
 # ###########################################################################
@@ -583,20 +575,27 @@ def zombie_exit_code(pid):
     return 128 + (status & 0x7f) if status & 0x7f else (status >> 8) & 0xff
 
 
-def agent_status(agent, panes, screen=None):
-    """Return {status, since, needs, detail, exit_code, source, last_prompt} for one agent."""
+def agent_status(agent, panes, read_screen=None):
+    """Return {status, since, needs, detail, exit_code, source, last_prompt} for one agent.
+
+    read_screen() is called only when hooks cannot answer: claude has not
+    reported in, which is also when its trust dialog (no hook) can be up.
+    """
     launched = agent.get("launched", agent.get("created", 0))
     result = {"status": "exited", "since": None, "needs": None, "detail": None,
               "exit_code": None, "source": "tmux", "last_prompt": None}
     events = [] if agent.get("cmd") else read_events(agent["name"], since=launched,
                                                      tail_bytes=65536)
     first_prompt_pending = bool(agent.get("first_prompt_sha"))
+    reported_in = False
     for event in events:
         if event.get("event") == "UserPromptSubmit":
             result["last_prompt"] = event.get("prompt")
             first_prompt_pending = False
-        elif event.get("event") == "SessionStart" and event.get("session_id"):
-            result["session_id"] = event["session_id"]     # a new one after /clear
+        elif event.get("event") == "SessionStart":
+            reported_in = True
+            if event.get("session_id"):
+                result["session_id"] = event["session_id"]     # a new one after /clear
         result["since"] = event.get("t")
     pane = pane_of(agent, panes)
     if pane is None:
@@ -616,8 +615,8 @@ def agent_status(agent, panes, screen=None):
     if first_prompt_pending and result["status"] == "idle":
         # Started but has not yet taken the prompt given on its command line.
         result["status"] = "starting"
-    if result["status"] == "starting" and screen is not None:
-        needs = screen_needs(screen)
+    if result["status"] == "starting" and not reported_in and read_screen:
+        needs = screen_needs(read_screen())
         if needs:
             result.update(status="needs-input", needs=needs, source="screen")
     if result["status"] in ("working", "needs-input") and result["source"] == "hooks":
@@ -656,16 +655,6 @@ def screen_status(result, pane):
     return result
 
 
-def needs_screen(agent, panes):
-    """True when this agent's status depends on its screen (claude not yet reporting)."""
-    pane = pane_of(agent, panes)
-    if agent.get("cmd") or pane is None or pane["pane_dead"] == "1":
-        return False
-    launched = agent.get("launched", agent.get("created", 0))
-    return not any(e.get("event") == "SessionStart"
-                   for e in read_events(agent["name"], since=launched, tail_bytes=65536))
-
-
 def statuses(agents):
     """Return {name: status dict} for agents, with one list-panes per tmux server."""
     by_socket = {}
@@ -686,14 +675,18 @@ def statuses(agents):
             time.sleep(0.02)
             panes = read_panes(group, socket)
         for agent in group:
-            screen = None
-            if needs_screen(agent, panes):
-                try:
-                    screen = capture_pane(agent["tmux"]["pane"], socket)
-                except TmuxError:
-                    screen = None
-            result[agent["name"]] = agent_status(agent, panes, screen)
+            result[agent["name"]] = agent_status(agent, panes, screen_reader(agent, socket))
     return result
+
+
+def screen_reader(agent, socket):
+    """A function returning the agent's screen rows ([] if tmux cannot capture it)."""
+    def read():
+        try:
+            return capture_pane(agent["tmux"]["pane"], socket)
+        except TmuxError:
+            return []
+    return read
 
 
 def read_panes(group, socket):
@@ -819,7 +812,6 @@ def start_in_tmux(agent, argv):
     agent["launched"] = time.time()
     agent["tmux"] = new_window(agent["tmux"]["socket"], agent["tmux"]["session"],
                                agent["name"], agent["cwd"], ["/bin/sh", script])
-    agent["exit_code"] = None
 
 
 def trust_folder(cwd):
@@ -875,11 +867,14 @@ def wait_until_started(agent, timeout):
     def settled():
         st = status_of(agent)
         return st if st["status"] != "starting" else None
+
+    def exit_known():
+        st = status_of(agent)
+        return st if st["exit_code"] is not None else None
     st = retry_until(settled, timeout, interval=0.1) or status_of(agent)
     if st["status"] == "exited":
         # tmux sees the pty close a moment before it reaps the exit status.
-        st = retry_until(lambda: (lambda s: s if s["exit_code"] is not None else None)(
-            status_of(agent)), 1.0) or st
+        st = retry_until(exit_known, 1.0) or st
         raise OrchError("agent %s exited at start (exit code %s), saying %s; see `orch tail %s`"
                         % (agent["name"], st["exit_code"], last_words(agent), agent["name"]))
     return st
@@ -961,9 +956,10 @@ def refuse_unless_ready(agent, st, force):
 
 def send_message(agent, text, raw=False, force=False, timeout=None):
     """Type text into the agent and submit it; return 'submitted', 'queued' or 'sent (unconfirmed)'."""
+    if timeout is None:
+        timeout = float(os.environ.get("ORCH_SEND_TIMEOUT") or 10)
     if agent.get("backend") == "headless":
         return headless_send(agent, text, raw, timeout)
-    timeout = timeout if timeout is not None else float(os.environ.get("ORCH_SEND_TIMEOUT") or 10)
     st = status_of(agent)
     if st["status"] == "starting":
         st = wait_until_started(agent, timeout=max(timeout, 30))
@@ -1117,7 +1113,6 @@ def start_headless(agent, argv):
     if not info or "pid" not in info:
         raise OrchError("agent %s did not start: %s" % (name, headless_exit_words(name)))
     agent["headless"] = info
-    agent["exit_code"] = None
 
 
 def read_json(path):
@@ -1324,17 +1319,14 @@ def user_line(text):
     return json.dumps({"type": "user", "message": {"role": "user", "content": text}}) + "\n"
 
 
-def headless_send(agent, text, raw=False, timeout=None):
-    timeout = timeout if timeout is not None else float(os.environ.get("ORCH_SEND_TIMEOUT") or 10)
+def headless_send(agent, text, raw, timeout):
     name = agent["name"]
-    st = headless_status(agent)
-    if st["status"] == "exited":
-        raise OrchError("agent %s is not running (exit code %s): `orch resume %s` to continue it"
-                        % (name, st["exit_code"], name), EXIT_NOT_RUNNING)
     if not raw:
         text = escape_leading(text)
     with SendLock(name):
-        busy = headless_status(agent)["status"] == "working"
+        st = headless_status(agent)
+        refuse_unless_ready(agent, st, force=False)     # headless never waits at a dialog
+        busy = st["status"] == "working"
         offset = log_size(name)
         record = {"t": time.time(), "sha": prompt_sha(text), "prompt": normalize_prompt(text)[:200],
                   "offset": offset}
@@ -1538,7 +1530,7 @@ def headless_attach(agent):
     try:
         for line in sys.stdin:
             if line.strip():
-                headless_send(agent, line.rstrip("\n"))
+                send_message(agent, line.rstrip("\n"))
     except KeyboardInterrupt:
         pass
     stop.set()
@@ -1623,7 +1615,7 @@ def finish_start(agent, first, verb):
         if headless_status(agent)["status"] == "exited":
             raise OrchError("agent %s exited at start, saying %s; see `orch tail %s`"
                             % (name, headless_exit_words(name), name))
-        outcome = ", first message " + headless_send(agent, first, raw=True) if first else ""
+        outcome = ", first message " + send_message(agent, first, raw=True) if first else ""
         print("%s agent %s (claude, headless, session %s)%s"
               % (verb, name, agent["session_id"], outcome))
         print("  follow: orch tail %s -f    talk: orch attach %s" % (name, name))
