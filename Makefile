@@ -1,13 +1,16 @@
 # make test          the whole suite (real tmux, stand-in agents), in a local virtualenv
 # make test-pythons  the command-line tests once per Python interpreter found (3.6+)
-# make e2e           end-to-end tests against the real Claude Code CLI (installed locally)
+# make e2e           end-to-end tests against every Claude Code version of the matrix
+#                    (make e2e CLAUDE_CODE_VERSIONS=x.y.z tests another one)
 # make bench         timings at 10, 100 and 300 stand-in agents against the floor
 
 PYTHON ?= python3
 VENV := .venv
-CLAUDE_CODE_VERSION := 2.1.197
+# The Claude Code versions orch is tested against: the oldest supported and the newest.
+CLAUDE_CODE_VERSIONS ?= 2.1.197 2.1.330
 E2E_DIR := .e2e
-CLAUDE_BIN := $(E2E_DIR)/node_modules/@anthropic-ai/claude-code/bin/claude.exe
+claude_bin = $(E2E_DIR)/$(1)/node_modules/@anthropic-ai/claude-code/bin/claude.exe
+CLAUDE_BINS := $(foreach v,$(CLAUDE_CODE_VERSIONS),$(call claude_bin,$(v)))
 
 .PHONY: test test-pythons e2e bench clean
 
@@ -27,14 +30,21 @@ test-pythons: $(VENV)/bin/pytest
 	  ORCH_TEST_PYTHON=$$py $(VENV)/bin/pytest -q -k test_cli_ test_orch.py || exit 1; \
 	done; echo "tested with Python:$$seen"; [ -n "$$seen" ]
 
-$(CLAUDE_BIN):
+# Each version in its own folder: .e2e/<version>/node_modules/...
+$(E2E_DIR)/%/node_modules/@anthropic-ai/claude-code/bin/claude.exe:
 	@command -v npm >/dev/null || { echo "make e2e: npm is needed to install Claude Code"; exit 1; }
-	npm install --silent --no-audit --no-fund --prefix $(E2E_DIR) @anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION) \
-	  || { echo "make e2e: could not install @anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION)"; exit 1; }
-	@test -x $(CLAUDE_BIN) || { echo "make e2e: $(CLAUDE_BIN) missing after install"; exit 1; }
+	npm install --silent --no-audit --no-fund --prefix $(E2E_DIR)/$* @anthropic-ai/claude-code@$* \
+	  || { echo "make e2e: could not install @anthropic-ai/claude-code@$*"; exit 1; }
+	@test -x $@ || { echo "make e2e: $@ missing after install"; exit 1; }
 
-e2e: $(VENV)/bin/pytest $(CLAUDE_BIN)
-	ORCH_E2E_CLAUDE=$(abspath $(CLAUDE_BIN)) $(VENV)/bin/pytest -q -k test_e2e_ test_orch.py
+e2e: $(VENV)/bin/pytest $(CLAUDE_BINS)
+	@failed=""; for v in $(CLAUDE_CODE_VERSIONS); do \
+	  echo "== end-to-end tests with Claude Code $$v"; \
+	  ORCH_E2E_CLAUDE=$(abspath $(call claude_bin,$$v)) \
+	    $(VENV)/bin/pytest -q -k test_e2e_ test_orch.py || failed="$$failed $$v"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "make e2e: failed with Claude Code$$failed"; exit 1; fi; \
+	echo "make e2e: passed with Claude Code $(CLAUDE_CODE_VERSIONS)"
 
 bench: $(VENV)/bin/pytest
 	$(VENV)/bin/python test_orch.py bench
