@@ -383,7 +383,10 @@ def find_agent(state, name):
 # (so moving orch.py never breaks a running agent), costs one small append,
 # never takes orch's lock, and always exits 0 so it can never fail the agent.
 HOOK_SCRIPT = r'''# orch hook: append one line per Claude Code hook event. Must stay tiny.
-import hashlib, json, os, sys, time
+import hashlib, json, os, re, sys, time
+# Claude Code 2.1.330+ hands a long or many-line paste to hooks (and the model)
+# wrapped in these tags; orch compares the words the user pasted.  Same as PASTE_WRAPPER in orch.py.
+PASTE = re.compile(r'<pasted_content id="([^"]*)">\n(.*?)\n</pasted_content id="\1">', re.S)
 def short(value, n=200):
     return value[:n] if isinstance(value, str) else None
 def main():
@@ -394,12 +397,16 @@ def main():
         data = {}
     line = {"t": time.time(), "event": data.get("hook_event_name") or event,
             "session_id": data.get("session_id")}
-    for key in ("source", "reason", "notification_type", "tool_name"):
+    for key in ("source", "reason", "notification_type", "tool_name", "prompt_id",
+                "permission_mode"):
         if isinstance(data.get(key), str):
             line[key] = data[key]
     prompt = data.get("prompt")
     if isinstance(prompt, str):
-        norm = " ".join(prompt.split())
+        unwrapped = PASTE.sub(lambda m: m.group(2), prompt)
+        if unwrapped != prompt:
+            line["pasted"] = True
+        norm = " ".join(unwrapped.split())
         line["prompt_sha"] = hashlib.sha256(norm.encode("utf-8")).hexdigest()
         line["prompt"] = short(norm)
         if len(norm) <= 4096:
@@ -417,6 +424,17 @@ try:
 except Exception:
     pass
 '''
+
+
+# Claude Code 2.1.330+ gives hooks and the model a paste of ~1,000 characters
+# or ~5 lines and more wrapped in these tags (with a random id).
+PASTE_WRAPPER = r'<pasted_content id="([^"]*)">\n(.*?)\n</pasted_content id="\1">'
+
+
+def unwrap_pastes(text):
+    """Return text with claude's paste wrappers replaced by what was pasted (as the hook does)."""
+    import re
+    return re.sub(PASTE_WRAPPER, lambda m: m.group(2), text, flags=re.S)
 
 
 def normalize_prompt(text):
@@ -575,72 +593,154 @@ def zombie_exit_code(pid):
     return 128 + (status & 0x7f) if status & 0x7f else (status >> 8) & 0xff
 
 
+CONTINUING = "*"     # a turn claude started by itself, for messages queued during the last one
+
+
+def replay_events(events):
+    """Walk one agent's hook events in order; return what they say about it now.
+
+    Turns are counted, not just read off the last event.  Claude Code 2.1.330+
+    reports a message typed during a turn at once, carrying the running turn's
+    prompt_id, and runs it after that turn's Stop as a turn of its own that
+    fires no UserPromptSubmit: a Stop with messages waiting is not the end of
+    the work.  (2.1.197 reports them when their turn starts, each with its own
+    prompt_id, back to back.)  Each UserPromptSubmit that was queued gets
+    "queued": True, so `send` can say so.
+    """
+    seen = {"status": None, "needs": None, "detail": None, "since": None, "turn": None,
+            "waiting": 0, "last_prompt": None, "session_id": None, "permission_mode": None,
+            "reported_in": False, "last_event": None}
+    for event in events:
+        kind = event.get("event")
+        seen["last_event"] = event.get("t")
+        if isinstance(event.get("permission_mode"), str):
+            seen["permission_mode"] = event["permission_mode"]
+        if kind == "UserPromptSubmit":
+            seen["last_prompt"] = event.get("prompt")
+            count_prompt(seen, event)
+        elif kind == "SessionStart":
+            seen.update(reported_in=True, turn=None, waiting=0)
+            if event.get("session_id"):
+                seen["session_id"] = event["session_id"]     # a new one after /clear
+        elif kind == "Stop":
+            turn_ended(seen)
+        found = event_status(event)
+        if found is None:
+            continue
+        if kind == "Stop" and seen["turn"] is not None:
+            found = ("working", None)       # the queued messages' turn starts now
+        elif kind == "Notification" and found[0] == "idle":
+            seen.update(turn=None, waiting=0)
+        elif kind == "Notification" and seen["status"] == "needs-input":
+            continue        # a reminder of the dialog already up; it names no tool
+        detail = event.get("tool_name") if found[1] else None
+        seen.update(status=found[0], needs=found[1], since=event.get("t"), detail=detail)
+    return seen
+
+
+def count_prompt(seen, event):
+    pid, turn = event.get("prompt_id"), seen["turn"]
+    if turn is not None and (turn == CONTINUING or (pid and pid == turn)):
+        event["queued"] = True          # claude holds it until the running turn ends
+        seen["waiting"] += 1
+        if turn == CONTINUING and pid:
+            seen["turn"] = pid
+    else:
+        seen.update(turn=pid or "", waiting=0)
+
+
+def turn_ended(seen):
+    if seen["waiting"]:
+        seen.update(turn=CONTINUING, waiting=0)
+    else:
+        seen["turn"] = None
+
+
 def agent_status(agent, panes, read_screen=None):
-    """Return {status, since, needs, detail, exit_code, source, last_prompt} for one agent.
+    """Return {status, since, needs, detail, exit_code, source, last_prompt, ...} for one agent.
 
     read_screen() is called only when hooks cannot answer: claude has not
     reported in, which is also when its trust dialog (no hook) can be up.
     """
     launched = agent.get("launched", agent.get("created", 0))
     result = {"status": "exited", "since": None, "needs": None, "detail": None,
-              "exit_code": None, "source": "tmux", "last_prompt": None}
-    events = [] if agent.get("cmd") else read_events(agent["name"], since=launched,
-                                                     tail_bytes=65536)
-    first_prompt_pending = bool(agent.get("first_prompt_sha"))
-    reported_in = False
-    for event in events:
-        if event.get("event") == "UserPromptSubmit":
-            result["last_prompt"] = event.get("prompt")
-            first_prompt_pending = False
-        elif event.get("event") == "SessionStart":
-            reported_in = True
-            if event.get("session_id"):
-                result["session_id"] = event["session_id"]     # a new one after /clear
-        result["since"] = event.get("t")
+              "exit_code": None, "source": "tmux", "last_prompt": None, "pid": None,
+              "permission_mode": None, "pending": False}
+    seen = replay_events([] if agent.get("cmd") else read_events(
+        agent["name"], since=launched, tail_bytes=65536))
+    result.update(last_prompt=seen["last_prompt"], since=seen["last_event"],
+                  permission_mode=seen["permission_mode"] or permission_mode_arg(agent))
+    if seen["session_id"]:
+        result["session_id"] = seen["session_id"]
     pane = pane_of(agent, panes)
     if pane is None:
         return result
     if pane["pane_dead"] == "1":
         result["exit_code"] = exit_code_of(pane)
         return result
-    result.update(status="starting", since=launched)
+    result.update(status="starting", since=launched, pid=int(pane["pane_pid"]))
     if agent.get("cmd"):
         return screen_status(result, pane)
     result["source"] = "hooks"
-    for event in events:
-        found = event_status(event)
-        if found:
-            result.update(status=found[0], needs=found[1], since=event.get("t"),
-                          detail=event.get("tool_name") if found[1] else None)
-    if first_prompt_pending and result["status"] == "idle":
+    if seen["status"]:
+        result.update(status=seen["status"], needs=seen["needs"], since=seen["since"],
+                      detail=seen["detail"],
+                      pending=seen["turn"] == CONTINUING or seen["waiting"] > 0)
+    if agent.get("first_prompt_sha") and seen["last_prompt"] is None \
+            and result["status"] == "idle":
         # Started but has not yet taken the prompt given on its command line.
         result["status"] = "starting"
-    if result["status"] == "starting" and not reported_in and read_screen:
+    if result["status"] == "starting" and not seen["reported_in"] and read_screen:
         needs = screen_needs(read_screen())
         if needs:
             result.update(status="needs-input", needs=needs, source="screen")
-    if result["status"] in ("working", "needs-input") and result["source"] == "hooks":
+    if result["source"] == "hooks" and result["status"] != "starting":
         cross_check(agent, pane, result)
     return result
 
 
-def cross_check(agent, pane, result):
-    """Correct hook status with claude's own status file when that file is newer.
+def permission_mode_arg(agent):
+    """The --permission-mode the agent was started with, until claude reports its own."""
+    extra = agent.get("extra_args") or []
+    for i, word in enumerate(extra):
+        if word == "--permission-mode" and i + 1 < len(extra):
+            return extra[i + 1]
+        if word.startswith("--permission-mode="):
+            return word.split("=", 1)[1]
+    return None
 
-    No hook fires when a turn is interrupted (Esc) or a dialog is cancelled, so
-    after those the last hook still says working/needs-input; claude's file says idle.
+
+SETTLE = 2.0    # seconds claude takes to write its own status after a hook fires
+
+
+def cross_check(agent, pane, result):
+    """Correct hook status with claude's own status file where hooks are silent.
+
+    No hook fires when a turn is interrupted (Esc) or a dialog is cancelled,
+    so after those the last hook still says working/needs-input while claude's
+    file says idle.  And no hook fires when claude starts the turn of messages
+    queued during the last one: its file says busy while the last hook (Stop)
+    says idle.  Claude writes the file ~0.1-0.2 s after the Stop hook, and
+    2.1.330 shows idle for ~30 ms between a turn and its queued one, hence SETTLE.
     """
     own = claude_session_file_status(agent, pane["pane_pid"])
-    if not own or own[2] <= (result["since"] or 0):
+    if not own:
         return
     status, waiting_for, changed = own
-    if status == "idle":
+    since = result["since"] or 0
+    newer = changed > since
+    if result["status"] in ("working", "needs-input") and status == "idle" and newer:
+        if result["pending"] and time.time() - changed < SETTLE:
+            return      # between a turn and the one claude starts for queued messages
         result.update(status="idle", needs=None, detail=None, since=changed,
                       source="claude-status")
-    elif status == "waiting" and result["status"] != "needs-input":
+    elif result["status"] == "working" and status == "waiting" and newer:
         reason = "permission" if "permission" in (waiting_for or "") else "question"
         result.update(status="needs-input", needs=reason, detail=waiting_for, since=changed,
                       source="claude-status")
+    elif result["status"] == "idle" and status == "busy" \
+            and (newer or time.time() - since < SETTLE):
+        result.update(status="working", since=max(changed, since), source="claude-status")
 
 
 def screen_status(result, pane):
@@ -930,13 +1030,21 @@ class SendLock(object):
 
 
 def submitted(agent, text, since):
-    """The UserPromptSubmit event since `since` that carries text, alone or merged, or None."""
+    """The UserPromptSubmit event since `since` that carries text, alone or merged, or None.
+
+    The event comes back with "queued": True when claude holds the message
+    until its running turn ends (see replay_events).
+    """
     norm = normalize_prompt(text)
-    sha = prompt_sha(text)
-    for event in read_events(agent["name"], since=since):
-        if event.get("event") != "UserPromptSubmit":
+    # The hook unwraps claude's paste wrapper; a message that itself contains
+    # wrapper tags (short enough not to be wrapped) is unwrapped by it too.
+    shas = (prompt_sha(text), prompt_sha(unwrap_pastes(text)))
+    events = read_events(agent["name"], since=agent.get("launched", 0), tail_bytes=65536)
+    replay_events(events)
+    for event in events:
+        if event.get("event") != "UserPromptSubmit" or event.get("t", 0) < since:
             continue
-        if event.get("prompt_sha") == sha or norm in event.get("prompt_text", ""):
+        if event.get("prompt_sha") in shas or norm in event.get("prompt_text", ""):
             return event
     return None
 
@@ -991,8 +1099,10 @@ def confirm_submit(agent, text, since, was_working, timeout):
     deadline = time.time() + timeout
     tries = 0
     while time.time() < deadline:
-        if retry_until(lambda: submitted(agent, text, since), min(1.5, deadline - time.time())):
-            return "submitted"
+        event = retry_until(lambda: submitted(agent, text, since),
+                            min(1.5, deadline - time.time()))
+        if event:
+            return "queued" if event.get("queued") else "submitted"
         st = status_of(agent)
         if st["status"] == "exited":
             raise OrchError("agent %s exited before taking the message" % agent["name"],
@@ -1228,11 +1338,16 @@ def turn_done_after(name, offset):
 
 
 def last_result(name, tail=262144):
-    """The last `result` event in the agent's log (for denials), or None."""
+    """The last `result` and `system/init` events in the agent's log (or None each)."""
+    result = init = None
     for event in reversed(log_events(name, max(0, log_size(name) - tail))):
-        if event.get("type") == "result":
-            return event
-    return None
+        if result is None and event.get("type") == "result":
+            result = event
+        elif init is None and event.get("type") == "system" and event.get("subtype") == "init":
+            init = event
+        if result and init:
+            break
+    return result, init
 
 
 def sent_entries(name):
@@ -1249,7 +1364,8 @@ def headless_status(agent):
     launched = agent.get("launched", agent.get("created", 0))
     sent = [e for e in sent_entries(name) if e.get("t", 0) >= launched]
     result = {"status": "exited", "since": None, "needs": None, "detail": None,
-              "exit_code": None, "source": "stream", "last_prompt": None, "silent": None}
+              "exit_code": None, "source": "stream", "last_prompt": None, "silent": None,
+              "pid": None, "permission_mode": permission_mode_arg(agent)}
     if sent:
         result["last_prompt"] = sent[-1].get("prompt")
     done = read_json(hpath(name, "exit"))
@@ -1264,6 +1380,7 @@ def headless_status(agent):
         return result
     if not info or not alive(info["pid"], info.get("start")):
         return result       # the supervisor died with claude (SIGKILL, reboot): code unknown
+    result["pid"] = info["pid"]
     try:
         mtime = os.path.getmtime(hpath(name, "log"))
     except OSError:
@@ -1275,7 +1392,9 @@ def headless_status(agent):
             result["silent"] = time.time() - mtime
     else:
         result.update(status="idle", since=mtime or launched)
-    last = last_result(name)
+    last, init = last_result(name)
+    if init and isinstance(init.get("permissionMode"), str):
+        result["permission_mode"] = init["permissionMode"]
     if last and last.get("permission_denials"):
         result["detail"] = "denied: " + ", ".join(sorted(set(
             d.get("tool_name", "?") for d in last["permission_denials"])))
@@ -1529,8 +1648,9 @@ def headless_attach(agent):
     thread.start()
     try:
         for line in sys.stdin:
+            line = clean_text(line.rstrip("\n"))
             if line.strip():
-                send_message(agent, line.rstrip("\n"))
+                send_message(agent, line)
     except KeyboardInterrupt:
         pass
     stop.set()
@@ -1542,18 +1662,48 @@ def headless_attach(agent):
 # ###########################################################################
 
 def read_text(value, path=None, what="prompt"):
-    """Return text from an argument, '-' (stdin) or a file; None when none was given."""
+    """Return text from an argument, '-' (stdin) or a file, made safe to type; None if none."""
     if path:
         try:
             with open(path, encoding="utf-8") as f:
-                return f.read()
+                return clean_text(f.read(), what)
         except (OSError, UnicodeDecodeError) as e:
             raise OrchError("cannot read %s file %s: %s" % (what, path, e))
     if value == "-":
         text = sys.stdin.read()
         # `echo msg | orch send a` ends in a newline nobody meant to send.
-        return text[:-1] if text.endswith("\n") else text
-    return value
+        value = text[:-1] if text.endswith("\n") else text
+    return None if value is None else clean_text(value, what)
+
+
+# What a message may contain: printable text, newlines and tabs.  Anything a
+# terminal reads as a key or a command goes: escape sequences (colours from
+# `git diff --color`, and ESC[201~, which would end orch's bracketed paste
+# early and let the bytes after it act as keys) and other control characters
+# (Ctrl-C quits claude).  Both backends and every prompt get the same rule.
+TERMINAL_SEQUENCE = (r"\x1b\[[0-?]*[ -/]*[@-~]"            # CSI: colours, keys, paste markers
+                     r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC: titles, links
+                     r"|\x1b[PX^_][^\x1b]*(?:\x1b\\)?"       # DCS, SOS, PM, APC strings
+                     r"|\x1b[ -/]*[0-~]"                    # ESC ( B, ESC c, ESC 7 ...
+                     r"|\x9b[0-?]*[ -/]*[@-~]")              # 8-bit CSI
+CONTROL_CHARACTER = r"[\x00-\x08\x0b-\x1f\x7f-\x9f]"      # all but tab and newline
+
+
+def clean_text(text, what="message"):
+    """Return text without terminal escape sequences and control characters; say what went."""
+    import re
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text, sequences = re.subn(TERMINAL_SEQUENCE, "", text)
+    text, controls = re.subn(CONTROL_CHARACTER, "", text)
+    removed = []
+    if sequences:
+        removed.append("%d terminal escape sequence%s" % (sequences, "s"[:sequences != 1]))
+    if controls:
+        removed.append("%d control character%s" % (controls, "s"[:controls != 1]))
+    if removed:
+        sys.stderr.write("orch: note: removed %s from the %s: they would act as keys in the "
+                         "agent's terminal\n" % (" and ".join(removed), what))
+    return text
 
 
 def resolve_cwd(cwd):
@@ -1802,7 +1952,8 @@ def agent_row(agent, st):
             "created": agent.get("created"),
             "exit_code": st["exit_code"], "last_prompt": st["last_prompt"],
             "command": agent.get("cmd") or "claude", "detail": st.get("detail"),
-            "silent_for": st.get("silent"),
+            "silent_for": st.get("silent"), "pid": st.get("pid"),
+            "permission_mode": st.get("permission_mode"),
             "pane": (agent.get("tmux") or {}).get("pane")}
 
 
@@ -1817,11 +1968,13 @@ def cmd_list(args):
     if not rows:
         print("no agents: start one with `orch spawn NAME \"task\"`")
         return EXIT_OK
-    table = [("NAME", "STATUS", "FOR", "AGE", "BACKEND", "SESSION", "CWD", "LAST PROMPT")]
+    table = [("NAME", "STATUS", "FOR", "AGE", "BACKEND", "MODE", "SESSION", "CWD",
+              "LAST PROMPT")]
     for row in rows:
         table.append((row["name"], status_label(row), age(now - row["status_since"])
                       if row["status_since"] else "-", age(now - (row["created"] or now)),
-                      row["backend"], (row["session_id"] or "-")[:8], short_path(row["cwd"]),
+                      row["backend"], mode_label(row),
+                      (row["session_id"] or "-")[:8], short_path(row["cwd"]),
                       shorten(row["last_prompt"] or "", 40)))
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
     for r in table:
@@ -1842,6 +1995,19 @@ def status_label(row):
     if row["status_source"] == "activity" and row["status"] != "exited":
         label += "?"        # guessed from screen activity: the program has no hooks
     return label
+
+
+# The mode in which claude asks before each risky tool: "default" in hook
+# events on every version, called "manual" on the command line of 2.1.330+.
+ASK_FIRST_MODES = ("default", "manual")
+
+
+def mode_label(row):
+    """'-' for an agent that asks before risky tools, '?' when not known yet, else the mode."""
+    mode = row["permission_mode"]
+    if mode is None:
+        return "?" if row["command"] == "claude" and row["status"] != "exited" else "-"
+    return "-" if mode in ASK_FIRST_MODES else mode
 
 
 def short_path(path):
