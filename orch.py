@@ -25,6 +25,8 @@ __version__ = "0.1.0"
 
 STATE_VERSION = 1           # bump when the state file changes incompatibly
 MIN_TMUX = (3, 0)
+# The Claude Code versions `make e2e` tests: the oldest supported and the newest.
+TESTED_CLAUDE = ((2, 1, 197), (2, 1, 330))
 
 # Exit codes: scripts branch on these, so they are part of the interface.
 EXIT_OK = 0
@@ -949,9 +951,14 @@ def trust_folder(cwd):
 
 
 def escape_leading(text):
-    """Make a leading '/', '!', '#' or '&' plain text: the agent would run it as a command."""
-    if text[:1] in ("/", "!", "#", "&", "@"):
-        return " " + text
+    """Make a leading '/', '!', '#', '&' or '@' plain text: claude would run it as a command.
+
+    A backslash keeps each of them literal on every version measured, as an
+    argument and as a paste.  A leading space did on 2.1.197, but 2.1.330
+    looks past blanks: " /compact" runs /compact there.
+    """
+    if text.lstrip()[:1] in ("/", "!", "#", "&", "@"):
+        return "\\" + text
     return text
 
 
@@ -2172,6 +2179,129 @@ def cmd_resume(args):
 
 
 # ###########################################################################
+# doctor: what orch depends on, checked one line each; it never changes anything
+# ###########################################################################
+
+def finding(level, check, message):
+    return {"level": level, "check": check, "message": message}
+
+
+def check_python():
+    return [finding("ok", "python", "Python %s (%s)" % (sys.version.split()[0], sys.executable))]
+
+
+def check_tmux():
+    import shutil
+    path = shutil.which("tmux")
+    if not path:
+        return [finding("warning", "tmux", "tmux not found: only the headless backend works; "
+                        "install tmux (e.g. apt-get install tmux) for windows you can attach to")]
+    try:
+        text = tmux(["-V"]).strip()
+    except OrchError as e:
+        return [finding("problem", "tmux", "%s does not run: %s" % (path, e))]
+    if parse_tmux_version(text) < MIN_TMUX:
+        return [finding("problem", "tmux", "%s is too old (%s): orch needs tmux %d.%d or newer"
+                        % (path, text, MIN_TMUX[0], MIN_TMUX[1]))]
+    return [finding("ok", "tmux", "%s (%s)" % (text, path))]
+
+
+def parse_claude_version(text):
+    """Turn `2.1.330 (Claude Code)` into (2, 1, 330), or None."""
+    import re
+    m = re.search(r"(\d+)\.(\d+)\.(\d+)", text or "")
+    return tuple(int(n) for n in m.groups()) if m else None
+
+
+def check_claude():
+    import shutil
+    program = default_program()
+    path = shutil.which(program)
+    if not path:
+        return [finding("problem", "claude", "%s not found on PATH: install Claude Code (npm "
+                        "install -g @anthropic-ai/claude-code) or set ORCH_CLAUDE" % program)]
+    try:
+        out = subprocess.run([path, "--version"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             stdin=subprocess.DEVNULL, timeout=30).stdout.decode("utf-8", "replace")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return [finding("problem", "claude", "%s --version failed: %s" % (path, e))]
+    version = parse_claude_version(out)
+    tested = "%s to %s" % tuple(".".join(map(str, v)) for v in TESTED_CLAUDE)
+    if version is None:
+        return [finding("warning", "claude", "%s did not say its version (%r): orch is tested "
+                        "with Claude Code %s" % (path, shorten(out, 60), tested))]
+    shown = ".".join(map(str, version))
+    if not TESTED_CLAUDE[0] <= version <= TESTED_CLAUDE[1]:
+        return [finding("warning", "claude", "Claude Code %s (%s) is outside the versions orch "
+                        "is tested with (%s): it may work; if send or status misbehave, install "
+                        "one of those" % (shown, path, tested))]
+    return [finding("ok", "claude", "Claude Code %s (%s), tested range %s" % (shown, path, tested))]
+
+
+def check_tmux_variable():
+    inside = os.environ.get("TMUX")
+    if not inside:
+        return [finding("ok", "$TMUX", "not set (not inside tmux)")]
+    return [finding("ok", "$TMUX", "set (%s): orch ignores it for its own tmux calls, and "
+                    "`orch attach` switches your client when the agents share your server"
+                    % inside.split(",")[0])]
+
+
+def check_state():
+    path = state_path()
+    if not os.path.exists(path):
+        return [finding("ok", "state", "%s does not exist yet (the first spawn creates it)" % path)]
+    try:
+        state = load_state()
+    except OrchError as e:
+        return [finding("problem", "state", str(e))]
+    agents = list(state["agents"].values())
+    found = statuses(agents)
+    gone = sorted(a["name"] for a in agents if found[a["name"]]["status"] == "exited"
+                  and found[a["name"]]["exit_code"] is None)
+    running = len([n for n, st in found.items() if st["status"] != "exited"])
+    result = [finding("ok", "state", "%s: format %d, %d agents (%d running, %d exited)"
+                      % (path, state["version"], len(agents), running, len(agents) - running))]
+    if gone:
+        result.append(finding("warning", "agents", "%s: their tmux server, window or process "
+                              "is gone (reboot, kill-server?): `orch resume NAME` continues one, "
+                              "`orch rm NAME` forgets it" % ", ".join(gone)))
+    return result
+
+
+def check_data_dir():
+    folder = data_dir()
+    try:
+        info = os.stat(folder)
+    except OSError:
+        return [finding("ok", "data", "%s does not exist yet" % folder)]
+    if info.st_uid != os.getuid():
+        return [finding("problem", "data", "%s belongs to uid %d, not you (%d): orch keeps "
+                        "agents' environments there; fix its owner" % (folder, info.st_uid,
+                                                                      os.getuid()))]
+    if info.st_mode & 0o077:
+        return [finding("problem", "data", "%s is readable by others (mode %o) and holds agents' "
+                        "environments: chmod 700 %s" % (folder, info.st_mode & 0o777, folder))]
+    return [finding("ok", "data", "%s (mode 700)" % folder)]
+
+
+DOCTOR_CHECKS = (check_python, check_tmux, check_claude, check_tmux_variable, check_state,
+                 check_data_dir)
+
+
+def cmd_doctor(args):
+    findings = []
+    for check in DOCTOR_CHECKS:
+        findings += check()
+    if args.json:
+        print(json.dumps(findings, indent=1))
+    else:
+        for f in findings:
+            print("%-8s %-7s %s" % (f["level"], f["check"], f["message"]))
+    return EXIT_ERROR if any(f["level"] == "problem" for f in findings) else EXIT_OK
+
+
+# ###########################################################################
 # Command line
 # ###########################################################################
 
@@ -2256,6 +2386,12 @@ def add_list(sub, verb):
     p.set_defaults(func=cmd_list)
 
 
+def add_doctor(sub, verb):
+    p = sub.add_parser(verb, help="check what orch needs: python, tmux, claude, state, data")
+    p.add_argument("--json", action="store_true", help="print a JSON array of findings")
+    p.set_defaults(func=cmd_doctor)
+
+
 def add_wait(sub, verb):
     p = sub.add_parser(verb, help="block until agents are idle, exited or need input")
     p.add_argument("names", nargs="+", metavar="NAME")
@@ -2297,6 +2433,7 @@ VERBS = (
     ("kill", add_named("stop an agent, keep its record", cmd_kill)),
     ("rm", add_rm),
     ("resume", add_resume),
+    ("doctor", add_doctor),
     ("_supervise", add_supervise),
 )
 
@@ -2354,6 +2491,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         sys.stderr.write("orch: interrupted\n")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `orch list | head` stopped reading: not a failure worth a word, but
+        # Python would complain again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ FAKE_AGENT = r"""#!PYTHON
 # FAKE_QUEUE=immediate (a message typed during a turn fires UserPromptSubmit at
 # once, with the running turn's prompt_id; its turn fires none), FAKE_PASTE_WRAP=1
 # (a long or many-line paste arrives wrapped in <pasted_content> tags),
-# FAKE_DEFAULT_MODE=auto.
+# FAKE_DEFAULT_MODE=auto, FAKE_SLASH_AFTER_BLANKS=1 (" /x" is still the command /x).
 import json, os, select, signal, subprocess, sys, termios, time, tty, uuid
 
 args = sys.argv[1:]
@@ -139,7 +139,7 @@ def start():
         submit(prompt)
 
 def submit(text, hooked=False):
-    if text.startswith("/") or text.startswith("!"):
+    if (text.lstrip() if os.environ.get("FAKE_SLASH_AFTER_BLANKS") else text)[:1] in ("/", "!"):
         log("command", text=text)       # claude would run it: tests assert this never happens
         say("ran command " + text)
         say("\u276f ")
@@ -319,7 +319,7 @@ class Env(object):
         for var in ("TMUX", "TMUX_PANE", "CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT",
                     "ORCH_SESSION", "ORCH_TRACE", "ORCH_BACKEND", "FAKE_TRUST",
                     "FAKE_DIE_AT_START", "FAKE_START_DELAY", "FAKE_QUEUE", "FAKE_PASTE_WRAP",
-                    "FAKE_DEFAULT_MODE"):
+                    "FAKE_DEFAULT_MODE", "FAKE_SLASH_AFTER_BLANKS"):
             monkeypatch.delenv(var, raising=False)
         env = {"HOME": self.home, "ORCH_STATE": os.path.join(root, "state.json"),
                "ORCH_TMUX_SOCKET": self.socket, "TMUX_TMPDIR": self.tmpdir,
@@ -463,8 +463,9 @@ def test_new_rows_after_scroll_and_redraw():
 
 
 def test_escape_leading_command_characters():
-    assert orch.escape_leading("/compact") == " /compact"
-    assert orch.escape_leading("!rm -rf x") == " !rm -rf x"
+    assert orch.escape_leading("/compact") == "\\/compact"
+    assert orch.escape_leading("!rm -rf x") == "\\!rm -rf x"
+    assert orch.escape_leading("  /compact") == "\\  /compact"
     assert orch.escape_leading("plain / text") == "plain / text"
 
 
@@ -586,7 +587,7 @@ def test_cmd_agent_gets_first_message_and_sends_unconfirmed(env, capsys):
     assert "sent (unconfirmed)" in out
     code, out, err = run(capsys, "send", "c1", "/not a command")
     assert code == 0 and "sent (unconfirmed)" in out
-    retry_until(lambda: env.messages() == ["first task", " /not a command"])
+    retry_until(lambda: env.messages() == ["first task", "\\/not a command"])
     assert not env.records("command")
     row = status(capsys, "c1")
     assert row["status_source"] == "activity" and row["session_id"] is None
@@ -632,7 +633,7 @@ def test_send_command_characters_as_text_unless_raw(env, capsys):
     assert run(capsys, "spawn", "a1")[0] == 0
     assert run(capsys, "send", "a1", "/compact")[0] == 0
     assert run(capsys, "send", "a1", "!touch pwned")[0] == 0
-    assert env.messages() == [" /compact", " !touch pwned"]
+    assert env.messages() == ["\\/compact", "\\!touch pwned"]
     assert not env.records("command")
     code, out, err = run(capsys, "send", "a1", "--raw", "/compact")
     assert code == 0 and "unconfirmed" in out, err      # a slash command fires no hook
@@ -742,7 +743,8 @@ def test_send_unknown_agent_and_empty_message(env, capsys):
 
 # The environment that makes the stand-in act like each version (see FAKE_AGENT).
 VERSION_BEHAVIOUR = {"2.1.197": {}, "2.1.330": {"FAKE_QUEUE": "immediate", "FAKE_PASTE_WRAP": "1",
-                                               "FAKE_DEFAULT_MODE": "auto"}}
+                                               "FAKE_DEFAULT_MODE": "auto",
+                                               "FAKE_SLASH_AFTER_BLANKS": "1"}}
 
 
 @pytest.fixture(params=sorted(VERSION_BEHAVIOUR))
@@ -836,6 +838,16 @@ def test_list_shows_permission_mode_and_pid(versioned, capsys):
     assert status(capsys, "plain")["pid"] is None
 
 
+def test_leading_command_characters_stay_text(versioned, capsys):
+    assert run(capsys, "spawn", "a1", "  /compact from argv")[0] == 0
+    for message in ("/compact", " /compact", "\n!touch pwned", "#note", "@file"):
+        code, out, err = run(capsys, "send", "a1", message)
+        assert (code, out) == (0, "a1: submitted\n"), err
+    assert not versioned.records("command")
+    assert versioned.messages() == ["\\  /compact from argv", "\\/compact", "\\ /compact",
+                                    "\\\n!touch pwned", "\\#note", "\\@file"]
+
+
 def test_control_bytes_never_act_as_keys(env, capsys):
     assert run(capsys, "spawn", "a1")[0] == 0
     code, out, err = run(capsys, "send", "a1", "\x1b[201~\x03\x03!touch pwned\r")
@@ -844,7 +856,7 @@ def test_control_bytes_never_act_as_keys(env, capsys):
     code, out, err = run(capsys, "send", "a1", "\x1b[1;31merror\x1b[0m: fix \x1b[32mthis\x1b[0m\x07")
     assert (code, out) == (0, "a1: submitted\n"), err
     assert status(capsys, "a1")["status"] == "idle"
-    assert [m.strip() for m in env.messages()] == ["!touch pwned", "error: fix this"]
+    assert [m.strip() for m in env.messages()] == ["\\!touch pwned", "error: fix this"]
     assert not env.records("quit by ctrl-c") and not env.records("command")
     assert not os.path.exists(os.path.join(env.work, "pwned"))
 
@@ -1438,7 +1450,7 @@ def test_headless_kill_closes_stdin_then_resume_continues(headless, capsys):
     assert wait_status(capsys, "h1", "idle")["last_prompt"] == "again"
     run(capsys, "kill", "h1")
     assert run(capsys, "resume", "h1", "/not a command")[0] == 0
-    assert headless.messages()[-1] == " /not a command"
+    assert headless.messages()[-1] == "\\/not a command"
 
 
 def test_headless_kill_escalates_when_turn_never_ends(headless, capsys, monkeypatch):
@@ -1666,12 +1678,30 @@ class FakeAPI(object):
         return texts
 
     def texts(self, session=None):
-        """What the agent's user typed, in order, side requests and tool results left out."""
+        """What the agent's user typed, in order, side requests and tool results left out.
+
+        Claude Code 2.1.330+ wraps a long or many-line paste in <pasted_content>
+        tags for the model; the user's words are what is inside.
+        """
         with self.lock:
             found = [r for r in self.requests if not r["side"] and not r["tool_result"]
                      and (session is None or r["session"] == session)]
         # Claude re-sends the conversation on each request; a text counts once per turn.
-        return [r["text"] for r in found]
+        return [pasted_words(r["text"]) for r in found]
+
+    def wrapped(self):
+        """How many of the user's texts claude delivered in its paste wrapper."""
+        with self.lock:
+            return len([r for r in self.requests if "<pasted_content id=" in r["text"]
+                        and not r["side"]])
+
+
+def pasted_words(text):
+    """The text with claude's paste wrappers (and the blank lines they add) taken off."""
+    import re
+    inner = re.sub(r'\n*<pasted_content id="([^"]*)">\n(.*?)\n</pasted_content id="\1">\n?',
+                   lambda m: m.group(2), text, flags=re.S)
+    return inner
 
 
 # ###########################################################################
@@ -1697,9 +1727,23 @@ def claude(env, monkeypatch):
         monkeypatch.setenv(key, value)
     write_claude_config(env.home, [env.work])
     env.api = api
+    env.version = claude_version(binary)
     yield env
     env.stop()
     api.stop()
+
+
+def claude_version(binary):
+    """(2, 1, 330) from `2.1.330 (Claude Code)`."""
+    import re
+    out = subprocess.run([binary, "--version"], stdout=subprocess.PIPE, universal_newlines=True,
+                         timeout=30).stdout
+    return tuple(int(n) for n in re.match(r"(\d+)\.(\d+)\.(\d+)", out).groups())
+
+
+# The mode that asks before each tool: 2.1.330 calls it "manual" and starts in
+# "auto" (no dialog); "default" is the name on 2.1.197 and still accepted.
+ASK_FIRST = ["--", "--permission-mode", "default"]
 
 
 def write_claude_config(home, trusted, extra=None):
@@ -1739,7 +1783,7 @@ def test_e2e_send_hard_messages_each_arrive_once_in_order(claude, capsys):
                                                        run(capsys, "tail", "a1", "-n", "15")[1])
     code, out, err = run(capsys, "send", "a1", "-", stdin="from stdin\n")
     assert (code, out) == (0, "a1: submitted\n"), err
-    expected = ["first"] + messages[:-2] + [" /compact is not run", " !touch pwned3",
+    expected = ["first"] + messages[:-2] + ["\\/compact is not run", "\\!touch pwned3",
                                             "from stdin"]
     assert retry_until(lambda: len(claude.api.texts()) >= len(expected) and claude.api.texts()) \
         == expected
@@ -1760,21 +1804,86 @@ def test_e2e_tail_and_attach_show_the_agent(claude, capsys):
 
 
 def test_e2e_status_working_idle_queued_and_wait(claude, capsys):
+    # 2.1.197 reports a queued message when its turn starts; 2.1.330 at once, and
+    # then starts its turn with no hook: both must read "queued", then "working"
+    # until the queued turn's reply, which the fake API makes take 3 s.
     assert run(capsys, "spawn", "a1", "SLOW-5 think hard")[0] == 0
     assert status(capsys, "a1")["status"] == "working"
-    code, out, err = run(capsys, "send", "a1", "then this")
+    code, out, err = run(capsys, "send", "a1", "SLOW-3 then this")
     assert (code, out) == (0, "a1: queued\n"), err
     code, out, _ = run(capsys, "wait", "a1", "--timeout", "60")
-    assert code == 0
-    retry_until(lambda: claude.api.texts() == ["SLOW-5 think hard", "then this"])
-    assert wait_status(capsys, "a1", "idle")["last_prompt"] == "then this"
-    assert claude.api.texts() == ["SLOW-5 think hard", "then this"]
+    returned = time.time()
+    assert (code, out) == (0, "a1: idle\n")
+    assert claude.api.texts() == ["SLOW-5 think hard", "SLOW-3 then this"]
+    with claude.api.lock:
+        queued_turn = [r for r in claude.api.requests if r["text"] == "SLOW-3 then this"][0]
+    assert returned >= queued_turn["time"] + 3
+    assert status(capsys, "a1")["last_prompt"] == "SLOW-3 then this"
+
+
+def test_e2e_long_and_many_line_messages_confirmed_once(claude, capsys):
+    assert run(capsys, "spawn", "a1", "first")[0] == 0
+    long_one = " ".join(["six kilobytes of words"] * 280)
+    lines = "\n".join("line %d of ten" % i for i in range(10))
+    for message in (long_one, lines):
+        assert run(capsys, "wait", "a1", "--timeout", "30")[0] == 0
+        code, out, err = run(capsys, "send", "a1", message)
+        assert (code, out) == (0, "a1: submitted\n"), err
+    assert retry_until(lambda: len(claude.api.texts()) == 3 and claude.api.texts()) \
+        == ["first", long_one, lines]
+    # The difference itself: 2.1.330 hands both to the model in its paste wrapper.
+    if claude.version >= (2, 1, 330):
+        assert claude.api.wrapped() == 2
+    elif claude.version <= (2, 1, 197):
+        assert claude.api.wrapped() == 0
+
+
+def test_e2e_permission_mode_and_pid_in_list(claude, capsys):
+    assert run(capsys, "spawn", "plain", "hello")[0] == 0
+    assert run(capsys, "spawn", "edits", "hello", "--", "--permission-mode", "acceptEdits")[0] == 0
+    plain, edits = wait_status(capsys, "plain", "idle"), wait_status(capsys, "edits", "idle")
+    assert edits["permission_mode"] == "acceptEdits"
+    # The difference: 2.1.330's TUI starts in auto mode (tools run unasked).
+    if claude.version >= (2, 1, 330):
+        assert plain["permission_mode"] == "auto"
+        assert "auto" in [line.split()[5] for line in run(capsys, "list")[1].splitlines()]
+    elif claude.version <= (2, 1, 197):
+        assert plain["permission_mode"] == "default"
+    for row in (plain, edits):
+        assert os.readlink("/proc/%d/exe" % row["pid"]).endswith("claude.exe")
+    run(capsys, "kill", "plain")
+    assert status(capsys, "plain")["pid"] is None
+
+
+def control_byte_round_trip(capsys, name):
+    """Send messages carrying terminal controls; return what each send printed."""
+    outs = []
+    for message in ("\x1b[201~\x03\x03!touch pwned\rand more",
+                    "\x1b[1;31merror\x1b[0m: fix \x1b[32mthis\x1b[0m"):
+        assert run(capsys, "wait", name, "--timeout", "30")[0] == 0
+        code, out, err = run(capsys, "send", name, message)
+        assert (code, out) == (0, "%s: submitted\n" % name), err
+        outs.append(err)
+    assert run(capsys, "wait", name, "--timeout", "30")[0] == 0
+    assert status(capsys, name)["status"] == "idle"
+    return outs
+
+
+def test_e2e_control_bytes_never_act_as_keys(claude, capsys):
+    assert run(capsys, "spawn", "a1", "first")[0] == 0
+    notes = control_byte_round_trip(capsys, "a1")
+    assert "removed 1 terminal escape sequence and 2 control characters" in notes[0]
+    assert claude.api.texts() == ["first", "\\!touch pwned\nand more", "error: fix this"]
+    assert not os.path.exists(os.path.join(claude.work, "pwned"))
 
 
 def test_e2e_permission_dialog_refuses_send_and_escape_returns_idle(claude, capsys):
-    assert run(capsys, "spawn", "a1", "TOOL please")[0] == 0
+    assert run(capsys, "spawn", "a1", "TOOL please", *ASK_FIRST)[0] == 0
     row = wait_status(capsys, "a1", "needs-input")
-    assert row["needs"] == "permission"
+    assert (row["needs"], row["detail"], row["permission_mode"]) == ("permission", "Bash", "default")
+    # Claude's reminder 6 s into the dialog names no tool: the tool stays known.
+    retry_until(lambda: '"Notification"' in open(orch.events_path("a1")).read(), 20)
+    assert status(capsys, "a1")["detail"] == "Bash"
     code, _, err = run(capsys, "send", "a1", "yes do it")
     assert code == orch.EXIT_NEEDS_INPUT and "Bash" in err
     tmux_cmd("send-keys", "-t", claude.state()["agents"]["a1"]["tmux"]["pane"], "Escape")
@@ -1831,6 +1940,18 @@ def claude_headless(claude, monkeypatch, tmp_path_factory):
     hide_tmux(monkeypatch, tmp_path_factory)
     yield claude
     kill_headless_agents()
+
+
+def test_e2e_headless_control_bytes_mode_and_pid(claude_headless, capsys):
+    assert run(capsys, "spawn", "h1", "first")[0] == 0
+    control_byte_round_trip(capsys, "h1")
+    assert claude_headless.api.texts() == ["first", "\\!touch pwned\nand more",
+                                           "error: fix this"]
+    row = status(capsys, "h1")
+    # -p mode starts in the ask-first mode on every version (tools are denied, not asked).
+    assert (row["permission_mode"], row["pid"]) == (
+        "default", claude_headless.state()["agents"]["h1"]["headless"]["pid"])
+    assert not os.path.exists(os.path.join(claude_headless.work, "pwned"))
 
 
 def test_e2e_headless_every_verb(claude_headless, capsys):
