@@ -611,10 +611,13 @@ def replay_events(events):
     """
     seen = {"status": None, "needs": None, "detail": None, "since": None, "turn": None,
             "waiting": 0, "last_prompt": None, "session_id": None, "permission_mode": None,
-            "reported_in": False, "last_event": None}
+            "reported_in": False, "last_event": None, "tool": None}
     for event in events:
         kind = event.get("event")
         seen["last_event"] = event.get("t")
+        # The tool about to run: the one a permission dialog will be about.
+        seen["tool"] = event.get("tool_name") if kind in ("PreToolUse", "PermissionRequest") \
+            else seen["tool"] if kind == "Notification" else None
         if isinstance(event.get("permission_mode"), str):
             seen["permission_mode"] = event["permission_mode"]
         if kind == "UserPromptSubmit":
@@ -686,7 +689,7 @@ def agent_status(agent, panes, read_screen=None):
     result["source"] = "hooks"
     if seen["status"]:
         result.update(status=seen["status"], needs=seen["needs"], since=seen["since"],
-                      detail=seen["detail"],
+                      detail=seen["detail"], tool=seen["tool"],
                       pending=seen["turn"] == CONTINUING or seen["waiting"] > 0)
     if agent.get("first_prompt_sha") and seen["last_prompt"] is None \
             and result["status"] == "idle":
@@ -737,9 +740,12 @@ def cross_check(agent, pane, result):
         result.update(status="idle", needs=None, detail=None, since=changed,
                       source="claude-status")
     elif result["status"] == "working" and status == "waiting" and newer:
-        reason = "permission" if "permission" in (waiting_for or "") else "question"
-        result.update(status="needs-input", needs=reason, detail=waiting_for, since=changed,
-                      source="claude-status")
+        # Claude writes this ~0.1 s before its PermissionRequest hook fires.
+        tool = result.get("tool")
+        reason = "permission" if "permission" in (waiting_for or "") \
+            and tool != "AskUserQuestion" else "question"
+        result.update(status="needs-input", needs=reason, detail=tool or waiting_for,
+                      since=changed, source="claude-status")
     elif result["status"] == "idle" and status == "busy" \
             and (newer or time.time() - since < SETTLE):
         result.update(status="working", since=max(changed, since), source="claude-status")

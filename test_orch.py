@@ -61,6 +61,9 @@ FAKE_AGENT = r"""#!PYTHON
 import json, os, select, signal, subprocess, sys, termios, time, tty, uuid
 
 args = sys.argv[1:]
+if args == ["--version"]:
+    print(os.environ.get("FAKE_VERSION", "2.1.197") + " (Claude Code)")
+    sys.exit(0)
 opts, prompt = {}, None
 i = 0
 while i < len(args):
@@ -319,7 +322,7 @@ class Env(object):
         for var in ("TMUX", "TMUX_PANE", "CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT",
                     "ORCH_SESSION", "ORCH_TRACE", "ORCH_BACKEND", "FAKE_TRUST",
                     "FAKE_DIE_AT_START", "FAKE_START_DELAY", "FAKE_QUEUE", "FAKE_PASTE_WRAP",
-                    "FAKE_DEFAULT_MODE", "FAKE_SLASH_AFTER_BLANKS"):
+                    "FAKE_DEFAULT_MODE", "FAKE_SLASH_AFTER_BLANKS", "FAKE_VERSION"):
             monkeypatch.delenv(var, raising=False)
         env = {"HOME": self.home, "ORCH_STATE": os.path.join(root, "state.json"),
                "ORCH_TMUX_SOCKET": self.socket, "TMUX_TMPDIR": self.tmpdir,
@@ -792,6 +795,42 @@ def test_replay_keeps_the_tool_while_its_dialog_is_up():
     assert (seen["status"], seen["needs"], seen["detail"]) == ("needs-input", "permission", "Bash")
 
 
+@pytest.mark.parametrize("steps, own, age, expected", [
+    # claude's file says waiting a moment before its PermissionRequest hook: name the tool.
+    ([("UserPromptSubmit", "p1", "go"), ("PreToolUse", "p1", None)], "waiting", 0,
+     ("needs-input", "permission", "Bash")),
+    # Escape fires no hook; claude's file goes back to idle.
+    ([("UserPromptSubmit", "p1", "go")], "idle", 0, ("idle", None, None)),
+    # 2.1.330 shows idle for ~30 ms between a turn and its queued messages' turn...
+    (QUEUE_2_1_330[:5], "idle", 0, ("working", None, None)),
+    # ...but idle that lasts is idle (the queued turn was interrupted).
+    (QUEUE_2_1_330[:5], "idle", orch.SETTLE + 1, ("idle", None, None)),
+    # 2.1.197 starts the queued turn (file: busy) before its hook fires.
+    (QUEUE_2_1_197[:3], "busy", 0, ("working", None, None)),
+    # A busy file older than the last Stop is stale once claude had time to write.
+    (QUEUE_2_1_197[:3], "busy", -(orch.SETTLE + 1), ("idle", None, None)),
+])
+def test_cross_check_with_claudes_own_status(tmp_path, steps, own, age, expected):
+    events = [dict(e) for e in steps] if isinstance(steps[0], dict) else hook_events(*steps)
+    now = time.time()
+    for i, event in enumerate(events):
+        event["t"] = now - 10 + i
+        if event["event"] == "PreToolUse":
+            event["tool_name"] = "Bash"
+    folder = tmp_path / ".claude" / "sessions"
+    folder.mkdir(parents=True)
+    changed = (now - age) if age >= 0 else events[-1]["t"] + age
+    (folder / "4242.json").write_text(json.dumps({
+        "status": own, "waitingFor": "permission prompt" if own == "waiting" else None,
+        "statusUpdatedAt": int(changed * 1000)}))
+    seen = orch.replay_events(events)
+    result = {"status": seen["status"], "needs": seen["needs"], "detail": seen["detail"],
+              "since": seen["since"], "tool": seen["tool"], "source": "hooks",
+              "pending": seen["turn"] == orch.CONTINUING or seen["waiting"] > 0}
+    orch.cross_check({"home": str(tmp_path)}, {"pane_pid": "4242"}, result)
+    assert (result["status"], result["needs"], result["detail"]) == expected
+
+
 def test_queued_message_is_queued_and_wait_outlasts_its_turn(versioned, capsys):
     # Long enough that both sends are confirmed (within 1.5 s each) while it runs.
     assert run(capsys, "spawn", "a1", "SLOW-6 long job")[0] == 0
@@ -947,6 +986,84 @@ def test_rm_named_and_exited(env, capsys):
     assert not os.path.exists(orch.agent_dir("a1"))
     code, _, err = run(capsys, "rm", "ghost")
     assert code == 1 and "ghost" in err
+
+
+# ###########################################################################
+# doctor
+# ###########################################################################
+
+def doctor(capsys):
+    """Run doctor; return (exit code, {check: (level, message)}) and check its shape."""
+    code, out, err = run(capsys, "doctor")
+    lines = out.splitlines()
+    assert err == "" and all(l.split()[0] in ("ok", "warning", "problem") for l in lines), out
+    code_json, out_json, _ = run(capsys, "doctor", "--json")
+    found = json.loads(out_json)
+    assert code_json == code and len(found) == len(lines)
+    return code, dict((f["check"], (f["level"], f["message"])) for f in found)
+
+
+def test_doctor_all_well_and_changes_nothing(env, capsys, monkeypatch):
+    code, found = doctor(capsys)
+    assert code == 0 and [level for level, _ in found.values()] == ["ok"] * 6
+    assert "tmux 3" in found["tmux"][1] and "Claude Code 2.1.197" in found["claude"][1]
+    assert "does not exist yet" in found["state"][1] and "does not exist yet" in found["data"][1]
+    assert not os.path.exists(os.environ["ORCH_STATE"]) and not os.path.exists(orch.data_dir())
+    monkeypatch.setenv("TMUX", "/tmp/elsewhere,1,0")
+    assert "orch ignores it" in doctor(capsys)[1]["$TMUX"][1]
+
+
+def test_doctor_warns_about_untested_claude_and_gone_agents(env, capsys, monkeypatch):
+    assert run(capsys, "spawn", "a1")[0] == 0
+    assert run(capsys, "spawn", "a2")[0] == 0
+    run(capsys, "kill", "a2")
+    monkeypatch.setenv("FAKE_VERSION", "2.1.999")
+    code, found = doctor(capsys)
+    assert code == 0 and found["claude"][0] == "warning"
+    assert "2.1.999" in found["claude"][1] and "2.1.197 to 2.1.330" in found["claude"][1]
+    assert found["state"] == ("ok", "%s: format 1, 2 agents (1 running, 1 exited)"
+                              % os.environ["ORCH_STATE"])
+    assert "agents" not in found        # a2 was killed: its exit is known, nothing is gone
+    env.stop()
+    code, found = doctor(capsys)
+    assert found["agents"][0] == "warning" and found["agents"][1].startswith("a1, a2: ")
+    assert "orch resume NAME" in found["agents"][1]
+
+
+def test_doctor_problems_exit_1(env, capsys, monkeypatch):
+    assert run(capsys, "spawn", "a1", "--cmd", "sleep 100")[0] == 0
+    os.chmod(orch.data_dir(), 0o755)
+    with open(os.environ["ORCH_STATE"], "a") as f:
+        f.write("garbage")
+    before = open(os.environ["ORCH_STATE"]).read()
+    monkeypatch.setenv("ORCH_CLAUDE", "no-such-claude")
+    code, found = doctor(capsys)
+    assert code == 1
+    assert found["claude"][0] == "problem" and "ORCH_CLAUDE" in found["claude"][1]
+    assert found["state"][0] == "problem" and "corrupt" in found["state"][1]
+    assert found["data"][0] == "problem" and "chmod 700" in found["data"][1]
+    assert open(os.environ["ORCH_STATE"]).read() == before
+    assert os.stat(orch.data_dir()).st_mode & 0o777 == 0o755
+
+
+def test_cli_doctor_without_tmux(env, tmp_path_factory, monkeypatch):
+    hide_tmux(monkeypatch, tmp_path_factory)
+    code, out, err = cli("doctor", python=cli_python())
+    assert code == 0 and "Traceback" not in err, err
+    assert [l for l in out.splitlines() if l.startswith("warning  tmux")]
+
+
+def test_tested_claude_versions_match_the_makefile():
+    with open(os.path.join(HERE, "Makefile")) as f:
+        line = [l for l in f if l.startswith("CLAUDE_CODE_VERSIONS")][0]
+    versions = sorted(orch.parse_claude_version(v) for v in line.split("=", 1)[1].split())
+    assert (versions[0], versions[-1]) == orch.TESTED_CLAUDE
+
+
+def test_parse_claude_version():
+    assert orch.parse_claude_version("2.1.330 (Claude Code)\n") == (2, 1, 330)
+    assert orch.parse_claude_version("claude 10.0.1") == (10, 0, 1)
+    assert orch.parse_claude_version("no version") is None
 
 
 # ###########################################################################
