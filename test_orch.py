@@ -2012,8 +2012,9 @@ def test_e2e_permission_dialog_refuses_send_and_escape_returns_idle(claude, caps
     row = wait_status(capsys, "a1", "needs-input")
     assert (row["needs"], row["detail"], row["permission_mode"]) == ("permission", "Bash", "default")
     # "No" is option 3 on 2.1.197 and option 4 on 2.1.330: never press a digit blindly.
-    no = [l.split()[-2] for l in run(capsys, "tail", "a1")[1].splitlines()
-          if l.strip().endswith(". No")]
+    # (The status can turn needs-input a moment before the dialog is drawn.)
+    no = retry_until(lambda: [l.split()[-2] for l in run(capsys, "tail", "a1")[1].splitlines()
+                              if l.strip().endswith(". No")])
     if claude.version >= (2, 1, 330):
         assert no == ["4."]
     elif claude.version <= (2, 1, 197):
