@@ -164,8 +164,9 @@ def tmux_env():
     return env
 
 
-def tmux(args, socket=None, stdin=None, timeout=15):
+def tmux(args, socket=None, stdin=None, timeout=None):
     """Run one tmux command (args may chain several with ';'); return its stdout."""
+    timeout = timeout or env_seconds("ORCH_TMUX_TIMEOUT", 15)
     argv = tmux_argv(socket, args)
     trace(argv)
     try:
@@ -205,7 +206,7 @@ def check_tmux_version():
 
 # pane_dead_signal is empty before tmux 3.3; the rest exist in 3.0.
 PANE_FIELDS = ("pane_id", "pane_pid", "pane_dead", "pane_dead_status", "pane_dead_signal",
-               "window_id", "session_name", "window_activity", "pid")
+               "window_id", "session_name", "window_activity", "pid", "pane_start_command")
 
 
 def parse_panes(text):
@@ -283,7 +284,12 @@ def empty_state():
 
 
 def parse_state(text, path):
-    """Validate state file text; refuse corrupt or newer files instead of guessing."""
+    """Validate state file text; refuse corrupt or newer files instead of guessing.
+
+    Agent records are checked one by one: a malformed one (a hand edit, a
+    crashed writer) is moved to state["invalid"] with the reason, so reading
+    verbs still work for the others; LockedState refuses to write such a file.
+    """
     try:
         state = json.loads(text) if text.strip() else empty_state()
     except ValueError as e:
@@ -293,40 +299,97 @@ def parse_state(text, path):
         raise OrchError("state file %s is not an orch state file: fix it or move it away; "
                         "orch will not overwrite it" % path)
     version = state.get("version")
-    if not isinstance(version, int) or version > STATE_VERSION:
-        raise OrchError("state file %s has format version %r, newer than this orch "
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise OrchError("state file %s has format version %r, which no orch writes: fix it or "
+                        "move it away; orch will not overwrite it" % (path, version))
+    if version > STATE_VERSION:
+        raise OrchError("state file %s has format version %d, newer than this orch "
                         "understands (%d): upgrade orch.py" % (path, version, STATE_VERSION))
+    invalid = {}
+    for name, agent in list(state["agents"].items()):
+        problem = record_problem(name, agent)
+        if problem:
+            invalid[name] = "agent %s in %s: %s" % (name, path, problem)
+            del state["agents"][name]
+    if invalid:
+        state["invalid"] = invalid
     return state
+
+
+# The fields of an agent record that orch reads without a default.
+RECORD_FIELDS = {None: (("name", str), ("backend", str), ("cwd", str), ("created", (int, float))),
+                 "tmux": (("pane", str), ("pid", int), ("session", str), ("window", str)),
+                 "headless": (("pid", int), ("supervisor", int))}
+
+
+def record_problem(name, agent):
+    """Why an agent record cannot be used, or None."""
+    if not isinstance(agent, dict):
+        return "the record is %s, not an object" % type(agent).__name__
+    problem = fields_problem(agent, RECORD_FIELDS[None], "")
+    if problem:
+        return problem
+    if agent["name"] != name:
+        return "its name is %r" % agent["name"]
+    backend = agent["backend"]
+    if backend not in ("tmux", "headless"):
+        return "unknown backend %r" % backend
+    if not isinstance(agent.get(backend), dict):
+        return "missing %r" % backend
+    return fields_problem(agent[backend], RECORD_FIELDS[backend], backend + ".")
+
+
+def fields_problem(record, fields, prefix):
+    for key, kind in fields:
+        if key not in record:
+            return "missing %r" % (prefix + key)
+        value = record[key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            return "%r is %s, not %s" % (prefix + key, json.dumps(value)[:40], (
+                kind.__name__ if isinstance(kind, type) else "a number"))
+    return None
 
 
 def load_state():
     path = state_path()
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
+        if os.path.islink(path):
+            raise OrchError("state file %s is a symbolic link to %s, which does not exist: "
+                            "create that file (empty is fine) or remove the link"
+                            % (path, os.readlink(path)))
         return empty_state()
-    except (OSError, UnicodeDecodeError) as e:
-        raise OrchError("cannot read state file %s: %s" % (path, e))
-    return parse_state(text, path)
+    except OSError as e:
+        raise OrchError("cannot read state file %s: %s" % (path, e.strerror or e))
+    return parse_state(decode_utf8(data, "state file %s" % path, EXIT_ERROR), path)
 
 
 def write_file_atomic(path, text, mode=0o600):
-    """Write text to path via a fsynced temp file in the same folder, then rename."""
+    """Write text to path via a fsynced temp file in the same folder, then rename.
+
+    Readers see the old file or the new one, never a part: a full disk or a
+    kill half-way leaves the old one.  A symbolic link is written through.
+    """
+    path = os.path.realpath(path)
     tmp = "%s.tmp.%d" % (path, os.getpid())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+    except OSError as e:
+        raise OrchError("cannot write %s: %s; the file is as it was" % (path, e.strerror or e))
 
 
 class LockedState(object):
@@ -349,6 +412,9 @@ class LockedState(object):
         fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
         try:
             self.state = load_state()
+            if self.state.get("invalid"):
+                raise OrchError("%s; orch changes no state file it cannot fully read: fix or "
+                                "remove that record by hand" % sorted(self.state["invalid"].values())[0])
         except BaseException:
             self._unlock()
             raise
@@ -371,6 +437,8 @@ class LockedState(object):
 
 def find_agent(state, name):
     agent = state["agents"].get(name)
+    if agent is None and name in state.get("invalid", {}):
+        raise OrchError("%s: fix or remove that record by hand" % state["invalid"][name])
     if agent is None:
         known = ", ".join(sorted(state["agents"])) or "none"
         raise OrchError("no agent named %r (agents: %s); see `orch list`" % (name, known))
@@ -1078,7 +1146,7 @@ def refuse_unless_ready(agent, st, force):
 def send_message(agent, text, raw=False, force=False, timeout=None):
     """Type text into the agent and submit it; return 'submitted', 'queued' or 'sent (unconfirmed)'."""
     if timeout is None:
-        timeout = float(os.environ.get("ORCH_SEND_TIMEOUT") or 10)
+        timeout = env_seconds("ORCH_SEND_TIMEOUT", 10)
     if agent.get("backend") == "headless":
         return headless_send(agent, text, raw, timeout)
     st = status_of(agent)
@@ -1096,14 +1164,21 @@ def send_message(agent, text, raw=False, force=False, timeout=None):
     pane, socket = agent["tmux"]["pane"], agent["tmux"]["socket"]
     with SendLock(agent["name"]):
         since = time.time()
-        paste_text(pane, socket, text)
-        time.sleep(0.1)     # Enter in the same read as the paste can be swallowed by it
-        send_enter(pane, socket)
-        if agent.get("cmd"):
-            return "sent (unconfirmed)"
-        if raw and text.startswith("/"):
-            return confirm_command(agent)
-        return confirm_submit(agent, text, since, st["status"] == "working", timeout)
+        try:
+            paste_text(pane, socket, text)
+            time.sleep(0.1)     # Enter in the same read as the paste can be swallowed by it
+            send_enter(pane, socket)
+            if agent.get("cmd"):
+                return "sent (unconfirmed)"
+            if raw and text.startswith("/"):
+                return confirm_command(agent)
+            return confirm_submit(agent, text, since, st["status"] == "working", timeout)
+        except TmuxError as e:
+            if not (e.server_gone() or e.target_gone()):
+                raise
+            raise OrchError("agent %s is not running: its window or tmux server went away while "
+                            "orch typed (%s); `orch resume %s` to continue it"
+                            % (agent["name"], e.stderr, agent["name"]), EXIT_NOT_RUNNING)
 
 
 def confirm_submit(agent, text, since, was_working, timeout):
@@ -1368,7 +1443,7 @@ def sent_entries(name):
 
 
 def silent_after():
-    return float(os.environ.get("ORCH_SILENT_AFTER") or 600)
+    return env_seconds("ORCH_SILENT_AFTER", 600)
 
 
 def headless_status(agent):
@@ -1671,19 +1746,127 @@ def headless_attach(agent):
 
 
 # ###########################################################################
-# Verbs: one cmd_<verb>(args) each
+# Orphans: agents running with no record (an orch killed in the middle of spawn)
 # ###########################################################################
+
+def find_orphans(state):
+    """Return {name: {"pid", "pane"?, "supervisor"?}} for running agents that have no record.
+
+    Every agent has a folder under the data folder before it starts, and its
+    record is saved after: a folder without a record whose launch script runs
+    in a pane (or whose headless pid lives) is an orphan.  Looked at under a
+    shared lock, so a spawn half-way through is not taken for one.
+    """
+    import fcntl
+    folder = os.path.join(data_dir(), "agents")
+    try:
+        names = set(os.listdir(folder)) - set(state["agents"]) - set(state.get("invalid", {}))
+        lock = os.open(state_path() + ".lock", os.O_RDONLY) if names else None
+    except OSError:
+        return {}
+    if not names:
+        return {}
+    try:
+        fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        os.close(lock)
+        return {}       # a spawn or rm is running right now: look next time
+    try:
+        names -= set(load_state()["agents"])
+        return running_without_record(folder, names) if names else {}
+    finally:
+        os.close(lock)
+
+
+def running_without_record(folder, names):
+    found = {}
+    for pane in list_panes(default_socket()).values():
+        for name in names:
+            if pane["pane_dead"] != "1" and os.path.join(folder, name, "launch.sh") \
+                    in pane["pane_start_command"]:
+                found[name] = {"pid": int(pane["pane_pid"]), "pane": pane["pane_id"]}
+    for name in names - set(found):
+        info = read_json(hpath(name, "pid")) or {}
+        if isinstance(info.get("pid"), int) and alive(info["pid"], info.get("start")):
+            found[name] = {"pid": info["pid"], "supervisor": info.get("supervisor")}
+    return found
+
+
+def orphan_warning(name, where):
+    return ("agent %s runs (pid %d) but has no record (an orch was killed while starting "
+            "it): `orch rm %s` stops it" % (name, where["pid"], name))
+
+
+def stop_orphan(name, where):
+    """Stop an orphan and remove its folder; it has no record to update."""
+    import shutil
+    import signal
+    for pid in (where.get("supervisor"), where["pid"]):
+        if isinstance(pid, int):
+            signal_process(pid, signal.SIGTERM)
+    if not retry_until(lambda: not alive(where["pid"], None), env_seconds("ORCH_KILL_GRACE", 5)):
+        signal_process(where["pid"], signal.SIGKILL)
+    if where.get("pane"):
+        try:
+            tmux(["kill-pane", "-t", where["pane"]], socket=default_socket())
+        except TmuxError:
+            pass        # it closed by itself
+    shutil.rmtree(agent_dir(name), ignore_errors=True)
+
+
+# ###########################################################################
+# Input: every byte from outside (argv, stdin, files, numbers) checked here
+# ###########################################################################
+#
+# Policy: text is UTF-8.  Bytes that are not are refused with their offset,
+# never guessed at or replaced: a message that reached the agent garbled is
+# worse than one that did not go.  Then the content rule below removes what a
+# terminal would take as keys.  Numbers are checked by the parser.
+
+def decode_utf8(data, what, code=EXIT_USAGE):
+    """Return bytes as text, or refuse them naming the first bad byte and its offset."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise OrchError("%s is not valid UTF-8 (byte 0x%02x at offset %d): orch takes UTF-8 "
+                        "text only; convert it first (e.g. iconv -t UTF-8)"
+                        % (what, data[e.start], e.start), code)
+
+
+def decode_argument(arg, index):
+    """Return one argv word as UTF-8 text.
+
+    Python decodes argv with the locale's encoding and keeps undecodable
+    bytes as surrogates (all non-ASCII bytes, under Python 3.6 in a C
+    locale): turn them back into bytes, then decode those as UTF-8.
+    """
+    try:
+        data = arg.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise OrchError("argument %d holds characters that are not text" % index, EXIT_USAGE)
+    return decode_utf8(data, "argument %d" % index)
+
+
+def read_stdin():
+    stream = getattr(sys.stdin, "buffer", None)
+    return decode_utf8(stream.read(), "standard input") if stream else sys.stdin.read()
+
+
+def read_file(path, what):
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise OrchError("cannot read %s file %s: %s" % (what, path, e.strerror or e))
+    return decode_utf8(data, "%s file %s" % (what, path))
+
 
 def read_text(value, path=None, what="prompt"):
     """Return text from an argument, '-' (stdin) or a file, made safe to type; None if none."""
     if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                return clean_text(f.read(), what)
-        except (OSError, UnicodeDecodeError) as e:
-            raise OrchError("cannot read %s file %s: %s" % (what, path, e))
+        return clean_text(read_file(path, what), what)
     if value == "-":
-        text = sys.stdin.read()
+        text = read_stdin()
         # `echo msg | orch send a` ends in a newline nobody meant to send.
         value = text[:-1] if text.endswith("\n") else text
     return None if value is None else clean_text(value, what)
@@ -1713,11 +1896,48 @@ def clean_text(text, what="message"):
         removed.append("%d terminal escape sequence%s" % (sequences, "s"[:sequences != 1]))
     if controls:
         removed.append("%d control character%s" % (controls, "s"[:controls != 1]))
+    if removed and not text.strip():
+        raise OrchError("the %s holds nothing but terminal controls (%s): nothing to send"
+                        % (what, " and ".join(removed)), EXIT_USAGE)
     if removed:
         sys.stderr.write("orch: note: removed %s from the %s: they would act as keys in the "
                          "agent's terminal\n" % (" and ".join(removed), what))
     return text
 
+
+
+
+def number_type(kind, low, high, unit):
+    """An argparse type: a kind() number from low to high, else a usage error."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:     # NaN fails both comparisons
+            raise argparse.ArgumentTypeError("%r is not %s from %s to %s" % (text, unit, low, high))
+        return value
+    return parse
+
+
+SECONDS = number_type(float, 0, 864000, "a number of seconds")     # up to 10 days
+LINES = number_type(int, 1, 1000000, "a number of lines")
+
+
+def env_seconds(name, default):
+    """A number of seconds from the environment; a bad value is an error, not a traceback."""
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        return SECONDS(text)
+    except argparse.ArgumentTypeError as e:
+        raise OrchError("$%s: %s" % (name, e))
+
+
+# ###########################################################################
+# Verbs: one cmd_<verb>(args) each
+# ###########################################################################
 
 def resolve_cwd(cwd):
     path = os.path.abspath(os.path.expanduser(cwd or os.getcwd()))
@@ -1748,7 +1968,7 @@ def cmd_spawn(args):
         trust_folder(cwd)
     import uuid
     started = []
-    with undo_on_failure(started), LockedState() as state:
+    with undo_on_failure(started, new=True), LockedState() as state:
         refuse_existing(state, name)
         agent = {"name": name, "backend": backend, "cwd": cwd, "created": time.time(),
                  "cmd": args.cmd, "session_id": None if args.cmd else str(uuid.uuid4()),
@@ -1793,7 +2013,7 @@ def finish_start(agent, first, verb):
             outcome = ", first message " + send_message(agent, first, raw=True)
         print("%s agent %s (%s, tmux)%s" % (verb, name, agent["cmd"], outcome))
     else:
-        timeout = float(os.environ.get("ORCH_START_TIMEOUT") or 60)
+        timeout = env_seconds("ORCH_START_TIMEOUT", 60)
         st = wait_until_started(agent, timeout)
         outcome = ""
         if st["status"] == "needs-input" and st["needs"] == "trust":
@@ -1819,20 +2039,24 @@ class undo_on_failure(object):
     left running without a record could never be found again.
     """
 
-    def __init__(self, started):
+    def __init__(self, started, new):
         self.started = started
+        self.new = new
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
+            import shutil
             for agent in self.started:
                 try:
                     stop_agent(agent, grace=0)
                     close_window(agent)
                 except Exception:
                     pass    # the original failure is the one to report
+                if self.new:    # no record will point at its folder
+                    shutil.rmtree(agent_dir(agent["name"]), ignore_errors=True)
         return False
 
 
@@ -1971,16 +2195,18 @@ def agent_row(agent, st):
 
 
 def cmd_list(args):
-    agents = sorted(load_state()["agents"].values(), key=lambda a: a.get("created", 0))
+    state = load_state()
+    agents = sorted(state["agents"].values(), key=lambda a: a["created"])
     found = statuses(agents)
     now = time.time()
     rows = [agent_row(a, found[a["name"]]) for a in agents]
     if args.json:
         print(json.dumps(rows, indent=1))
-        return EXIT_OK
+        return report_invalid(state)
     if not rows:
-        print("no agents: start one with `orch spawn NAME \"task\"`")
-        return EXIT_OK
+        if not state.get("invalid"):
+            print("no agents: start one with `orch spawn NAME \"task\"`")
+        return report_invalid(state)
     table = [("NAME", "STATUS", "FOR", "AGE", "BACKEND", "MODE", "SESSION", "CWD",
               "LAST PROMPT")]
     for row in rows:
@@ -1992,7 +2218,16 @@ def cmd_list(args):
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
     for r in table:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
-    return EXIT_OK
+    return report_invalid(state)
+
+
+def report_invalid(state):
+    """One line per orphan and per record that could not be read; exit 1 if a record."""
+    for name, where in sorted(find_orphans(state).items()):
+        sys.stderr.write("orch: warning: %s\n" % orphan_warning(name, where))
+    for problem in sorted(state.get("invalid", {}).values()):
+        sys.stderr.write("orch: error: %s: fix or remove that record by hand\n" % problem)
+    return EXIT_ERROR if state.get("invalid") else EXIT_OK
 
 
 def status_label(row):
@@ -2036,7 +2271,7 @@ def shorten(text, n):
 def stop_agent(agent, grace=None):
     """Stop a running agent: SIGTERM to its process group, SIGKILL after a grace period."""
     import signal
-    grace = grace if grace is not None else float(os.environ.get("ORCH_KILL_GRACE") or 5)
+    grace = grace if grace is not None else env_seconds("ORCH_KILL_GRACE", 5)
     if agent["backend"] == "headless":
         return headless_stop(agent, grace)
     if status_of(agent)["status"] == "exited":
@@ -2060,17 +2295,25 @@ def cmd_kill(args):
 
 def cmd_rm(args):
     state = load_state()
+    orphans = {}
     if args.exited:
         found = statuses(list(state["agents"].values()))
         names = [n for n, st in found.items() if st["status"] == "exited"]
     elif args.names:
         names = [check_name(n) for n in args.names]
+        if set(names) - set(state["agents"]):
+            orphans = find_orphans(state)
         for name in names:
-            find_agent(state, name)
+            if name not in orphans:
+                find_agent(state, name)
     else:
         raise OrchError("name the agents to remove, or pass --exited", EXIT_USAGE)
     import shutil
     for name in names:
+        if name in orphans:
+            stop_orphan(name, orphans[name])
+            print("removed %s (it ran without a record)" % name)
+            continue
         agent = state["agents"][name]
         stop_agent(agent)
         close_window(agent)
@@ -2155,7 +2398,7 @@ def cmd_resume(args):
     if message is not None:
         message = escape_leading(message)
     started = []
-    with undo_on_failure(started), LockedState() as state:
+    with undo_on_failure(started, new=False), LockedState() as state:
         agent = find_agent(state, name)
         if agent["backend"] == "tmux":
             check_tmux_version()
@@ -2255,12 +2498,12 @@ def check_tmux_variable():
 
 def check_state():
     path = state_path()
-    if not os.path.exists(path):
-        return [finding("ok", "state", "%s does not exist yet (the first spawn creates it)" % path)]
     try:
         state = load_state()
     except OrchError as e:
         return [finding("problem", "state", str(e))]
+    if not os.path.exists(path):
+        return [finding("ok", "state", "%s does not exist yet (the first spawn creates it)" % path)]
     agents = list(state["agents"].values())
     found = statuses(agents)
     gone = sorted(a["name"] for a in agents if found[a["name"]]["status"] == "exited"
@@ -2268,6 +2511,10 @@ def check_state():
     running = len([n for n, st in found.items() if st["status"] != "exited"])
     result = [finding("ok", "state", "%s: format %d, %d agents (%d running, %d exited)"
                       % (path, state["version"], len(agents), running, len(agents) - running))]
+    result += [finding("problem", "record", problem + ": fix or remove that record by hand")
+               for problem in sorted(state.get("invalid", {}).values())]
+    result += [finding("warning", "orphan", orphan_warning(name, where))
+               for name, where in sorted(find_orphans(state).items())]
     if gone:
         result.append(finding("warning", "agents", "%s: their tmux server, window or process "
                               "is gone (reboot, kill-server?): `orch resume NAME` continues one, "
@@ -2364,14 +2611,15 @@ def add_send(sub, verb):
                    help="send a leading '/' or '!' as a command (e.g. /compact)")
     p.add_argument("--force", action="store_true",
                    help="type even while the agent shows a dialog (Enter answers it!)")
-    p.add_argument("--timeout", type=float, help="seconds to wait for confirmation (default 10)")
+    p.add_argument("--timeout", type=SECONDS, metavar="SECONDS",
+                   help="seconds to wait for confirmation (default 10)")
     p.set_defaults(func=cmd_send)
 
 
 def add_tail(sub, verb):
     p = sub.add_parser(verb, help="print the agent's screen")
     p.add_argument("name")
-    p.add_argument("-n", "--lines", type=int, metavar="LINES", help="last LINES lines")
+    p.add_argument("-n", "--lines", type=LINES, metavar="LINES", help="last LINES lines")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     p.add_argument("--raw", action="store_true", help="headless: print the raw stream-json")
     p.set_defaults(func=cmd_tail)
@@ -2401,7 +2649,8 @@ def add_doctor(sub, verb):
 def add_wait(sub, verb):
     p = sub.add_parser(verb, help="block until agents are idle, exited or need input")
     p.add_argument("names", nargs="+", metavar="NAME")
-    p.add_argument("--timeout", type=float, metavar="SECONDS")
+    p.add_argument("--timeout", type=SECONDS, metavar="SECONDS",
+                   help="give up after SECONDS (exit 6); 0 checks once")
     p.add_argument("--until", choices=("idle", "exited", "needs-input"))
     p.set_defaults(func=cmd_wait)
 
@@ -2444,13 +2693,20 @@ VERBS = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one `orch: error:` line (exit 2) like any other."""
+
+    def error(self, message):
+        raise OrchError("%s (see `%s --help`)" % (message, self.prog), EXIT_USAGE)
+
+
 def build_parser(only=None):
     """Build the command line; with only=VERB just that verb (start-up time matters)."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="orch", description="Run and steer many AI coding agents in tmux.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="orch " + __version__)
-    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
     for verb, add in VERBS:
         if only in (None, verb):
             add(sub, verb)
@@ -2470,10 +2726,43 @@ def main(argv=None):
     if argv == ["--version"]:       # the fast path: no parser to build
         print("orch " + __version__)
         return EXIT_OK
+    try:
+        return run_verb(argv)
+    except OrchError as e:
+        sys.stderr.write("orch: error: %s\n" % e)
+        return e.code
+    except KeyboardInterrupt:
+        sys.stderr.write("orch: interrupted\n")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `orch list | head` stopped reading: not a failure worth a word, but
+        # Python would complain again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+    except OSError as e:
+        # The machine said no (permissions, a full disk, a missing folder): not a bug.
+        where = " %s:" % e.filename if e.filename else ""
+        sys.stderr.write("orch: error:%s %s\n" % (where, e.strerror or e))
+        return EXIT_ERROR
+    except Exception as e:
+        if os.environ.get("ORCH_TRACE"):
+            raise
+        sys.stderr.write("orch: error: unexpected %s: %s. This is a bug in orch; run again "
+                         "with ORCH_TRACE=1 to see where, and report it\n"
+                         % (type(e).__name__, shorten(str(e), 200)))
+        return EXIT_ERROR
+
+
+def run_verb(argv):
+    """Parse argv and run its verb; every failure is raised, main() reports it."""
+    import signal
+    # Over a file-size limit (ulimit -f) a write should fail with an error
+    # orch can report, not kill it half-way.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    argv = [decode_argument(a, i + 1) for i, a in enumerate(argv)]
     argv, extra = split_extra(argv)
     if argv and not argv[0].startswith("-") and argv[0] not in dict(VERBS):
-        sys.stderr.write("orch: error: unknown verb %r: see `orch --help`\n" % argv[0])
-        return EXIT_USAGE
+        raise OrchError("unknown verb %r: see `orch --help`" % argv[0], EXIT_USAGE)
     parser = build_parser(argv[0] if argv and argv[0] in dict(VERBS) else None)
     args, rest = parser.parse_known_args(argv)
     # argparse fills an optional positional before later flags (`send a --raw /x`
@@ -2489,19 +2778,7 @@ def main(argv=None):
         return EXIT_USAGE
     if args.verb == "spawn":
         args.extra = extra
-    try:
-        return args.func(args)
-    except OrchError as e:
-        sys.stderr.write("orch: error: %s\n" % e)
-        return e.code
-    except KeyboardInterrupt:
-        sys.stderr.write("orch: interrupted\n")
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # `orch list | head` stopped reading: not a failure worth a word, but
-        # Python would complain again when it flushes stdout at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_ERROR
+    return args.func(args)
 
 
 if __name__ == "__main__":

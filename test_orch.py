@@ -7,6 +7,7 @@ against the fake Messages API below (`make e2e`); tests named test_cli_* run
 orch.py as a separate process, once per interpreter in `make test-pythons`.
 """
 
+import argparse
 import http.server
 import io
 import json
@@ -424,7 +425,7 @@ def test_parse_tmux_version():
 
 
 def test_parse_panes_keeps_separator_inside_fields_apart():
-    line = orch.SEP.join(["%3", "42", "1", "7", "", "@2", "orch", "1700000000", "9"])
+    line = orch.SEP.join(["%3", "42", "1", "7", "", "@2", "orch", "1700000000", "9", "/bin/sh x"])
     panes = orch.parse_panes(line + "\nnot a pane line\n")
     assert list(panes) == ["%3"]
     assert panes["%3"]["pane_dead_status"] == "7" and panes["%3"]["pid"] == "9"
@@ -907,7 +908,7 @@ def test_control_bytes_in_spawn_prompt_and_prompt_file(env, capsys, tmp_path):
     assert run(capsys, "spawn", "a2", "--prompt-file", str(tmp_path / "p.txt"))[0] == 0
     assert env.messages() == ["hello", "from file"]
     code, _, err = run(capsys, "send", "a1", "\x1b[31m\x03")
-    assert code == 2 and "empty message" in err
+    assert code == 2 and one_error(err) and "nothing but terminal controls" in err
 
 
 # ###########################################################################
@@ -1255,31 +1256,6 @@ def test_newer_state_is_refused(env, capsys):
         assert f.read() == text
 
 
-def test_failed_save_stops_the_agent_it_started(env, capsys, monkeypatch):
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(orch, "write_file_atomic", disk_full)
-    monkeypatch.setattr(orch, "install_hook_script", lambda: "/nonexistent/hook.py")
-    monkeypatch.setattr(orch, "start_in_tmux", started_for_test(orch.start_in_tmux))
-    with pytest.raises(OSError):
-        orch.main(["spawn", "a1", "--cmd", "sleep 1000"])
-    assert not os.path.exists(os.environ["ORCH_STATE"])
-    panes = tmux_cmd("list-panes", "-a", "-F", "#{window_name} #{pane_dead}").splitlines()
-    assert [p for p in panes if p.startswith("a1 ") and p.endswith(" 0")] == []
-
-
-def started_for_test(real):
-    """start_in_tmux, writing its launch script even though saving is broken."""
-    def start(agent, argv):
-        path = os.path.join(orch.agent_dir(agent["name"]), "launch.sh")
-        with open(path, "w") as f:
-            f.write(orch.launch_script(argv, agent["cwd"], orch.agent_environment()))
-        agent["launched"] = time.time()
-        agent["tmux"] = orch.new_window(agent["tmux"]["socket"], agent["tmux"]["session"],
-                                        agent["name"], agent["cwd"], ["/bin/sh", path])
-    return start
-
-
 def test_state_file_is_private(env, capsys):
     assert run(capsys, "spawn", "a1")[0] == 0
     assert os.stat(os.environ["ORCH_STATE"]).st_mode & 0o777 == 0o600
@@ -1351,6 +1327,270 @@ def test_cli_version_and_help(env):
     assert code == 0 and out.strip() == "orch " + orch.__version__
     code, out, _ = cli("--help", python=cli_python())
     assert code == 0 and "examples:" in out and "exit codes:" in out
+
+
+# ###########################################################################
+# Bad input: the reported cases, then a matrix generated from --help
+# ###########################################################################
+
+class BytesStdin(object):
+    """sys.stdin for run(): bytes on .buffer, as a pipe gives them."""
+
+    def __init__(self, data):
+        self.buffer = io.BytesIO(data)
+
+    def read(self):
+        return self.buffer.read().decode("utf-8")
+
+
+def run_bytes(capsys, args, stdin):
+    old = sys.stdin
+    sys.stdin = BytesStdin(stdin)
+    try:
+        return run(capsys, *args)
+    finally:
+        sys.stdin = old
+
+
+def one_error(err):
+    """True when stderr is exactly one `orch: error:` line and no traceback."""
+    return (err.startswith("orch: error: ") and err.count("\n") == 1 and err.endswith("\n")
+            and "Traceback" not in err)
+
+
+def test_reported_bad_inputs_end_in_one_line(env, capsys):
+    assert run(capsys, "spawn", "a1", "--cmd", "sleep 1000")[0] == 0
+    code, _, err = run_bytes(capsys, ["send", "a1", "-"], b"\xff\xfe bad")
+    assert code == 2 and one_error(err) and "byte 0xff at offset 0" in err
+    code, _, err = run(capsys, "wait", "a1", "--timeout", "-1")
+    assert code == 2 and one_error(err) and "'-1'" in err
+    code, _, err = run(capsys, "tail", "a1", "-n", "-5")
+    assert code == 2 and one_error(err) and "'-5'" in err
+    assert run(capsys, "rm", "a1")[0] == 0
+    path = os.environ["ORCH_STATE"]
+    for text, words in (('{"version":1,"agents":{"x":{}}}', "agent x in %s: missing 'name'" % path),
+                        ('{"version":"1","agents":{}}', "format version '1', which no orch")):
+        with open(path, "w") as f:
+            f.write(text)
+        code, _, err = run(capsys, "list")
+        assert code == 1 and one_error(err) and words in err, err
+        with open(path) as f:
+            assert f.read() == text
+
+
+def test_malformed_record_leaves_the_others_readable_and_the_file_untouched(env, capsys):
+    assert run(capsys, "spawn", "good", "--cmd", "sleep 1000")[0] == 0
+    state = env.state()
+    state["agents"]["bad"] = dict(state["agents"]["good"], name="bad")
+    state["agents"]["bad"]["tmux"] = dict(state["agents"]["good"]["tmux"], pid="12")
+    text = json.dumps(state)
+    with open(os.environ["ORCH_STATE"], "w") as f:
+        f.write(text)
+    code, out, err = run(capsys, "list", "--json")
+    assert code == 1 and [r["name"] for r in json.loads(out)] == ["good"]
+    assert one_error(err) and "agent bad in " in err and "'tmux.pid' is \"12\", not int" in err
+    assert run(capsys, "tail", "good")[0] == 0
+    for args in (("tail", "bad"), ("spawn", "new", "--cmd", "true"), ("rm", "good")):
+        code, _, err = run(capsys, *args)
+        assert code == 1 and one_error(err) and "agent bad in " in err, (args, err)
+    with open(os.environ["ORCH_STATE"]) as f:
+        assert f.read() == text
+
+
+@pytest.mark.parametrize("record, problem", [
+    ([], "the record is list, not an object"),
+    ({"name": "x", "backend": "tmux", "cwd": "/", "created": True}, "'created' is true, not a number"),
+    ({"name": "y", "backend": "tmux", "cwd": "/", "created": 1}, "its name is 'y'"),
+    ({"name": "x", "backend": "ssh", "cwd": "/", "created": 1}, "unknown backend 'ssh'"),
+    ({"name": "x", "backend": "headless", "cwd": "/", "created": 1}, "missing 'headless'"),
+    ({"name": "x", "backend": "headless", "cwd": "/", "created": 1, "headless": {"pid": 1}},
+     "missing 'headless.supervisor'"),
+])
+def test_record_problems_are_named(record, problem):
+    assert orch.record_problem("x", record) == problem
+
+
+# The matrix: every verb that --help lists, with every kind of bad input that
+# applies to it, decided from the verb's own arguments.  A verb added later is
+# covered the day it lands.
+BAD_NAMES = ["", "a b", "a" * 41, "\u00e9t\u00e9", "a.b", "a\x00b", "\udcff", "x" * 2000000]
+BAD_SECONDS = ["-1", "abc", "nan", "inf", "1e99", ""]
+BAD_LINES = ["-5", "0", "1.5", "abc", "99999999999"]
+BAD_STATES = {
+    "truncated": '{"version": 1, "agents": {"x1": {"na',
+    "not an object": "[]",
+    "version a string": '{"version": "1", "agents": {}}',
+    "version a bool": '{"version": true, "agents": {}}',
+    "version zero": '{"version": 0, "agents": {}}',
+    "newer version": '{"version": 99, "agents": {}}',
+    "agents a list": '{"version": 1, "agents": []}',
+    "record missing fields": '{"version": 1, "agents": {"x1": {}}}',
+    "record a number": '{"version": 1, "agents": {"x1": 7}}',
+    "record wrong tmux": '{"version": 1, "agents": {"x1": {"name": "x1", "backend": "tmux", '
+                         '"cwd": "/", "created": 1, "tmux": {"pane": 3}}}}',
+    "not UTF-8": b'{"version": 1, "agents": {"\xff": {}}}',
+}
+HANG_TMUX = "#!/bin/sh\nexec sleep 1000\n"
+
+
+def help_verbs():
+    """The verbs `orch --help` lists (hidden internal ones have no help line)."""
+    import re
+    text = orch.build_parser().format_help()
+    return sorted(set(re.findall(r"^    ([a-z][a-z-]*)\s", text, re.M)))
+
+
+def verb_arguments(verb):
+    parser = orch.build_parser(verb)
+    sub = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)][0]
+    return sub.choices[verb]._actions
+
+
+def base_args(verb, actions, name="x1"):
+    """A command line for verb that would be valid but for the one bad input."""
+    args = [verb]
+    for action in actions:
+        if not action.option_strings and action.dest in ("name", "names"):
+            args.append(name)
+    if verb == "send":
+        args.append("hello")
+    return args
+
+
+def matrix_cases(verb):
+    """(label, argv, stdin bytes, setup, expected exit code) for one verb."""
+    actions = verb_arguments(verb)
+    dests = dict((a.dest, a) for a in actions)
+    base = base_args(verb, actions)
+    cases = []
+    if "name" in dests or "names" in dests:
+        for bad in BAD_NAMES:
+            cases.append(("name %r" % bad[:12], base_args(verb, actions, bad), None, None, 2))
+        if verb != "spawn":
+            cases.append(("unknown name", base_args(verb, actions, "ghost"), None, None, 1))
+    for dest, text_arg in (("message", True), ("prompt", True)):
+        if dest in dests:
+            args = base_args(verb, actions)[:2] if verb != "send" else ["send", "x1"]
+            cases.append(("text not UTF-8", args + ["\udcff\udcfe"], None, None, 2))
+            cases.append(("stdin not UTF-8", args + ["-"], b"ok \xc3\x28", None, 2))
+            if verb == "send":
+                for empty in ("", "   \n\t", "\x00\x1b[31m"):
+                    cases.append(("empty %r" % empty, args + [empty], None, None, 2))
+                cases.append(("2 MB to an exited agent", args + ["m" * 2000000], None, None, 3))
+    for action in actions:
+        flag = action.option_strings[-1] if action.option_strings else None
+        if action.type is orch.SECONDS:
+            cases += [("%s %r" % (flag, bad), base + [flag, bad], None, None, 2)
+                      for bad in BAD_SECONDS]
+        elif action.type is orch.LINES:
+            cases += [("%s %r" % (flag, bad), base + [flag, bad], None, None, 2)
+                      for bad in BAD_LINES]
+        elif flag == "--prompt-file":
+            cases += [("prompt file missing", base + [flag, "/nonexistent/p"], None, None, 1),
+                      ("prompt file a folder", base + [flag, "/"], None, None, 1),
+                      ("prompt file not UTF-8", base + [flag, "BADFILE"], None, None, 2)]
+        elif flag == "--cwd":
+            cases += [("cwd missing", base + [flag, "/nonexistent/dir"], None, None, 1),
+                      ("cwd a file", base + [flag, "BADFILE"], None, None, 1)]
+    state_args = base if verb != "spawn" else ["spawn", "x2"]
+    for label, text in sorted(BAD_STATES.items()):
+        cases.append(("state " + label, state_args, None, ("state", text), 1))
+    cases.append(("state a dangling symlink", state_args, None, ("symlink", None), 1))
+    cases.append(("state a folder", state_args, None, ("folder", None), 1))
+    if verb in ("spawn", "resume"):
+        cases.append(("claude missing", state_args, None, ("env", "ORCH_CLAUDE=/nonexistent/claude"), 1))
+    if verb != "doctor":
+        cases.append(("tmux missing", state_args + (["--cmd", "true"] if verb == "spawn" else []),
+                      None, ("path", None), 1))
+        cases.append(("tmux hangs", state_args + (["--cmd", "true"] if verb == "spawn" else []),
+                      None, ("path", HANG_TMUX), 1))
+    return cases
+
+
+EXITED_STATE = {"version": 1, "agents": {"x1": {
+    "name": "x1", "backend": "tmux", "cwd": "/", "created": 1.0, "session_id": "s1",
+    "tmux": {"socket": None, "session": "orch", "pane": "%77", "pid": 1, "window": "@77"}}}}
+
+
+def run_matrix_case(env, capsys, monkeypatch, case):
+    """Run one case in a fresh state; return a description of what went wrong, or None."""
+    label, args, stdin, setup, expected = case
+    path = os.environ["ORCH_STATE"]
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        os.rmdir(path)
+    data = json.dumps(EXITED_STATE).encode()
+    with monkeypatch.context() as m:
+        kind, value = setup or (None, None)
+        if kind == "state":
+            data = value if isinstance(value, bytes) else value.encode()
+        if kind == "symlink":
+            os.symlink("/nonexistent/state.json", path)
+        elif kind == "folder":
+            os.mkdir(path)
+        else:
+            with open(path, "wb") as f:
+                f.write(data)
+        if kind == "env":
+            m.setenv(*value.split("=", 1))
+        if kind == "path":
+            shim = os.path.join(env.root, "shim")
+            shutil.rmtree(shim, ignore_errors=True)
+            os.mkdir(shim)
+            if value:
+                with open(os.path.join(shim, "tmux"), "w") as f:
+                    f.write(value)
+                os.chmod(os.path.join(shim, "tmux"), 0o755)
+            m.setenv("PATH", shim + ":" + env.nontmux)
+            m.setenv("ORCH_TMUX_TIMEOUT", "0.5")
+        before = snapshot(path)
+        if stdin is not None:
+            code, out, err = run_bytes(capsys, args, stdin)
+        else:
+            code, out, err = run(capsys, *args)
+    problems = []
+    if code != expected:
+        problems.append("exit %s, not %s" % (code, expected))
+    if args[0] == "doctor":
+        if "Traceback" in err or (expected and "problem" not in out and not one_error(err)):
+            problems.append("doctor said %r / %r" % (out[-200:], err[-200:]))
+    elif not one_error(err):
+        problems.append("stderr %r" % err[-300:])
+    if snapshot(path) != before:
+        problems.append("the state file changed")
+    return "%s %s: %s" % (args[0], label, "; ".join(problems)) if problems else None
+
+
+def snapshot(path):
+    if os.path.islink(path):
+        return ("link", os.readlink(path))
+    if os.path.isdir(path):
+        return ("folder",)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_bad_input_matrix(env, capsys, monkeypatch, tmp_path_factory):
+    bad_file = os.path.join(env.root, "BADFILE")
+    with open(bad_file, "wb") as f:
+        f.write(b"caf\xe9 latin-1")
+    env.nontmux = str(tmp_path_factory.mktemp("notmux-matrix"))
+    for folder in ("/usr/bin", "/bin"):
+        for name in os.listdir(folder):
+            target = os.path.join(env.nontmux, name)
+            if name != "tmux" and not os.path.lexists(target):
+                os.symlink(os.path.join(folder, name), target)
+    monkeypatch.chdir(env.root)
+    verbs = help_verbs()
+    assert {"spawn", "send", "tail", "attach", "list", "wait", "kill", "rm", "resume",
+            "doctor", "interrupt"} <= set(verbs)
+    cases = [c for verb in verbs for c in matrix_cases(verb)]
+    failures = [f for f in (run_matrix_case(env, capsys, monkeypatch, c) for c in cases) if f]
+    with capsys.disabled():
+        sys.stdout.write("\nbad-input matrix: %d verbs, %d cases, %d failed\n"
+                         % (len(verbs), len(cases), len(failures)))
+    assert failures == [], "\n".join(failures)
 
 
 # ###########################################################################
