@@ -1056,9 +1056,20 @@ def wait_until_started(agent, timeout):
     if st["status"] == "exited":
         # tmux sees the pty close a moment before it reaps the exit status.
         st = retry_until(exit_known, 1.0) or st
-        raise OrchError("agent %s exited at start (exit code %s), saying %s; see `orch tail %s`"
-                        % (agent["name"], st["exit_code"], last_words(agent), agent["name"]))
+        raise exited_at_start(agent, st)
     return st
+
+
+def exited_at_start(agent, st):
+    """The error for an agent that stopped as it started, saying what is known of why."""
+    name, info = agent["name"], agent["tmux"]
+    if pane_of(agent, pane_info(info["pane"], info["socket"])) is None:
+        if not list_panes(info["socket"]):
+            return OrchError("agent %s is gone: its tmux server stopped as it started it; "
+                             "`orch doctor` may say why" % name)
+        return OrchError("agent %s is gone: its window was closed as it started" % name)
+    return OrchError("agent %s exited at start (exit code %s), saying %s; see `orch tail %s`"
+                     % (name, st["exit_code"], last_words(agent), name))
 
 
 def last_words(agent):
@@ -2004,9 +2015,9 @@ def finish_start(agent, first, verb):
         print("  follow: orch tail %s -f    talk: orch attach %s" % (name, name))
         return EXIT_OK
     if agent.get("cmd"):
-        if status_of(agent)["status"] == "exited":
-            raise OrchError("agent %s exited at start, saying %s; see `orch tail %s`"
-                            % (name, last_words(agent), name))
+        st = status_of(agent)
+        if st["status"] == "exited":
+            raise exited_at_start(agent, st)
         outcome = ""
         if first is not None:
             wait_for_screen(agent)
@@ -2063,6 +2074,11 @@ class undo_on_failure(object):
 def refuse_existing(state, name):
     agent = state["agents"].get(name)
     if agent is None:
+        # Called under the state lock: what runs from this folder now has no record.
+        folder = os.path.join(data_dir(), "agents")
+        orphan = os.path.isdir(agent_dir(name)) and running_without_record(folder, {name})
+        if orphan:
+            raise OrchError(orphan_warning(name, orphan[name]))
         return
     if status_of(agent)["status"] == "exited":
         raise OrchError("agent %s already exists (exited): `orch resume %s` to continue it, "

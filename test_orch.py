@@ -1594,6 +1594,133 @@ def test_bad_input_matrix(env, capsys, monkeypatch, tmp_path_factory):
 
 
 # ###########################################################################
+# Faults: SIGKILL half-way, a tmux server that dies, a file-size limit
+# ###########################################################################
+
+def live_launches():
+    """Names of the agents whose launch script runs in a live pane of the test server."""
+    import re
+    lines = tmux_cmd("list-panes", "-a", "-F", "#{pane_dead} #{pane_start_command}").splitlines()
+    return set(m.group(1) for line in lines if line.startswith("0 ")
+               for m in [re.search(r"/agents/([^/]+)/launch\.sh", line)] if m)
+
+
+def test_fault_sigkill_during_spawn_and_rm_never_tears_or_hides(env):
+    import random
+    import re
+    rng = random.Random(os.getpid())
+    path = os.environ["ORCH_STATE"]
+    names = ["k%d" % i for i in range(6)]
+    runs = killed = 0
+    deadline = time.time() + 40
+    while runs < 200 and time.time() < deadline:
+        before = set(read_state_or_empty()["agents"])
+        name = rng.choice(names)
+        argv = ["rm", name] if name in before else ["spawn", name, "--cmd", "sleep 1000"]
+        proc = subprocess.Popen([sys.executable, ORCH] + argv, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=rng.uniform(0, 0.3))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            killed += 1
+        runs += 1
+        with open(path) as f:
+            after = set(json.load(f)["agents"])     # whole JSON: never torn
+        assert after in (before, before ^ {name}), (argv, before, after)
+    with capsys_disabled():
+        sys.stdout.write("\nfault injection: %d spawn/rm runs, %d killed half-way\n"
+                         % (runs, killed))
+    assert runs >= 50 and killed >= 10
+    # Nothing hidden: every running agent is listed or reported as an orphan.
+    code, out, err = cli("list", "--json")
+    assert code == 0 and "Traceback" not in err
+    listed = dict((r["name"], r) for r in json.loads(out))
+    orphans = set(re.findall(r"agent (\S+) runs \(pid \d+\) but has no record", err))
+    running = live_launches()
+    assert running == set(n for n, r in listed.items() if r["status"] != "exited") | orphans
+    assert not orphans & set(listed)
+    for name in orphans:
+        assert cli("rm", name)[0] == 0
+    assert live_launches() == running - orphans
+
+
+def capsys_disabled():
+    """Write past pytest's capture (for figures the test output should show)."""
+    class Passthrough(object):
+        def __enter__(self):
+            sys.stdout = sys.__stdout__
+        def __exit__(self, *exc):
+            sys.stdout.flush()
+            sys.stdout = self.saved
+    p = Passthrough()
+    p.saved = sys.stdout
+    return p
+
+
+KILL_SERVER_SHIM = """#!/bin/sh
+# tmux, except that a call naming $KILL_ON first kills the real server.
+for word in "$@"; do
+  if [ "$word" = "$KILL_ON" ]; then "$REAL_TMUX" -L "$ORCH_TMUX_SOCKET" kill-server; break; fi
+done
+exec "$REAL_TMUX" "$@"
+"""
+
+
+def test_fault_tmux_server_dies_mid_verb(env, capsys, monkeypatch):
+    assert run(capsys, "spawn", "a1")[0] == 0
+    shim = os.path.join(env.root, "shim")
+    os.mkdir(shim)
+    with open(os.path.join(shim, "tmux"), "w") as f:
+        f.write(KILL_SERVER_SHIM)
+    os.chmod(os.path.join(shim, "tmux"), 0o755)
+    monkeypatch.setenv("PATH", shim + ":" + os.environ["PATH"])
+    monkeypatch.setenv("REAL_TMUX", env.tmux)
+    monkeypatch.setenv("KILL_ON", "load-buffer")        # while send types
+    code, out, err = run(capsys, "send", "a1", "hello")
+    assert code == orch.EXIT_NOT_RUNNING and one_error(err) and "went away" in err
+    assert out == "" and env.messages() == []
+    monkeypatch.setenv("KILL_ON", "display-message")    # right after spawn opened the window
+    code, out, err = run(capsys, "spawn", "a2")
+    assert code == 1 and one_error(err) and "tmux server stopped as it started" in err
+    assert out == ""
+    monkeypatch.setenv("KILL_ON", "list-panes")         # while list reads the panes
+    assert run(capsys, "spawn", "a3", "--cmd", "sleep 1000")[0] == 0
+    code, out, err = run(capsys, "list", "--json")
+    assert code == 0 and err == ""
+    assert [(r["name"], r["status"]) for r in json.loads(out)] == [
+        ("a1", "exited"), ("a2", "exited"), ("a3", "exited")]
+
+
+def test_fault_file_size_limit_keeps_old_state_and_leaves_nothing_running(env):
+    import resource
+    assert cli("spawn", "keep", "--cmd", "sleep 1000")[0] == 0
+    state = env.state()
+    state["padding"] = "x" * 300000         # unknown keys are kept: the next save is big
+    with open(os.environ["ORCH_STATE"], "w") as f:
+        json.dump(state, f)
+    with open(os.environ["ORCH_STATE"], "rb") as f:
+        before = f.read()
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200000, 200000))
+    proc = subprocess.run([sys.executable, ORCH, "spawn", "big", "--cmd", "sleep 1000"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=limit,
+                          universal_newlines=True, timeout=60)
+    assert proc.returncode == 1 and one_error(proc.stderr), proc.stderr
+    assert "File too large" in proc.stderr and "the file is as it was" in proc.stderr
+    with open(os.environ["ORCH_STATE"], "rb") as f:
+        assert f.read() == before
+    assert live_launches() == {"keep"}
+    assert not os.path.exists(orch.agent_dir("big"))
+    assert [n for n in os.listdir(env.root) if ".tmp." in n] == []
+
+
+# ###########################################################################
+# Headless backend, with tmux absent from PATH
+# ###########################################################################
+# ###########################################################################
 # Headless backend, with tmux absent from PATH
 # ###########################################################################
 
