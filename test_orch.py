@@ -1473,6 +1473,7 @@ def matrix_cases(verb):
             args = base_args(verb, actions)[:2] if verb != "send" else ["send", "x1"]
             cases.append(("text not UTF-8", args + ["\udcff\udcfe"], None, None, 2))
             cases.append(("stdin not UTF-8", args + ["-"], b"ok \xc3\x28", None, 2))
+            cases.append(("stdin only NUL bytes", args + ["-"], b"\x00\x00", None, 2))
             if verb == "send":
                 for empty in ("", "   \n\t", "\x00\x1b[31m"):
                     cases.append(("empty %r" % empty, args + [empty], None, None, 2))
@@ -1488,7 +1489,10 @@ def matrix_cases(verb):
         elif flag == "--prompt-file":
             cases += [("prompt file missing", base + [flag, "/nonexistent/p"], None, None, 1),
                       ("prompt file a folder", base + [flag, "/"], None, None, 1),
-                      ("prompt file not UTF-8", base + [flag, "BADFILE"], None, None, 2)]
+                      ("prompt file not UTF-8", base + [flag, "BADFILE"], None, None, 2),
+                      ("prompt file only NUL bytes", base + [flag, "NULFILE"], None, None, 2)]
+            if os.geteuid() != 0:       # root reads any file
+                cases.append(("prompt file unreadable", base + [flag, "SECRETFILE"], None, None, 1))
         elif flag == "--cwd":
             cases += [("cwd missing", base + [flag, "/nonexistent/dir"], None, None, 1),
                       ("cwd a file", base + [flag, "BADFILE"], None, None, 1)]
@@ -1572,9 +1576,11 @@ def snapshot(path):
 
 
 def test_bad_input_matrix(env, capsys, monkeypatch, tmp_path_factory):
-    bad_file = os.path.join(env.root, "BADFILE")
-    with open(bad_file, "wb") as f:
-        f.write(b"caf\xe9 latin-1")
+    for name, data in (("BADFILE", b"caf\xe9 latin-1"), ("NULFILE", b"\x00\x00\x00"),
+                       ("SECRETFILE", b"secret")):
+        with open(os.path.join(env.root, name), "wb") as f:
+            f.write(data)
+    os.chmod(os.path.join(env.root, "SECRETFILE"), 0)
     env.nontmux = str(tmp_path_factory.mktemp("notmux-matrix"))
     for folder in ("/usr/bin", "/bin"):
         for name in os.listdir(folder):
