@@ -107,6 +107,8 @@ def make_private_dir(path):
     parent = os.path.dirname(path)
     if path != data_dir() and not os.path.isdir(parent):
         make_private_dir(parent)
+    elif path == data_dir():
+        os.makedirs(parent, exist_ok=True)      # ORCH_STATE may name a folder not made yet
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
@@ -148,11 +150,16 @@ def check_name(name):
 # tmux runner: every tmux call goes through tmux()
 # ###########################################################################
 
-def tmux_argv(socket, args):
-    if not socket:
-        return ["tmux"] + list(args)
-    # A socket given as a path is used as is; a bare name is tmux's -L.
-    return ["tmux", "-S" if "/" in socket else "-L", socket] + list(args)
+def tmux_argv(socket, args, utf8=True):
+    # -u: a client whose locale is not UTF-8 (LC_ALL=C, cron, Python 3.6 with
+    # no locale) would get -F output with control characters and non-ASCII
+    # turned into "_": orch's field separator among them.  Attach leaves the
+    # user's terminal as their locale says (utf8=False).
+    argv = ["tmux", "-u"] if utf8 else ["tmux"]
+    if socket:
+        # A socket given as a path is used as is; a bare name is tmux's -L.
+        argv += ["-S" if "/" in socket else "-L", socket]
+    return argv + list(args)
 
 
 def tmux_env():
@@ -461,8 +468,8 @@ def short(value, n=200):
     return value[:n] if isinstance(value, str) else None
 def main():
     path, event = sys.argv[1], sys.argv[2]
-    try:
-        data = json.loads(sys.stdin.read() or "{}")
+    try:   # bytes: claude may run this with no locale (ASCII stdin on Python 3.6)
+        data = json.loads(sys.stdin.buffer.read().decode("utf-8", "replace") or "{}")
     except ValueError:
         data = {}
     line = {"t": time.time(), "event": data.get("hook_event_name") or event,
@@ -891,8 +898,18 @@ def retry_until(check, timeout, interval=0.1):
 # ###########################################################################
 
 def agent_environment():
-    """The caller's environment, minus what would confuse the agent."""
-    return dict((k, v) for k, v in os.environ.items() if k not in SCRUBBED_ENV)
+    """The caller's environment, minus what would confuse the agent, with a UTF-8 locale."""
+    env = dict((k, v) for k, v in os.environ.items() if k not in SCRUBBED_ENV)
+    # cron, containers and LC_ALL=C scripts give no UTF-8 locale; the agent
+    # and the tools it runs then mangle non-ASCII source and file names.
+    # Only the character type changes (LC_ALL, if set, is what decides it).
+    if not is_utf8_locale(env.get("LC_ALL") or env.get("LC_CTYPE") or env.get("LANG")):
+        env["LC_ALL" if env.get("LC_ALL") else "LC_CTYPE"] = "C.UTF-8"
+    return env
+
+
+def is_utf8_locale(name):
+    return bool(name) and ("UTF-8" in name.upper() or "UTF8" in name.upper())
 
 
 def find_program(program):
@@ -953,20 +970,45 @@ def new_window(socket, session, name, cwd, command):
     fmt = SEP.join(("#{pane_id}", "#{pane_pid}", "#{window_id}", "#{pid}"))
     window = ["new-window", "-d", "-P", "-F", fmt, "-t", "=%s:" % session, "-n", name, "-c", cwd]
     try:
-        out = tmux(window + command, socket=socket)
+        out = tmux(window + command + keep_alive(socket, session), socket=socket)
     except TmuxError as e:
         if not (e.server_gone() or e.target_gone()):
             raise
         try:
             out = tmux(["new-session", "-d", "-P", "-F", fmt, "-s", session, "-n", name,
-                        "-x", "200", "-y", "50", "-c", cwd] + command, socket=socket)
+                        "-x", "200", "-y", "50", "-c", cwd] + command
+                       + keep_alive(socket, session), socket=socket)
         except TmuxError as e2:
             if "duplicate session" not in e2.stderr:
                 raise
-            out = tmux(window + command, socket=socket)   # another orch created it first
-    pane, pid, window_id, server_pid = out.strip().split(SEP)
-    return {"socket": socket, "session": session, "pane": pane, "pid": int(pid),
-            "window": window_id, "server_pid": int(server_pid)}
+            out = tmux(window + command + keep_alive(socket, session), socket=socket)
+    lines = out.strip().split("\n")
+    pane, pid, window_id, server_pid = lines[0].split(SEP)
+    found = {"socket": socket, "session": session, "pane": pane, "pid": int(pid),
+             "window": window_id, "server_pid": int(server_pid)}
+    if lines[-1].strip() == "on":
+        # The user's own server ends when nobody is attached: agents cannot live there.
+        tmux(["kill-pane", "-t", pane], socket=socket)
+        raise OrchError("your tmux configuration sets exit-unattached on, so the tmux server "
+                        "ends as soon as nobody is attached and takes detached agents with it: "
+                        "give orch a server of its own (export ORCH_TMUX_SOCKET=orch), where "
+                        "orch turns that option off, or remove it from ~/.tmux.conf")
+    return found
+
+
+def keep_alive(socket, session):
+    """tmux commands chained after a window is made, so a user's tmux.conf cannot end it.
+
+    destroy-unattached (a session option, maybe set globally in tmux.conf)
+    removes a detached session at once: orch turns it off for its own session
+    only.  exit-unattached is the whole server's: orch turns it off only on a
+    server of its own (a socket it was given); on the default server it asks
+    tmux for it, and new_window refuses if it is on.
+    """
+    chain = [";", "set-option", "-t", "=%s:" % session, "destroy-unattached", "off"]
+    if socket:
+        return chain + [";", "set-option", "-s", "exit-unattached", "off"]
+    return chain + [";", "show-options", "-sv", "exit-unattached"]
 
 
 def claude_argv(agent, program, resume_id=None, prompt=None):
@@ -2160,7 +2202,7 @@ def cmd_attach(args):
                         % (agent["name"], agent["name"]), EXIT_NOT_RUNNING)
     inside = os.environ.get("TMUX", "").split(",")[0]
     if inside and inside == socket_path(info["socket"]):
-        argv = tmux_argv(info["socket"], ["switch-client", "-t", info["pane"]])
+        argv = tmux_argv(info["socket"], ["switch-client", "-t", info["pane"]], utf8=False)
     else:
         # Two clients of one session share its current window; a grouped session
         # per attach lets two terminals each watch their own agent.
@@ -2169,7 +2211,7 @@ def cmd_attach(args):
         argv = tmux_argv(info["socket"], [
             "new-session", "-t", "=" + info["session"], "-s", group, ";",
             "set-option", "-t", "=%s:" % group, "destroy-unattached", "on", ";",
-            "select-window", "-t", "=%s:%s" % (group, info["window"])])
+            "select-window", "-t", "=%s:%s" % (group, info["window"])], utf8=False)
         if inside:
             sys.stderr.write("orch: attaching inside your own tmux (nested): press your prefix "
                              "key twice to reach the agent's tmux\n")
@@ -2769,9 +2811,21 @@ def main(argv=None):
         return EXIT_ERROR
 
 
+def utf8_output():
+    """Make stdout and stderr UTF-8 whatever the locale (Python 3.6 in a C locale uses ASCII)."""
+    import io
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if (getattr(stream, "encoding", "") or "").lower().replace("-", "") != "utf8" \
+                and hasattr(stream, "buffer"):
+            setattr(sys, name, io.TextIOWrapper(stream.buffer, encoding="utf-8",
+                                                errors="replace", line_buffering=True))
+
+
 def run_verb(argv):
     """Parse argv and run its verb; every failure is raised, main() reports it."""
     import signal
+    utf8_output()
     # Over a file-size limit (ulimit -f) a write should fail with an error
     # orch can report, not kill it half-way.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
