@@ -36,6 +36,7 @@ EXIT_NOT_RUNNING = 3        # the agent has exited: `orch resume NAME`
 EXIT_NEEDS_INPUT = 4        # refused: the agent shows a dialog that a keypress would answer
 EXIT_UNCONFIRMED = 5        # the message was typed but orch did not see it submitted
 EXIT_TIMEOUT = 6            # `wait` ran out of time
+EXIT_MIXED = 7              # submitted, but joined with text orch did not send
 EXIT_INTERRUPTED = 130
 
 # Variables that must not leak into an agent: they point it at the caller's
@@ -213,7 +214,8 @@ def check_tmux_version():
 
 # pane_dead_signal is empty before tmux 3.3; the rest exist in 3.0.
 PANE_FIELDS = ("pane_id", "pane_pid", "pane_dead", "pane_dead_status", "pane_dead_signal",
-               "window_id", "session_name", "window_activity", "pid", "pane_start_command")
+               "window_id", "session_name", "window_activity", "pid", "pane_in_mode",
+               "pane_start_command")
 
 
 def parse_panes(text):
@@ -1032,6 +1034,41 @@ def start_in_tmux(agent, argv):
                                agent["name"], agent["cwd"], ["/bin/sh", script])
 
 
+# Claude's settings files, highest precedence first (Linux paths).
+MANAGED_SETTINGS = "/etc/claude-code/managed-settings.json"
+
+
+def hooks_turned_off(cwd):
+    """Return (file, setting) when claude's settings turn hooks off for an agent in cwd.
+
+    orch could turn its own hooks back on with `--settings '{"disableAllHooks":
+    false}'`, but that turns the user's own hooks back on too (measured on
+    2.1.197 and 2.1.330): it refuses instead.
+    """
+    home = os.path.expanduser("~")
+    for path in (MANAGED_SETTINGS, os.path.join(cwd, ".claude", "settings.local.json"),
+                 os.path.join(cwd, ".claude", "settings.json"),
+                 os.path.join(home, ".claude", "settings.json")):
+        settings = read_json(path)
+        if not isinstance(settings, dict):
+            continue
+        if path == MANAGED_SETTINGS and settings.get("allowManagedHooksOnly") is True:
+            return path, "allowManagedHooksOnly"
+        if "disableAllHooks" in settings:
+            return (path, "disableAllHooks") if settings["disableAllHooks"] is True else None
+    return None
+
+
+def refuse_without_hooks(cwd):
+    off = hooks_turned_off(cwd)
+    if off:
+        raise OrchError("claude's hooks are turned off for %s (%s in %s): orch reads each "
+                        "agent's status and confirms each message through hooks of its own, "
+                        "and turning them on for its agents would turn yours on too; remove "
+                        "the setting, or use --backend headless, which needs no hooks"
+                        % (cwd, off[1], short_path(off[0])))
+
+
 def trust_folder(cwd):
     """Mark cwd trusted in ~/.claude.json so claude starts without its trust dialog.
 
@@ -1089,6 +1126,12 @@ def wait_until_started(agent, timeout):
     """
     def settled():
         st = status_of(agent)
+        if st["status"] == "starting" and hooks_silent(agent):
+            raise OrchError("agent %s runs (claude's own status file says so) but none of "
+                            "orch's hooks fired within %gs: something turns hooks off for it "
+                            "(a managed policy?), so orch can neither read its status nor "
+                            "confirm messages; `orch doctor`, then `orch rm %s`"
+                            % (agent["name"], HOOK_GRACE, agent["name"]), EXIT_UNCONFIRMED)
         return st if st["status"] != "starting" else None
 
     def exit_known():
@@ -1100,6 +1143,17 @@ def wait_until_started(agent, timeout):
         st = retry_until(exit_known, 1.0) or st
         raise exited_at_start(agent, st)
     return st
+
+
+HOOK_GRACE = 5.0    # seconds from claude's own status file to its SessionStart hook (~0.6 s seen)
+
+
+def hooks_silent(agent):
+    """True when claude has been up for HOOK_GRACE seconds and no hook of orch's has fired."""
+    if read_events(agent["name"], since=agent["launched"], tail_bytes=4096):
+        return False
+    own = claude_session_file_status(agent, agent["tmux"]["pid"])
+    return bool(own) and time.time() - agent["launched"] > HOOK_GRACE
 
 
 def exited_at_start(agent, st):
@@ -1178,9 +1232,40 @@ def submitted(agent, text, since):
     for event in events:
         if event.get("event") != "UserPromptSubmit" or event.get("t", 0) < since:
             continue
-        if event.get("prompt_sha") in shas or norm in event.get("prompt_text", ""):
+        if event.get("prompt_sha") in shas:
             return event
+        prompt = event.get("prompt_text", "")
+        if norm in prompt:
+            if is_merge_of(prompt, sent_texts(agent)):
+                return event    # claude joined messages orch queued into one prompt
+            raise OrchError("agent %s took your message joined with text orch did not send, "
+                            "as one prompt (%r): it was submitted, not alone; do not send it "
+                            "again" % (agent["name"], shorten(prompt, 60)), EXIT_MIXED)
     return None
+
+
+def sent_texts(agent):
+    """The normalised texts orch sent this agent since it was launched."""
+    launched = agent.get("launched", 0)
+    return set(e.get("prompt", "") for e in read_json_lines(hpath(agent["name"], "sent"))
+               if e.get("t", 0) >= launched)
+
+
+def is_merge_of(prompt, parts):
+    """True when prompt is some of parts joined by single spaces, in any order."""
+    reachable = [False] * (len(prompt) + 2)
+    reachable[0] = True
+    for i in range(len(prompt) + 1):
+        if not reachable[i]:
+            continue
+        for part in parts:
+            if part and prompt.startswith(part, i):
+                end = i + len(part)
+                if end == len(prompt):
+                    return True
+                if prompt[end:end + 1] == " ":
+                    reachable[end + 1] = True
+    return False
 
 
 def refuse_unless_ready(agent, st, force):
@@ -1218,6 +1303,9 @@ def send_message(agent, text, raw=False, force=False, timeout=None):
     with SendLock(agent["name"]):
         since = time.time()
         try:
+            prepare_pane(agent, st, force)
+            append_line(hpath(agent["name"], "sent"), json.dumps(
+                {"t": since, "sha": prompt_sha(text), "prompt": normalize_prompt(text)[:4096]}))
             paste_text(pane, socket, text)
             time.sleep(0.1)     # Enter in the same read as the paste can be swallowed by it
             send_enter(pane, socket)
@@ -1232,6 +1320,48 @@ def send_message(agent, text, raw=False, force=False, timeout=None):
             raise OrchError("agent %s is not running: its window or tmux server went away while "
                             "orch typed (%s); `orch resume %s` to continue it"
                             % (agent["name"], e.stderr, agent["name"]), EXIT_NOT_RUNNING)
+
+
+def prepare_pane(agent, st, force):
+    """Make sure orch types into claude's empty input box on the live screen.
+
+    The window is shared with people: one may have left it scrolled back in
+    copy mode (where Enter would not reach claude) or typed into the input box
+    without sending (claude would send that with orch's message as one prompt).
+    """
+    name, pane, socket = agent["name"], agent["tmux"]["pane"], agent["tmux"]["socket"]
+    info = pane_info(pane, socket).get(pane) or {}
+    if info.get("pane_in_mode") == "1":
+        tmux(["send-keys", "-t", pane, "-X", "cancel"], socket=socket)   # a view: nothing lost
+        if (pane_info(pane, socket).get(pane) or {}).get("pane_in_mode") == "1":
+            raise OrchError("agent %s's window is in a tmux mode orch could not leave; nothing "
+                            "was typed: `orch attach %s` and press q" % (name, name),
+                            EXIT_NEEDS_INPUT)
+    if agent.get("cmd") or st["status"] == "needs-input":
+        return      # no input box orch knows of (a dialog replaces claude's)
+    typed = typed_text(agent)
+    if typed and not force:
+        raise OrchError("agent %s has text in its input box that orch did not type (%r); it "
+                        "would go with your message as one prompt. Nothing was typed: finish "
+                        "or clear it with `orch attach %s`, or send with --force to clear it"
+                        % (name, shorten(typed, 40), name), EXIT_NEEDS_INPUT)
+    if typed:
+        for _ in range(5):      # Ctrl-U clears one line of the box on 2.1.197 and 2.1.330
+            tmux(["send-keys", "-t", pane, "C-u"], socket=socket)
+            if retry_until(lambda: not typed_text(agent), 1.0):
+                return
+        raise OrchError("agent %s's input box would not clear; nothing was typed: look with "
+                        "`orch attach %s`" % (name, name), EXIT_NEEDS_INPUT)
+
+
+QUEUED_HINT = "Press up to edit queued messages"    # shown in the box while messages wait
+
+
+def typed_text(agent):
+    """What sits in claude's input box now ('' when empty or only claude's hint)."""
+    rows = capture_pane(agent["tmux"]["pane"], agent["tmux"]["socket"])
+    text = input_box(rows)[1] or ""
+    return "" if text == QUEUED_HINT else text
 
 
 def confirm_submit(agent, text, since, was_working, timeout):
@@ -2017,6 +2147,8 @@ def cmd_spawn(args):
         argv_program = find_program(args.claude or default_program())
     if backend == "tmux":
         check_tmux_version()
+        if not args.cmd:
+            refuse_without_hooks(cwd)
     if args.trust and not args.cmd:
         trust_folder(cwd)
     import uuid
@@ -2460,6 +2592,8 @@ def cmd_resume(args):
         agent = find_agent(state, name)
         if agent["backend"] == "tmux":
             check_tmux_version()
+            if not agent.get("cmd"):
+                refuse_without_hooks(agent["cwd"])
         if status_of(agent)["status"] != "exited":
             raise OrchError("agent %s is still running: `orch send %s MESSAGE` to talk to it, "
                             "or `orch kill %s` first" % (name, name, name))
@@ -2596,8 +2730,17 @@ def check_data_dir():
     return [finding("ok", "data", "%s (mode 700)" % folder)]
 
 
-DOCTOR_CHECKS = (check_python, check_tmux, check_claude, check_tmux_variable, check_state,
-                 check_data_dir)
+def check_claude_settings():
+    off = hooks_turned_off(os.getcwd())
+    if off:
+        return [finding("problem", "hooks", "%s in %s turns claude's hooks off: orch's claude "
+                        "agents in tmux need them; remove it, or use --backend headless"
+                        % (off[1], off[0]))]
+    return [finding("ok", "hooks", "claude's settings leave hooks on (here, %s)" % os.getcwd())]
+
+
+DOCTOR_CHECKS = (check_python, check_tmux, check_claude, check_claude_settings,
+                 check_tmux_variable, check_state, check_data_dir)
 
 
 def cmd_doctor(args):
@@ -2626,8 +2769,9 @@ examples:
 
 exit codes:
   0 ok   1 error   2 usage or bad name   3 agent not running
-  4 refused: agent waits at a dialog (answer with attach, or --force)
-  5 message not confirmed as submitted   6 wait timed out   130 interrupted
+  4 refused: agent waits at a dialog, or someone's text is in its input box
+  5 message not confirmed as submitted   6 wait timed out
+  7 submitted, but joined with text orch did not send   130 interrupted
 
 environment:
   ORCH_STATE  ORCH_TMUX_SOCKET  ORCH_SESSION  ORCH_CLAUDE  ORCH_TRACE=1
@@ -2668,7 +2812,8 @@ def add_send(sub, verb):
     p.add_argument("--raw", action="store_true",
                    help="send a leading '/' or '!' as a command (e.g. /compact)")
     p.add_argument("--force", action="store_true",
-                   help="type even while the agent shows a dialog (Enter answers it!)")
+                   help="clear text someone left in the input box first; type even at a "
+                        "dialog (Enter answers it!)")
     p.add_argument("--timeout", type=SECONDS, metavar="SECONDS",
                    help="seconds to wait for confirmation (default 10)")
     p.set_defaults(func=cmd_send)

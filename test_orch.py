@@ -281,9 +281,14 @@ while True:
                 log("quit by ctrl-c")
                 sys.exit(130)
             state["ctrl_c"] = True      # "Press Ctrl-C again to exit"
+        elif data[:1] == b"\x15":        # Ctrl-U empties the input box
+            data, typed = data[1:], ""
+            say("\u276f\u00a0")
         else:
             typed += data[:1].decode("latin-1")
             data = data[1:]
+            if not pasting:
+                say("\u276f\u00a0" + typed)      # a person typing: the box shows it
 """
 
 
@@ -425,7 +430,7 @@ def test_parse_tmux_version():
 
 
 def test_parse_panes_keeps_separator_inside_fields_apart():
-    line = orch.SEP.join(["%3", "42", "1", "7", "", "@2", "orch", "1700000000", "9", "/bin/sh x"])
+    line = orch.SEP.join(["%3", "42", "1", "7", "", "@2", "orch", "1700000000", "9", "0", "/bin/sh x"])
     panes = orch.parse_panes(line + "\nnot a pane line\n")
     assert list(panes) == ["%3"]
     assert panes["%3"]["pane_dead_status"] == "7" and panes["%3"]["pid"] == "9"
@@ -709,19 +714,31 @@ def test_starting_agent_waits_then_send_submits(env, capsys):
     assert env.messages() == ["as soon as you can"]
 
 
-def test_merged_prompt_confirms_each_message(env):
-    # Claude merges messages queued during a turn into one prompt at its end.
+def fire_prompt_hook(name, prompt):
+    """Run orch's hook script as claude would for a UserPromptSubmit."""
+    hook = orch.install_hook_script()
+    event = {"hook_event_name": "UserPromptSubmit", "session_id": "s", "prompt": prompt}
+    subprocess.run([sys.executable, "-I", "-S", hook, orch.events_path(name), "UserPromptSubmit"],
+                   input=json.dumps(event), universal_newlines=True, check=True)
+
+
+def test_merged_prompt_confirms_only_messages_orch_sent(env):
+    # Claude may merge messages queued during a turn into one prompt.
     agent = {"name": "m1"}
     os.makedirs(orch.agent_dir("m1"))
-    hook = orch.install_hook_script()
-    merged = {"hook_event_name": "UserPromptSubmit", "session_id": "s",
-              "prompt": "first queued\nsecond   queued"}
-    subprocess.run([sys.executable, "-I", "-S", hook, orch.events_path("m1"), "UserPromptSubmit"],
-                   input=json.dumps(merged), universal_newlines=True, check=True)
+    for text in ("first queued", "second queued"):
+        orch.append_line(orch.hpath("m1", "sent"), json.dumps({"t": time.time(), "prompt": text}))
+    fire_prompt_hook("m1", "first queued\n\nsecond   queued")
     assert orch.submitted(agent, "second queued", 0)
     assert orch.submitted(agent, "first queued", 0)
     assert not orch.submitted(agent, "third", 0)
     assert not orch.submitted(agent, "second queued", time.time() + 1)
+    # A person's half-typed words joined to the message: submitted, but not alone.
+    later = time.time()
+    fire_prompt_hook("m1", "half typed second queued")
+    with pytest.raises(orch.OrchError) as e:
+        orch.submitted(agent, "second queued", later)
+    assert e.value.code == orch.EXIT_MIXED and "half typed second queued" in str(e.value)
 
 
 def test_send_to_exited_agent_says_resume(env, capsys):
@@ -1006,7 +1023,7 @@ def doctor(capsys):
 
 def test_doctor_all_well_and_changes_nothing(env, capsys, monkeypatch):
     code, found = doctor(capsys)
-    assert code == 0 and [level for level, _ in found.values()] == ["ok"] * 6
+    assert code == 0 and [level for level, _ in found.values()] == ["ok"] * 7
     assert "tmux 3" in found["tmux"][1] and "Claude Code 2.1.197" in found["claude"][1]
     assert "does not exist yet" in found["state"][1] and "does not exist yet" in found["data"][1]
     assert not os.path.exists(os.environ["ORCH_STATE"]) and not os.path.exists(orch.data_dir())
