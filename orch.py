@@ -990,7 +990,10 @@ def new_window(socket, session, name, cwd, command):
              "window": window_id, "server_pid": int(server_pid)}
     if lines[-1].strip() == "on":
         # The user's own server ends when nobody is attached: agents cannot live there.
-        tmux(["kill-pane", "-t", pane], socket=socket)
+        try:
+            tmux(["kill-pane", "-t", pane], socket=socket)
+        except TmuxError:
+            pass        # the server already ended, and the agent with it
         raise OrchError("your tmux configuration sets exit-unattached on, so the tmux server "
                         "ends as soon as nobody is attached and takes detached agents with it: "
                         "give orch a server of its own (export ORCH_TMUX_SOCKET=orch), where "

@@ -78,6 +78,21 @@ while i < len(args):
         i += 1
 session = opts.get("--resume") or opts.get("--session-id") or "none"
 hooks = json.loads(opts.get("--settings", "{}")).get("hooks", {})
+# Like claude (measured): disableAllHooks silences --settings hooks too; a
+# project's setting wins over the user's.
+for path in (os.path.join(os.getcwd(), ".claude", "settings.local.json"),
+             os.path.join(os.getcwd(), ".claude", "settings.json"),
+             os.path.join(os.environ["HOME"], ".claude", "settings.json")):
+    try:
+        with open(path) as f:
+            found = json.load(f)
+    except (OSError, ValueError):
+        continue
+    if "disableAllHooks" in found:
+        hooks = {} if found["disableAllHooks"] is True else hooks
+        break
+if os.environ.get("FAKE_NO_HOOKS"):     # hooks off by a setting orch cannot read
+    hooks = {}
 MODE = opts.get("--permission-mode") or os.environ.get("FAKE_DEFAULT_MODE") or "default"
 IMMEDIATE = os.environ.get("FAKE_QUEUE") == "immediate"
 LOG = os.path.join(os.environ["FAKE_LOG"], "%d.jsonl" % os.getpid())
@@ -328,7 +343,8 @@ class Env(object):
         for var in ("TMUX", "TMUX_PANE", "CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT",
                     "ORCH_SESSION", "ORCH_TRACE", "ORCH_BACKEND", "FAKE_TRUST",
                     "FAKE_DIE_AT_START", "FAKE_START_DELAY", "FAKE_QUEUE", "FAKE_PASTE_WRAP",
-                    "FAKE_DEFAULT_MODE", "FAKE_SLASH_AFTER_BLANKS", "FAKE_VERSION"):
+                    "FAKE_DEFAULT_MODE", "FAKE_SLASH_AFTER_BLANKS", "FAKE_VERSION",
+                    "FAKE_NO_HOOKS"):
             monkeypatch.delenv(var, raising=False)
         env = {"HOME": self.home, "ORCH_STATE": os.path.join(root, "state.json"),
                "ORCH_TMUX_SOCKET": self.socket, "TMUX_TMPDIR": self.tmpdir,
@@ -396,11 +412,11 @@ def run(capsys, *args, stdin=None):
     return code, out, err
 
 
-def cli(*args, stdin=None, python=None, env_extra=None):
+def cli(*args, stdin=None, python=None, env_extra=None, env=None, cwd=None):
     """Run orch.py as its own process (exit codes, stderr, other interpreters)."""
-    env = dict(os.environ)
+    env = dict(os.environ if env is None else env)
     env.update(env_extra or {})
-    proc = subprocess.run([python or sys.executable, ORCH] + list(args), env=env,
+    proc = subprocess.run([python or sys.executable, ORCH] + list(args), env=env, cwd=cwd,
                           input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           universal_newlines=True, timeout=120)
     return proc.returncode, proc.stdout, proc.stderr
@@ -1084,6 +1100,184 @@ def test_parse_claude_version():
     assert orch.parse_claude_version("no version") is None
 
 
+# ###########################################################################
+# Real environments: a shared window, the user's tmux.conf and Claude settings,
+# locales and bare environments, first runs
+# ###########################################################################
+
+def test_send_leaves_copy_mode_first(env, capsys):
+    assert run(capsys, "spawn", "a1", "first")[0] == 0
+    pane = env.state()["agents"]["a1"]["tmux"]["pane"]
+    tmux_cmd("copy-mode", "-t", pane)       # a person scrolled back, then detached
+    assert tmux_cmd("display-message", "-p", "-t", pane, "#{pane_in_mode}").strip() == "1"
+    code, out, err = run(capsys, "send", "a1", "after copy mode")
+    assert (code, out) == (0, "a1: submitted\n"), err
+    assert tmux_cmd("display-message", "-p", "-t", pane, "#{pane_in_mode}").strip() == "0"
+    assert env.messages() == ["first", "after copy mode"]
+
+
+def test_send_refuses_half_typed_text_and_force_clears_it(versioned, capsys):
+    assert run(capsys, "spawn", "a1", "first")[0] == 0
+    pane = versioned.state()["agents"]["a1"]["tmux"]["pane"]
+    tmux_cmd("send-keys", "-t", pane, "-l", "half typed")
+    retry_until(lambda: "\u276f\u00a0half typed" in run(capsys, "tail", "a1")[1])
+    code, out, err = run(capsys, "send", "a1", "orch message")
+    assert code == orch.EXIT_NEEDS_INPUT and one_error(err) and "'half typed'" in err
+    assert "--force" in err and out == ""
+    assert "\u276f\u00a0half typed" in run(capsys, "tail", "a1", "-n", "3")[1]   # kept
+    code, out, err = run(capsys, "send", "a1", "--force", "orch message")
+    assert (code, out) == (0, "a1: submitted\n"), err
+    assert versioned.messages() == ["first", "orch message"]
+
+
+def test_disable_all_hooks_is_refused_at_once_and_by_doctor(env, capsys):
+    os.makedirs(os.path.join(env.home, ".claude"))
+    with open(os.path.join(env.home, ".claude", "settings.json"), "w") as f:
+        json.dump({"disableAllHooks": True}, f)
+    started = time.time()
+    code, out, err = run(capsys, "spawn", "a1", "task")
+    assert code == 1 and one_error(err) and "disableAllHooks in ~/.claude/settings.json" in err
+    assert time.time() - started < 5 and env.records("start") == []
+    assert doctor(capsys)[1]["hooks"][0] == "problem"
+    assert run(capsys, "spawn", "c1", "task", "--cmd", env.fake)[0] == 0     # no hooks needed
+    os.makedirs(os.path.join(env.work, ".claude"))
+    with open(os.path.join(env.work, ".claude", "settings.local.json"), "w") as f:
+        json.dump({"disableAllHooks": False}, f)    # the project turns them back on
+    assert run(capsys, "spawn", "a1", "task")[0] == 0
+
+
+def test_hooks_silenced_unseen_are_noticed_within_seconds(env, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_NO_HOOKS", "1")
+    started = time.time()
+    code, out, err = run(capsys, "spawn", "a1", "task")
+    assert code == orch.EXIT_UNCONFIRMED and one_error(err) and "none of orch's hooks" in err
+    assert time.time() - started < orch.HOOK_GRACE + 5
+
+
+HEAVY_TMUX_CONF = """\
+set -g base-index 1
+setw -g pane-base-index 1
+set -g renumber-windows on
+setw -g automatic-rename on
+set -s extended-keys on
+set -g mouse on
+set -g default-shell /bin/bash
+set -g status-interval 1
+set -g status-right '#(date)'
+set -g remain-on-exit off
+set -g destroy-unattached on
+set -g exit-unattached on
+run-shell 'sleep 1'
+bind -n C-l send-keys C-l
+"""
+
+
+def test_users_heavy_tmux_conf(env, capsys, monkeypatch):
+    # orch starts its own server, which reads the user's ~/.tmux.conf.
+    with open(os.path.join(env.home, ".tmux.conf"), "w") as f:
+        f.write(HEAVY_TMUX_CONF)
+    monkeypatch.setenv("ORCH_TMUX_SOCKET", env.socket + "u")
+    try:
+        code, out, err = run(capsys, "spawn", "a1", "SLOW-30 first")
+        assert code == 0, err
+        assert status(capsys, "a1")["status"] == "working"
+        code, out, _ = run(capsys, "interrupt", "a1")
+        assert code == 0
+        wait_status(capsys, "a1", "idle")
+        assert run(capsys, "send", "a1", "second")[:2] == (0, "a1: submitted\n")
+        assert run(capsys, "kill", "a1")[0] == 0
+        assert run(capsys, "resume", "a1", "third")[0] == 0
+        assert env.messages() == ["SLOW-30 first", "second", "third"]
+    finally:
+        subprocess.run(["tmux", "-L", env.socket + "u", "kill-server"], stderr=subprocess.DEVNULL)
+
+
+def test_exit_unattached_on_the_users_own_server_is_refused(env, capsys, monkeypatch):
+    with open(os.path.join(env.home, ".tmux.conf"), "w") as f:
+        f.write("set -g exit-unattached on\n")
+    monkeypatch.delenv("ORCH_TMUX_SOCKET")     # the default server (in the test's TMUX_TMPDIR)
+    code, out, err = run(capsys, "spawn", "a1", "--cmd", "sleep 1000")
+    assert code == 1 and one_error(err) and "exit-unattached" in err
+    assert "ORCH_TMUX_SOCKET" in err and not os.path.exists(os.environ["ORCH_STATE"])
+
+
+def environment(kind):
+    """The environment a command gets from a shell, cron, or a container with no locale."""
+    keep = ("HOME", "ORCH_STATE", "ORCH_TMUX_SOCKET", "TMUX_TMPDIR", "ORCH_CLAUDE", "FAKE_LOG",
+            "ORCH_KILL_GRACE")
+    if kind == "cron":      # env -i plus what crontab sets
+        return dict([(k, os.environ[k]) for k in keep] + [("PATH", "/usr/bin:/bin"),
+                                                          ("SHELL", "/bin/sh")])
+    env = dict((k, v) for k, v in os.environ.items()
+               if k not in ("LANG", "LC_ALL", "LC_CTYPE", "LANGUAGE"))
+    if kind == "LC_ALL=C":
+        env["LC_ALL"] = "C"
+    return env
+
+
+@pytest.mark.parametrize("kind", ["LC_ALL=C", "no locale", "cron"])
+def test_cli_every_verb_in_bare_environments(env, kind):
+    py = cli_python()
+    bare = environment(kind)
+
+    def orch_cli(*args, **kw):
+        proc = subprocess.run([py, ORCH] + list(args), env=bare, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=120, **kw)
+        out, err = proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
+        assert "Traceback" not in err, err
+        return proc.returncode, out, err
+    code, out, err = orch_cli("spawn", "a1", "caf\u00e9 \u6f22\u5b57 \U0001F680 task")
+    assert code == 0, err
+    assert orch_cli("send", "a1", "na\u00efve SLOW-20 message")[:2] == (0, "a1: submitted\n")
+    code, out, _ = orch_cli("list")
+    assert code == 0 and "na\u00efve" in out
+    code, out, _ = orch_cli("list", "--json")
+    assert json.loads(out)[0]["status"] == "working"
+    code, out, _ = orch_cli("tail", "a1")
+    assert code == 0 and "caf\u00e9 \u6f22\u5b57" in out
+    assert orch_cli("interrupt", "a1")[0] == 0
+    assert orch_cli("wait", "a1", "--timeout", "30")[:2] == (0, "a1: idle\n")
+    code, out, _ = orch_cli("send", "a1", "-", input="from stdin \u00e9\n".encode("utf-8"))
+    assert (code, out) == (0, "a1: submitted\n")
+    assert orch_cli("kill", "a1")[0] == 0
+    assert orch_cli("resume", "a1", "again \u00e9")[0] == 0
+    assert orch_cli("doctor")[0] == 0
+    assert orch_cli("rm", "a1")[:2] == (0, "removed a1\n")
+    assert env.messages() == ["caf\u00e9 \u6f22\u5b57 \U0001F680 task", "na\u00efve SLOW-20 message",
+                              "from stdin \u00e9", "again \u00e9"]
+    started = env.records("start")[0]["env"]
+    assert "UTF-8" in (started.get("LC_ALL") or started.get("LC_CTYPE") or started.get("LANG"))
+
+
+@pytest.mark.parametrize("case", ["HOME unset", "state folder not made yet", "odd cwd",
+                                  "no TERM, short PATH"])
+def test_cli_first_run_anywhere(env, tmp_path, case):
+    bare = dict(os.environ)
+    cwd = env.work
+    args = ["spawn", "a1", "first run"]
+    if case == "HOME unset":
+        del bare["HOME"]
+        args += ["--cmd", "cat"]        # claude (and the stand-in) need a HOME
+    elif case == "state folder not made yet":
+        bare["ORCH_STATE"] = str(tmp_path / "new" / "deeper" / "state.json")
+        args.append("--trust")
+    elif case == "odd cwd":
+        cwd = str(tmp_path / "with space \u00e9\u6f22")
+        os.mkdir(cwd)
+        write_claude_config(env.home, [cwd])
+    else:
+        bare.pop("TERM", None)
+        bare["PATH"] = "/usr/bin:/bin"
+    code, out, err = cli(*args, python=cli_python(), env_extra=None, cwd=cwd, env=bare)
+    assert code == 0 and "Traceback" not in err, err
+    code, out, err = cli("list", "--json", python=cli_python(), env=bare, cwd=cwd)
+    assert code == 0 and json.loads(out)[0]["cwd"] == cwd
+    assert cli("rm", "a1", python=cli_python(), env=bare, cwd=cwd)[0] == 0
+
+
+# ###########################################################################
+# tail and attach
+# ###########################################################################
 # ###########################################################################
 # tail and attach
 # ###########################################################################
