@@ -2656,6 +2656,66 @@ def test_e2e_kill_then_resume_after_kill_server_keeps_conversation(claude, capsy
     assert wait_status(capsys, "a1", "idle")["session_id"] == sid
 
 
+def test_e2e_round_trip_under_lc_all_c(claude, capsys):
+    bare = dict(environment("LC_ALL=C"), ORCH_CLAUDE=os.environ["ORCH_CLAUDE"])
+    for key in ("ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY", "DISABLE_AUTOUPDATER",
+                "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"):
+        bare[key] = os.environ[key]
+
+    def orch_cli(*args):
+        proc = subprocess.run([sys.executable, ORCH] + list(args), env=bare, timeout=120,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
+        assert "Traceback" not in err, err
+        return proc.returncode, out, err
+    code, out, err = orch_cli("spawn", "a1", "caf\u00e9 \u6f22\u5b57 first")
+    assert code == 0, err
+    assert orch_cli("wait", "a1", "--timeout", "60")[0] == 0
+    code, out, err = orch_cli("send", "a1", "na\u00efve \u2713 SLOW-20 second")
+    assert (code, out) == (0, "a1: submitted\n"), err
+    code, out, _ = orch_cli("tail", "a1")
+    assert code == 0 and "na\u00efve \u2713 SLOW-20 second" in out and "\u276f" in out
+    assert orch_cli("interrupt", "a1")[0] == 0
+    assert orch_cli("wait", "a1", "--timeout", "60")[:2] == (0, "a1: idle\n")
+    assert claude.api.texts() == ["caf\u00e9 \u6f22\u5b57 first", "na\u00efve \u2713 SLOW-20 second"]
+
+
+def test_e2e_copy_mode_and_half_typed_text(claude, capsys):
+    assert run(capsys, "spawn", "a1", "first")[0] == 0
+    assert run(capsys, "wait", "a1", "--timeout", "60")[0] == 0
+    pane = claude.state()["agents"]["a1"]["tmux"]["pane"]
+    tmux_cmd("copy-mode", "-t", pane)
+    code, out, err = run(capsys, "send", "a1", "after copy mode")
+    assert (code, out) == (0, "a1: submitted\n"), err
+    assert run(capsys, "wait", "a1", "--timeout", "60")[0] == 0
+    tmux_cmd("send-keys", "-t", pane, "-l", "half typed")
+    retry_until(lambda: orch.typed_text(claude.state()["agents"]["a1"]) == "half typed")
+    code, out, err = run(capsys, "send", "a1", "orch message")
+    assert code == orch.EXIT_NEEDS_INPUT and "'half typed'" in err
+    assert orch.typed_text(claude.state()["agents"]["a1"]) == "half typed"      # kept
+    code, out, err = run(capsys, "send", "a1", "--force", "orch message")
+    assert (code, out) == (0, "a1: submitted\n"), err
+    assert retry_until(lambda: len(claude.api.texts()) == 3 and claude.api.texts()) == [
+        "first", "after copy mode", "orch message"]
+
+
+def test_e2e_a_prompt_that_merely_contains_the_message_is_not_it(claude, capsys):
+    assert run(capsys, "spawn", "a1", "first")[0] == 0
+    assert run(capsys, "wait", "a1", "--timeout", "60")[0] == 0
+    agent = claude.state()["agents"]["a1"]
+    pane, socket = agent["tmux"]["pane"], agent["tmux"]["socket"]
+    # A person types between orch's look at the box and its paste.
+    tmux_cmd("send-keys", "-t", pane, "-l", "half typed ")
+    retry_until(lambda: orch.typed_text(agent) == "half typed")
+    since = time.time()
+    orch.paste_text(pane, socket, "orch message")
+    retry_until(lambda: "orch message" in orch.typed_text(agent))
+    orch.send_enter(pane, socket)
+    with pytest.raises(orch.OrchError) as e:
+        retry_until(lambda: orch.submitted(agent, "orch message", since))
+    assert e.value.code == orch.EXIT_MIXED and "half typed orch message" in str(e.value)
+
+
 @pytest.fixture
 def claude_headless(claude, monkeypatch, tmp_path_factory):
     """The real claude with no tmux on PATH."""
