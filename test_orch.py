@@ -2680,6 +2680,21 @@ def test_e2e_round_trip_under_lc_all_c(claude, capsys):
     assert claude.api.texts() == ["caf\u00e9 \u6f22\u5b57 first", "na\u00efve \u2713 SLOW-20 second"]
 
 
+def test_e2e_vim_mode_status_line_and_output_style(claude, capsys):
+    write_claude_config(claude.home, [claude.work], {"editorMode": "vim"})
+    os.makedirs(os.path.join(claude.home, ".claude"))
+    with open(os.path.join(claude.home, ".claude", "settings.json"), "w") as f:
+        json.dump({"statusLine": {"type": "command", "command": "echo '\u276f my status line'"},
+                   "outputStyle": "Explanatory"}, f)
+    assert run(capsys, "spawn", "a1", "SLOW-20 first")[0] == 0
+    assert run(capsys, "interrupt", "a1")[0] == 0       # Escape: vim's normal mode after
+    assert run(capsys, "wait", "a1", "--timeout", "60")[:2] == (0, "a1: idle\n")
+    retry_until(lambda: "my status line" in run(capsys, "tail", "a1")[1])
+    code, out, err = run(capsys, "send", "a1", "second")
+    assert (code, out) == (0, "a1: submitted\n"), err
+    assert retry_until(lambda: claude.api.texts()[1:]) == ["second"]
+
+
 def test_e2e_copy_mode_and_half_typed_text(claude, capsys):
     assert run(capsys, "spawn", "a1", "first")[0] == 0
     assert run(capsys, "wait", "a1", "--timeout", "60")[0] == 0
