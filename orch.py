@@ -2563,8 +2563,26 @@ def cmd_interrupt(args):
     else:
         # Escape stops claude's turn, or cancels a dialog: never Enter, which approves.
         tmux(["send-keys", "-t", agent["tmux"]["pane"], "Escape"], socket=agent["tmux"]["socket"])
+        if not agent.get("cmd") and st["status"] == "working" and st["last_prompt"]:
+            clear_restored_prompt(agent, st["last_prompt"])
     print("%s: interrupt sent (was %s)" % (agent["name"], st["status"]))
     return EXIT_OK
+
+
+def clear_restored_prompt(agent, prompt):
+    """Empty the input box of the prompt claude puts back there when a turn is interrupted.
+
+    Measured on 2.1.197 and 2.1.330: after Escape the interrupted prompt is in
+    the box again, and the next message would be sent glued to it.  Only that
+    text is cleared; anything else in the box is a person's and stays.
+    """
+    wanted = normalize_prompt(prompt)
+    typed = normalize_prompt(retry_until(lambda: typed_text(agent), 2.0) or "")
+    if typed and (wanted.startswith(typed) or typed.startswith(wanted)):
+        for _ in range(5):
+            tmux(["send-keys", "-t", agent["tmux"]["pane"], "C-u"], socket=agent["tmux"]["socket"])
+            if retry_until(lambda: not typed_text(agent), 1.0):
+                return
 
 
 def cmd_supervise(args):

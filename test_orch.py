@@ -139,7 +139,8 @@ log("start", argv=sys.argv[1:], env=dict(os.environ), cwd=os.getcwd())
 fd = sys.stdin.fileno()
 tty.setraw(fd)
 sys.stdout.write("\x1b[?2004h")     # ask for bracketed paste, as claude does
-state = {"mode": "idle", "until": 0, "queue": [], "swallow": False, "turn_id": None}
+state = {"mode": "idle", "until": 0, "queue": [], "swallow": False, "turn_id": None,
+         "prompt": ""}
 
 def trusted():
     try:
@@ -164,6 +165,7 @@ def submit(text, hooked=False):
         say("\u276f ")
         return
     log("message", text=text)
+    state["prompt"] = text
     if not hooked:
         state["turn_id"] = str(uuid.uuid4())
         hook("UserPromptSubmit", prompt=text.strip())
@@ -236,12 +238,18 @@ def enter(text):
     submit(text)
 
 def escape():
+    global typed
     if state["mode"] in ("busy", "dialog"):
         log("interrupted")
+        restore = state["mode"] == "busy"
         state["mode"] = "idle"
         set_status("idle")              # like claude: no hook fires for this
         say("Interrupted")
-        say("\u276f ")
+        if restore:     # like claude: the interrupted prompt is back in the input box
+            typed = state["prompt"]
+            say("\u276f\u00a0" + typed)
+        else:
+            say("\u276f ")
     elif state["mode"] == "trust":
         sys.exit(1)
 
@@ -252,7 +260,8 @@ if os.environ.get("FAKE_TRUST") and not trusted():
 else:
     start()
 
-data, pasted, typed, pasting = b"", b"", "", False
+data, pasted, pasting = b"", b"", False
+typed = ""
 while True:
     timeout = max(0.0, state["until"] - time.time()) if state["mode"] == "busy" else None
     ready, _, _ = select.select([fd], [], [], timeout)
@@ -1104,6 +1113,21 @@ def test_parse_claude_version():
 # Real environments: a shared window, the user's tmux.conf and Claude settings,
 # locales and bare environments, first runs
 # ###########################################################################
+
+def test_interrupt_clears_the_prompt_claude_puts_back(env, capsys):
+    assert run(capsys, "spawn", "a1", "SLOW-30 long job")[0] == 0
+    pane = env.state()["agents"]["a1"]["tmux"]["pane"]
+    assert run(capsys, "interrupt", "a1")[0] == 0
+    assert orch.typed_text(env.state()["agents"]["a1"]) == ""
+    code, out, err = run(capsys, "send", "a1", "do this instead")
+    assert (code, out) == (0, "a1: submitted\n"), err
+    assert env.messages() == ["SLOW-30 long job", "do this instead"]
+    # An interrupt clears only claude's restored prompt, never a person's text.
+    tmux_cmd("send-keys", "-t", pane, "-l", "mine")
+    retry_until(lambda: orch.typed_text(env.state()["agents"]["a1"]) == "mine")
+    assert run(capsys, "interrupt", "a1")[0] == 0
+    assert orch.typed_text(env.state()["agents"]["a1"]) == "mine"
+
 
 def test_send_leaves_copy_mode_first(env, capsys):
     assert run(capsys, "spawn", "a1", "first")[0] == 0
@@ -2693,6 +2717,15 @@ def test_e2e_vim_mode_status_line_and_output_style(claude, capsys):
     code, out, err = run(capsys, "send", "a1", "second")
     assert (code, out) == (0, "a1: submitted\n"), err
     assert retry_until(lambda: claude.api.texts()[1:]) == ["second"]
+
+
+def test_e2e_interrupt_then_send_sends_only_the_new_message(claude, capsys):
+    assert run(capsys, "spawn", "a1", "SLOW-30 long job")[0] == 0
+    assert run(capsys, "interrupt", "a1")[0] == 0
+    assert run(capsys, "wait", "a1", "--timeout", "60")[0] == 0
+    code, out, err = run(capsys, "send", "a1", "do this instead")
+    assert (code, out) == (0, "a1: submitted\n"), err
+    assert retry_until(lambda: claude.api.texts()[1:]) == ["do this instead"]
 
 
 def test_e2e_copy_mode_and_half_typed_text(claude, capsys):
