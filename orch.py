@@ -561,6 +561,10 @@ def read_json_lines(path, offset=0, tail_bytes=None):
             data = f.read()
     except OSError:
         return []
+    return parse_json_lines(data)
+
+
+def parse_json_lines(data):
     found = []
     for raw in data.split(b"\n"):
         try:
@@ -570,6 +574,22 @@ def read_json_lines(path, offset=0, tail_bytes=None):
         if isinstance(obj, dict):
             found.append(obj)
     return found
+
+
+def read_new_lines(path, offset):
+    """Return (objects, offset after the last whole line) of a JSON-lines file from offset.
+
+    A line being written (no newline yet) is left for next time; a partial
+    first line (offset inside a line) is skipped.
+    """
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    return parse_json_lines(data[:end]), offset + end
 
 
 def read_events(name, since=0.0, tail_bytes=None):
@@ -675,8 +695,10 @@ def zombie_exit_code(pid):
 CONTINUING = "*"     # a turn claude started by itself, for messages queued during the last one
 
 
-def replay_events(events):
+def replay_events(events, seen=None):
     """Walk one agent's hook events in order; return what they say about it now.
+
+    seen is the result of replaying the events before these (see hook_summary).
 
     Turns are counted, not just read off the last event.  Claude Code 2.1.330+
     reports a message typed during a turn at once, carrying the running turn's
@@ -686,9 +708,10 @@ def replay_events(events):
     prompt_id, back to back.)  Each UserPromptSubmit that was queued gets
     "queued": True, so `send` can say so.
     """
-    seen = {"status": None, "needs": None, "detail": None, "since": None, "turn": None,
-            "waiting": 0, "last_prompt": None, "session_id": None, "permission_mode": None,
-            "reported_in": False, "last_event": None, "tool": None}
+    seen = dict(seen or {"status": None, "needs": None, "detail": None, "since": None,
+                         "turn": None, "waiting": 0, "last_prompt": None, "session_id": None,
+                         "permission_mode": None, "reported_in": False, "last_event": None,
+                         "tool": None})
     for event in events:
         kind = event.get("event")
         seen["last_event"] = event.get("t")
@@ -738,7 +761,43 @@ def turn_ended(seen):
         seen["turn"] = None
 
 
-def agent_status(agent, panes, read_screen=None):
+def hook_summary(agent, save=True):
+    """replay_events over the agent's hook events, parsing only the ones not seen before.
+
+    `list` and `wait` need this for every agent, every time.  Parsing each
+    event file (hours of work: ~2,000 events, 0.5 MB) made their cost grow
+    with history; a small cache beside the events (the replay's result and the
+    byte offset it has read to) makes a call cost one stat and one small read
+    when nothing happened, and the parsing of the new lines when something did.
+    It is only a cache: lost, stale or unwritable, it is rebuilt from the events.
+    """
+    name = agent["name"]
+    launched = agent.get("launched", agent.get("created", 0))
+    path, cache_path = events_path(name), os.path.join(agent_dir(name), "status.json")
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = 0
+    cache = read_json(cache_path)
+    if not (isinstance(cache, dict) and cache.get("launched") == launched
+            and isinstance(cache.get("seen"), dict)
+            and isinstance(cache.get("offset"), int) and cache["offset"] <= size):
+        # From scratch: the last 64 KB hold far more than the current turn.
+        cache = {"launched": launched, "offset": max(0, size - 65536), "seen": None}
+    if cache["offset"] == size and cache["seen"] is not None:
+        return cache["seen"]
+    events, end = read_new_lines(path, cache["offset"])
+    seen = replay_events([e for e in events if e.get("t", 0) >= launched], cache["seen"])
+    if save:
+        try:
+            write_file_atomic(cache_path, json.dumps(
+                {"launched": launched, "offset": end, "seen": seen}))
+        except OrchError:
+            pass        # a read-only folder: the next call parses again
+    return seen
+
+
+def agent_status(agent, panes, read_screen=None, save=True):
     """Return {status, since, needs, detail, exit_code, source, last_prompt, ...} for one agent.
 
     read_screen() is called only when hooks cannot answer: claude has not
@@ -748,8 +807,7 @@ def agent_status(agent, panes, read_screen=None):
     result = {"status": "exited", "since": None, "needs": None, "detail": None,
               "exit_code": None, "source": "tmux", "last_prompt": None, "pid": None,
               "permission_mode": None, "pending": False}
-    seen = replay_events([] if agent.get("cmd") else read_events(
-        agent["name"], since=launched, tail_bytes=65536))
+    seen = replay_events([]) if agent.get("cmd") else hook_summary(agent, save)
     result.update(last_prompt=seen["last_prompt"], since=seen["last_event"],
                   permission_mode=seen["permission_mode"] or permission_mode_arg(agent))
     if seen["session_id"]:
@@ -840,8 +898,11 @@ def screen_status(result, pane):
     return result
 
 
-def statuses(agents):
-    """Return {name: status dict} for agents, with one list-panes per tmux server."""
+def statuses(agents, save=True):
+    """Return {name: status dict} for agents, with one list-panes per tmux server.
+
+    save=False: touch no file (doctor), not even the status caches.
+    """
     by_socket = {}
     result = {}
     for agent in agents:
@@ -860,7 +921,7 @@ def statuses(agents):
             time.sleep(0.02)
             panes = read_panes(group, socket)
         for agent in group:
-            result[agent["name"]] = agent_status(agent, panes, screen_reader(agent, socket))
+            result[agent["name"]] = agent_status(agent, panes, screen_reader(agent, socket), save)
     return result
 
 
@@ -2718,7 +2779,7 @@ def check_state():
     if not os.path.exists(path):
         return [finding("ok", "state", "%s does not exist yet (the first spawn creates it)" % path)]
     agents = list(state["agents"].values())
-    found = statuses(agents)
+    found = statuses(agents, save=False)
     gone = sorted(a["name"] for a in agents if found[a["name"]]["status"] == "exited"
                   and found[a["name"]]["exit_code"] is None)
     running = len([n for n, st in found.items() if st["status"] != "exited"])
@@ -2774,6 +2835,83 @@ def cmd_doctor(args):
         for f in findings:
             print("%-8s %-7s %s" % (f["level"], f["check"], f["message"]))
     return EXIT_ERROR if any(f["level"] == "problem" for f in findings) else EXIT_OK
+
+
+# ###########################################################################
+# install: an `orch` command that starts from precompiled bytecode
+# ###########################################################################
+#
+# `python3 orch.py` compiles the whole file on every run (Python caches
+# bytecode only for imported modules).  install copies orch.py to
+# PREFIX/lib/orch/, compiles it there once, and writes PREFIX/bin/orch, a
+# five-line launcher that imports it with `python -I -S` (no site, no user
+# environment: the interpreter's start-up at its floor).
+
+LAUNCHER_MARK = "# orch launcher, written by `orch install`; `orch install --uninstall` removes it"
+
+
+def install_paths(prefix):
+    prefix = os.path.abspath(os.path.expanduser(prefix or "~/.local"))
+    lib = os.path.join(prefix, "lib", "orch")
+    return prefix, os.path.join(prefix, "bin", "orch"), lib, os.path.join(lib, "orch.py")
+
+
+def is_our_launcher(path):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return LAUNCHER_MARK in f.read(4096)
+    except OSError:
+        return False
+
+
+def cmd_install(args):
+    import importlib.util
+    import py_compile
+    prefix, launcher, lib, module = install_paths(args.prefix)
+    if args.uninstall:
+        return uninstall(prefix, launcher, lib, module)
+    if os.path.lexists(launcher) and not is_our_launcher(launcher):
+        raise OrchError("%s exists and is not orch's launcher: remove it or choose another "
+                        "--prefix" % launcher)
+    with open(os.path.abspath(__file__), encoding="utf-8") as f:
+        source = f.read()
+    for folder in (os.path.dirname(launcher), lib):
+        os.makedirs(folder, exist_ok=True)
+    write_file_atomic(module, source, 0o644)
+    # Compiled here, so it is fast even where PYTHONDONTWRITEBYTECODE is set.
+    py_compile.compile(module, cfile=importlib.util.cache_from_source(module), doraise=True)
+    write_file_atomic(launcher, "\n".join([
+        "#!%s -IS" % sys.executable, LAUNCHER_MARK,
+        "import sys", "sys.path.insert(0, %r)" % lib,
+        "from orch import main", "sys.exit(main())", ""]), 0o755)
+    print("installed orch %s: %s (runs %s, compiled for Python %d.%d)"
+          % (__version__, launcher, module, sys.version_info[0], sys.version_info[1]))
+    bin_dir = os.path.dirname(launcher)
+    if bin_dir not in os.environ.get("PATH", "").split(":"):
+        print("  %s is not on your PATH: add  export PATH=\"%s:$PATH\"  to your shell profile"
+              % (bin_dir, bin_dir))
+    return EXIT_OK
+
+
+def uninstall(prefix, launcher, lib, module):
+    """Remove exactly what install wrote, and the folders it made if they are now empty."""
+    import importlib.util
+    removed = []
+    if is_our_launcher(launcher):
+        os.unlink(launcher)
+        removed.append(launcher)
+    for path in (importlib.util.cache_from_source(module), module):
+        if os.path.exists(path):
+            os.unlink(path)
+            removed.append(path)
+    for folder in (os.path.join(lib, "__pycache__"), lib, os.path.join(prefix, "lib"),
+                   os.path.join(prefix, "bin")):
+        try:
+            os.rmdir(folder)        # only if empty: other programs may live there
+        except OSError:
+            pass
+    print("removed %s" % ", ".join(removed) if removed else "nothing to remove under %s" % prefix)
+    return EXIT_OK
 
 
 # ###########################################################################
@@ -2870,6 +3008,14 @@ def add_doctor(sub, verb):
     p.set_defaults(func=cmd_doctor)
 
 
+def add_install(sub, verb):
+    p = sub.add_parser(verb, help="install an `orch` command that starts fast (precompiled)")
+    p.add_argument("--prefix", metavar="DIR", help="install into DIR/bin and DIR/lib/orch "
+                   "(default ~/.local)")
+    p.add_argument("--uninstall", action="store_true", help="remove what install wrote")
+    p.set_defaults(func=cmd_install)
+
+
 def add_wait(sub, verb):
     p = sub.add_parser(verb, help="block until agents are idle, exited or need input")
     p.add_argument("names", nargs="+", metavar="NAME")
@@ -2913,6 +3059,7 @@ VERBS = (
     ("rm", add_rm),
     ("resume", add_resume),
     ("doctor", add_doctor),
+    ("install", add_install),
     ("_supervise", add_supervise),
 )
 

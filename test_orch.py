@@ -1032,6 +1032,61 @@ def test_rm_named_and_exited(env, capsys):
 
 
 # ###########################################################################
+# Performance: the status cache and the installed command
+# ###########################################################################
+
+def test_status_cache_answers_as_a_full_replay_and_rebuilds(env, capsys):
+    assert run(capsys, "spawn", "a1", "SLOW-2 first")[0] == 0
+    assert run(capsys, "send", "a1", "second")[0] == 0
+    assert run(capsys, "wait", "a1", "--timeout", "30")[0] == 0
+    agent = env.state()["agents"]["a1"]
+    full = orch.replay_events(orch.read_events("a1", since=agent["launched"]))
+    cache = os.path.join(orch.agent_dir("a1"), "status.json")
+    assert orch.hook_summary(agent) == full and os.path.exists(cache)
+    with open(cache) as f:
+        assert json.load(f)["offset"] == os.path.getsize(orch.events_path("a1"))
+    assert orch.hook_summary(agent) == full      # from the cache alone
+    for broken in ("{not json", json.dumps({"launched": 1, "offset": 0, "seen": {}}),
+                   json.dumps({"launched": agent["launched"], "offset": 10 ** 9, "seen": {}})):
+        with open(cache, "w") as f:
+            f.write(broken)
+        assert orch.hook_summary(agent) == full
+    assert run(capsys, "send", "a1", "third")[0] == 0      # new events are read incrementally
+    assert wait_status(capsys, "a1", "idle")["last_prompt"] == "third"
+    assert orch.hook_summary(agent)["last_prompt"] == "third"
+
+
+def test_cli_install_runs_from_bytecode_and_uninstalls_cleanly(env, tmp_path):
+    py = cli_python()
+    prefix = tmp_path / "prefix"
+    code, out, err = cli("install", "--prefix", str(prefix), python=py)
+    assert code == 0 and str(prefix / "bin" / "orch") in out and "PATH" in out, err
+    launcher = str(prefix / "bin" / "orch")
+    bare = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    for args, expected in ((["--version"], "orch " + orch.__version__ + "\n"),
+                           (["spawn", "a1", "--cmd", "sleep 1000"], None), (["list"], None)):
+        proc = subprocess.run([launcher] + args, env=bare, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert expected is None or proc.stdout == expected
+    pycache = prefix / "lib" / "orch" / "__pycache__"
+    assert [p.name.startswith("orch.") for p in pycache.iterdir()] == [True]
+    assert cli("install", "--prefix", str(prefix), python=py)[0] == 0       # again: upgrade
+    code, out, _ = cli("install", "--prefix", str(prefix), "--uninstall", python=py)
+    assert code == 0 and launcher in out
+    assert list(prefix.iterdir()) == []
+    (prefix / "bin").mkdir()
+    (prefix / "bin" / "orch").write_text("#!/bin/sh\necho someone else's orch\n")
+    code, _, err = cli("install", "--prefix", str(prefix), python=py)
+    assert code == 1 and "is not orch's launcher" in err
+    assert cli("install", "--prefix", str(prefix), "--uninstall", python=py)[0] == 0
+    assert (prefix / "bin" / "orch").read_text().endswith("someone else's orch\n")
+
+
+# ###########################################################################
+# doctor
+# ###########################################################################
+# ###########################################################################
 # doctor
 # ###########################################################################
 
@@ -1666,6 +1721,8 @@ BAD_STATES = {
     "not UTF-8": b'{"version": 1, "agents": {"\xff": {}}}',
 }
 HANG_TMUX = "#!/bin/sh\nexec sleep 1000\n"
+# Verbs that touch neither the state file nor tmux: the state and tmux cases do not apply.
+STATELESS_VERBS = ("install",)
 
 
 def help_verbs():
@@ -1731,6 +1788,10 @@ def matrix_cases(verb):
         elif flag == "--cwd":
             cases += [("cwd missing", base + [flag, "/nonexistent/dir"], None, None, 1),
                       ("cwd a file", base + [flag, "BADFILE"], None, None, 1)]
+        elif flag == "--prefix":
+            cases += [("prefix a file", base + [flag, "BADFILE"], None, None, 1)]
+    if verb in STATELESS_VERBS:
+        return cases
     state_args = base if verb != "spawn" else ["spawn", "x2"]
     for label, text in sorted(BAD_STATES.items()):
         cases.append(("state " + label, state_args, None, ("state", text), 1))
@@ -2861,7 +2922,80 @@ def tmux_calls(argv, env):
     return proc.stderr.count("orch: trace: tmux")
 
 
-def bench(sizes=(10, 100, 300), repeat=21):
+def bench_events(count):
+    """count hook events as orch's hook writes them for hours of work (~260 bytes each).
+
+    Turns of prompt, two tool calls and a reply; the last event starts a turn,
+    so the agent reads as working (what `wait` keeps polling).
+    """
+    lines = [{"t": 1.0, "event": "SessionStart", "session_id": "s", "source": "startup"}]
+    turn = 0
+    while len(lines) < count - 1:
+        turn += 1
+        prompt = "please refactor module %d so that the tests pass and the docs stay true" % turn
+        pid, t = "prompt-%06d" % turn, 1.0 + turn
+        lines += [{"t": t, "event": "UserPromptSubmit", "session_id": "s", "prompt_id": pid,
+                   "permission_mode": "default", "prompt": prompt, "prompt_text": prompt,
+                   "prompt_sha": orch.prompt_sha(prompt)},
+                  {"t": t + .1, "event": "PreToolUse", "session_id": "s", "tool_name": "Bash"},
+                  {"t": t + .2, "event": "PostToolUse", "session_id": "s", "tool_name": "Bash"},
+                  {"t": t + .3, "event": "PreToolUse", "session_id": "s", "tool_name": "Edit"},
+                  {"t": t + .4, "event": "PostToolUse", "session_id": "s", "tool_name": "Edit"},
+                  {"t": t + .5, "event": "Stop", "session_id": "s", "prompt_id": pid,
+                   "last_assistant_message": "Done: the module is split in two. " * 4}]
+    lines = lines[:count - 1] + [dict(lines[1], t=1.0 + turn + 1)]
+    return "".join(json.dumps(line) + "\n" for line in lines)
+
+
+def claude_path_world(root, env, events):
+    """The bench's agents as claude agents (no cmd) with `events` hook events each; its env."""
+    folder = os.path.join(root, "claude-%d" % events)
+    with open(env["ORCH_STATE"]) as f:
+        state = json.load(f)
+    text = bench_events(events)
+    for name, agent in state["agents"].items():
+        agent.update(cmd=None, session_id=str(uuid.uuid4()), launched=0, home=root)
+        os.makedirs(os.path.join(folder, "state.d", "agents", name), exist_ok=True)
+        with open(os.path.join(folder, "state.d", "agents", name, "events.jsonl"), "w") as f:
+            f.write(text)
+    with open(os.path.join(folder, "state.json"), "w") as f:
+        json.dump(state, f)
+    return dict(env, ORCH_STATE=os.path.join(folder, "state.json"))
+
+
+def bench_cpu(argv, env):
+    """(CPU seconds, wall seconds) a command and its children used."""
+    import resource
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, wall
+
+
+def bench_hook(env, repeat):
+    """Milliseconds per hook event, next to the bare `python -I -S` it runs under."""
+    hook = os.path.join(os.path.dirname(env["ORCH_STATE"]), "hook.py")
+    with open(hook, "w") as f:
+        f.write(orch.HOOK_SCRIPT)
+    sink = os.path.join(os.path.dirname(hook), "hook-events.jsonl")
+    payload = json.dumps({"hook_event_name": "UserPromptSubmit", "session_id": "s",
+                          "prompt_id": "p", "permission_mode": "default",
+                          "transcript_path": "/x", "cwd": "/x", "prompt": "x" * 2000})
+    times = []
+    for argv in ([sys.executable, "-I", "-S", hook, sink, "UserPromptSubmit"],
+                 [sys.executable, "-I", "-S", "-c", "pass"]):
+        runs = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            subprocess.run(argv, input=payload.encode(), env=env, check=True)
+            runs.append((time.perf_counter() - start) * 1000)
+        times.append(statistics.median(runs))
+    return times
+
+
+def bench(sizes=(10, 100, 300), repeat=15):
     py = sys.executable
     root = tempfile.mkdtemp(prefix="ob", dir="/tmp")
     socket = "orchbench%d" % os.getpid()
@@ -2870,11 +3004,9 @@ def bench(sizes=(10, 100, 300), repeat=21):
     env.pop("TMUX", None)
     env.pop("ORCH_TRACE", None)
     orch_cmd = [py, ORCH]
-    # `python3 -m orch` runs orch from cached bytecode; `python3 orch.py` compiles it each time.
-    cached_env = dict(env, PYTHONPATH=HERE)
-    cached_env.pop("PYTHONDONTWRITEBYTECODE", None)
-    cached_cmd = [py, "-m", "orch"]
-    subprocess.run(cached_cmd + ["--version"], env=cached_env, stdout=subprocess.DEVNULL, check=True)
+    subprocess.run(orch_cmd + ["install", "--prefix", os.path.join(root, "inst")], env=env,
+                   stdout=subprocess.DEVNULL, check=True)
+    installed = [os.path.join(root, "inst", "bin", "orch")]
     fmt = orch.SEP.join("#{%s}" % f for f in orch.PANE_FIELDS)
     floor_import = [py, "-c", "import argparse, json, subprocess, os, sys"]
     floor_tmux = ["tmux", "-L", socket, "list-panes", "-a", "-F", fmt]
@@ -2889,70 +3021,75 @@ def bench(sizes=(10, 100, 300), repeat=21):
                 subprocess.run(orch_cmd + ["spawn", "b%03d" % spawned, "--cmd", "sleep 100000"],
                                env=env, stdout=subprocess.DEVNULL, check=True)
                 spawned += 1
-            rows = []
-
-            def row(label, times, calls="", note=""):
-                rows.append((label, "%.1f" % statistics.median(times), "%.1f" % times[0],
-                             "%.1f" % times[-1], str(calls), note))
-                return statistics.median(times)
-            lists = bench_interleaved([([floor_import, floor_tmux], env),
-                                       ([orch_cmd + ["list", "--json"]], env),
-                                       ([cached_cmd + ["list", "--json"]], cached_env)], repeat)
-            floor = row("floor: python imports + 1 tmux list-panes", lists[0], 1)
-            listing = row("orch list --json", lists[1],
-                          tmux_calls(orch_cmd + ["list", "--json"], env))
-            rows[-1] = rows[-1][:5] + ("%.2fx floor" % (listing / floor),)
-            listing = row("python3 -m orch list --json (bytecode cached)", lists[2], 1)
-            rows[-1] = rows[-1][:5] + ("%.2fx floor" % (listing / floor),)
-            versions = bench_interleaved([([floor_import], env),
-                                          ([orch_cmd + ["--version"]], env),
-                                          ([cached_cmd + ["--version"]], cached_env)], repeat)
-            imports = row("python3 -c 'import argparse, json, subprocess, os, sys'",
-                          versions[0], 0)
-            version = row("orch --version", versions[1], 0)
-            rows[-1] = rows[-1][:5] + ("%.2fx imports" % (version / imports),)
-            version = row("python3 -m orch --version (bytecode cached)", versions[2], 0)
-            rows[-1] = rows[-1][:5] + ("%.2fx imports" % (version / imports),)
-            row("python3 -c pass", bench_time([py, "-c", "pass"], env, repeat), 0)
-            send = orch_cmd + ["send", "b000", "hello"]
-            sent = row("orch send (idle stand-in)", bench_time(send, env, repeat),
-                       tmux_calls(send, env))
-            rows[-1] = rows[-1][:5] + ("%.0f + %.0f pause" % (sent - 100, 100),)
-            row("orch tail", bench_time(orch_cmd + ["tail", "b000"], env, repeat),
-                tmux_calls(orch_cmd + ["tail", "b000"], env))
-            spawn_times = []
-            for i in range(repeat):
-                start = time.perf_counter()
-                subprocess.run(orch_cmd + ["spawn", "x%d" % i, "--cmd", "sleep 100000"], env=env,
-                               stdout=subprocess.DEVNULL, check=True)
-                spawn_times.append((time.perf_counter() - start) * 1000)
-            calls = tmux_calls(orch_cmd + ["spawn", "xc", "--cmd", "sleep 100000"], env)
-            subprocess.run(orch_cmd + ["rm"] + ["x%d" % i for i in range(repeat)] + ["xc"],
-                           env=env, stdout=subprocess.DEVNULL, check=True)
-            spawned_ms = row("orch spawn (stand-in)", sorted(spawn_times), calls)
-            rows[-1] = rows[-1][:5] + ("%.0f orch's own" % (spawned_ms - imports),)
-            start = time.perf_counter()
-            procs = [subprocess.Popen(orch_cmd + ["spawn", "c%02d" % i, "--cmd", "sleep 100000"],
-                                      env=env, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL) for i in range(30)]
-            codes = [p.wait() for p in procs]
-            total = (time.perf_counter() - start) * 1000
-            with open(env["ORCH_STATE"]) as f:
-                recorded = len([a for a in json.load(f)["agents"] if a.startswith("c")])
-            rows.append(("30 concurrent orch spawn (total)", "%.0f" % total, "", "", "",
-                         "%d/30 ok, %d recorded" % (codes.count(0), recorded)))
-            subprocess.run(orch_cmd + ["rm"] + ["c%02d" % i for i in range(30)], env=env,
-                           stdout=subprocess.DEVNULL, check=True)
             print("\nN = %d agents" % n)
-            table = [("", "median", "min", "max", "tmux calls", "")] + rows
-            widths = [max(len(r[i]) for r in table) for i in range(6)]
-            for r in table:
-                print("  ".join(c.rjust(w) if i else c.ljust(w)
-                                for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+            bench_table(bench_rows(n, env, root, orch_cmd, installed, floor_import, floor_tmux,
+                                   repeat))
+        waited = claude_path_world(root, env, 2000)
+        names = ["b%03d" % i for i in range(min(50, spawned))]
+        cpu, wall = bench_cpu(installed + ["wait"] + names + ["--timeout", "5"], waited)
+        print("\norch wait on %d working agents (2,000 events each), 5 s: %.0f ms CPU per "
+              "second of waiting (tmux included)" % (len(names), cpu * 1000 / wall))
+        hook, bare = bench_hook(env, repeat)
+        print("hook, per claude event: %.1f ms (python3 -I -S -c pass: %.1f ms)" % (hook, bare))
     finally:
         subprocess.run(["tmux", "-L", socket, "kill-server"], env=env,
                        stderr=subprocess.DEVNULL)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def bench_rows(n, env, root, orch_cmd, installed, floor_import, floor_tmux, repeat):
+    rows = []
+
+    def row(label, times, calls="", note=""):
+        rows.append([label, "%.1f" % statistics.median(times), "%.1f" % times[0],
+                     "%.1f" % times[-1], str(calls), note])
+        return statistics.median(times)
+    worlds = [("--cmd agents", env)] + [("claude agents, %d events each" % e,
+                                         claude_path_world(root, env, e)) for e in (40, 2000)]
+    for label, world in worlds:
+        for form in (orch_cmd, installed):      # warm the status caches first
+            subprocess.run(form + ["list", "--json"], env=world, stdout=subprocess.DEVNULL)
+        lists = bench_interleaved([([floor_import, floor_tmux], world),
+                                   ([orch_cmd + ["list", "--json"]], world),
+                                   ([installed + ["list", "--json"]], world)], repeat)
+        floor = row("floor: python imports + 1 tmux list-panes", lists[0], 1)
+        for name, times in (("python3 orch.py list --json", lists[1]),
+                            ("installed orch list --json", lists[2])):
+            ratio = row("%s (%s)" % (name, label), times,
+                        tmux_calls(installed + ["list", "--json"], world))
+            rows[-1][5] = "%.2fx floor" % (ratio / floor)
+    versions = bench_interleaved([([floor_import], env), ([orch_cmd + ["--version"]], env),
+                                  ([installed + ["--version"]], env)], repeat)
+    imports = row("python3 -c 'import argparse, json, subprocess, os, sys'", versions[0], 0)
+    for name, times in (("python3 orch.py --version", versions[1]),
+                        ("installed orch --version", versions[2])):
+        row(name, times, 0, "%.2fx imports" % (statistics.median(times) / imports))
+    send = installed + ["send", "b000", "hello"]
+    sent = row("orch send (idle --cmd agent)", bench_time(send, env, repeat), tmux_calls(send, env))
+    rows[-1][5] = "%.0f + %.0f pause" % (sent - 100, 100)
+    row("orch tail", bench_time(installed + ["tail", "b000"], env, repeat),
+        tmux_calls(installed + ["tail", "b000"], env))
+    start = time.perf_counter()
+    procs = [subprocess.Popen(installed + ["spawn", "c%02d" % i, "--cmd", "sleep 100000"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for i in range(30)]
+    codes = [p.wait() for p in procs]
+    total = (time.perf_counter() - start) * 1000
+    with open(env["ORCH_STATE"]) as f:
+        recorded = len([a for a in json.load(f)["agents"] if a.startswith("c")])
+    rows.append(["30 concurrent orch spawn (total)", "%.0f" % total, "", "", "",
+                 "%d/30 ok, %d recorded" % (codes.count(0), recorded)])
+    subprocess.run(installed + ["rm"] + ["c%02d" % i for i in range(30)], env=env,
+                   stdout=subprocess.DEVNULL, check=True)
+    return rows
+
+
+def bench_table(rows):
+    table = [["", "median", "min", "max", "tmux calls", ""]] + rows
+    widths = [max(len(r[i]) for r in table) for i in range(6)]
+    for r in table:
+        print("  ".join(c.rjust(w) if i else c.ljust(w)
+                        for i, (c, w) in enumerate(zip(r, widths))).rstrip())
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["bench"]:
