@@ -86,7 +86,18 @@ class TmuxError(OrchError):
 
 def state_path():
     """Return the state file's path: $ORCH_STATE or ~/.orch.json."""
-    return os.path.abspath(os.path.expanduser(os.environ.get("ORCH_STATE") or "~/.orch.json"))
+    return resolve_state_path(os.environ.get("ORCH_STATE"), os.environ.get("HOME"), os.getcwd())
+
+
+_resolved = {}
+
+
+def resolve_state_path(setting, home, cwd):
+    # `list` asks for every agent's files: resolve once per environment, not 600 times.
+    key = (setting, home, cwd)
+    if key not in _resolved:
+        _resolved[key] = os.path.abspath(os.path.expanduser(setting or "~/.orch.json"))
+    return _resolved[key]
 
 
 def data_dir():
@@ -636,15 +647,16 @@ def claude_session_file_status(agent, pid):
     home = agent.get("home")
     if not home or not pid:
         return None
-    path = os.path.join(home, ".claude", "sessions", "%s.json" % pid)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        changed = data.get("statusUpdatedAt")
-        changed = changed / 1000.0 if isinstance(changed, (int, float)) else os.path.getmtime(path)
-        return data.get("status"), data.get("waitingFor"), changed
-    except (OSError, ValueError, AttributeError):
+    path = "%s/.claude/sessions/%s.json" % (home, pid)
+    data = read_json(path)
+    if not isinstance(data, dict):
         return None
+    changed = data.get("statusUpdatedAt")
+    try:
+        changed = changed / 1000.0 if isinstance(changed, (int, float)) else os.path.getmtime(path)
+    except OSError:
+        return None
+    return data.get("status"), data.get("waitingFor"), changed
 
 
 TRUST_MARKERS = ("trust this folder", "Do you trust the files", "one you trust")
@@ -698,7 +710,7 @@ CONTINUING = "*"     # a turn claude started by itself, for messages queued duri
 def replay_events(events, seen=None):
     """Walk one agent's hook events in order; return what they say about it now.
 
-    seen is the result of replaying the events before these (see hook_summary).
+    seen is the result of replaying the events before these (see StatusCache).
 
     Turns are counted, not just read off the last event.  Claude Code 2.1.330+
     reports a message typed during a turn at once, carrying the running turn's
@@ -761,43 +773,60 @@ def turn_ended(seen):
         seen["turn"] = None
 
 
-def hook_summary(agent, save=True):
-    """replay_events over the agent's hook events, parsing only the ones not seen before.
+class StatusCache(object):
+    """Every agent's hook replay, kept in one small file beside the state.
 
-    `list` and `wait` need this for every agent, every time.  Parsing each
-    event file (hours of work: ~2,000 events, 0.5 MB) made their cost grow
-    with history; a small cache beside the events (the replay's result and the
-    byte offset it has read to) makes a call cost one stat and one small read
-    when nothing happened, and the parsing of the new lines when something did.
-    It is only a cache: lost, stale or unwritable, it is rebuilt from the events.
+    `list` and `wait` need each agent's replayed hook events, every time.
+    Replaying each event file (hours of work: ~2,000 events, 0.5 MB) made
+    their cost grow with history.  This cache holds, per agent, the replay's
+    result and the byte offset read so far: a call costs one stat per agent
+    and one read in all when nothing happened, and the parsing of the new
+    lines when something did.  It is only a cache: lost, stale (two orch
+    processes may each save theirs) or unwritable, it is rebuilt from the events.
     """
-    name = agent["name"]
-    launched = agent.get("launched", agent.get("created", 0))
-    path, cache_path = events_path(name), os.path.join(agent_dir(name), "status.json")
-    try:
-        size = os.path.getsize(path)
-    except OSError:
-        size = 0
-    cache = read_json(cache_path)
-    if not (isinstance(cache, dict) and cache.get("launched") == launched
-            and isinstance(cache.get("seen"), dict)
-            and isinstance(cache.get("offset"), int) and cache["offset"] <= size):
-        # From scratch: the last 64 KB hold far more than the current turn.
-        cache = {"launched": launched, "offset": max(0, size - 65536), "seen": None}
-    if cache["offset"] == size and cache["seen"] is not None:
-        return cache["seen"]
-    events, end = read_new_lines(path, cache["offset"])
-    seen = replay_events([e for e in events if e.get("t", 0) >= launched], cache["seen"])
-    if save:
+
+    def __init__(self):
+        self.path = os.path.join(data_dir(), "status-cache.json")
+        self.agents = os.path.join(data_dir(), "agents")
+        found = read_json(self.path)
+        self.entries = found if isinstance(found, dict) else {}
+        self.changed = False
+
+    def summary(self, agent):
+        """replay_events over the agent's hook events since its launch."""
+        name = agent["name"]
+        launched = agent.get("launched", agent.get("created", 0))
+        path = "%s/%s/events.jsonl" % (self.agents, name)      # events_path(), for 300 agents
         try:
-            write_file_atomic(cache_path, json.dumps(
-                {"launched": launched, "offset": end, "seen": seen}))
+            size = os.path.getsize(path)
+        except OSError:
+            size = 0
+        entry = self.entries.get(name)
+        if not (isinstance(entry, dict) and entry.get("launched") == launched
+                and isinstance(entry.get("seen"), dict)
+                and isinstance(entry.get("offset"), int) and entry["offset"] <= size):
+            # From scratch: the last 64 KB hold far more than the current turn.
+            entry = {"launched": launched, "offset": max(0, size - 65536), "seen": None}
+        if entry["offset"] == size and entry["seen"] is not None:
+            return entry["seen"]
+        events, end = read_new_lines(path, entry["offset"])
+        seen = replay_events([e for e in events if e.get("t", 0) >= launched], entry["seen"])
+        self.entries[name] = {"launched": launched, "offset": end, "seen": seen}
+        self.changed = True
+        return seen
+
+    def save(self):
+        if not self.changed:
+            return
+        kept = dict((name, entry) for name, entry in self.entries.items()
+                    if os.path.isdir(os.path.join(self.agents, name)))    # forget removed agents
+        try:
+            write_file_atomic(self.path, json.dumps(kept))
         except OrchError:
             pass        # a read-only folder: the next call parses again
-    return seen
 
 
-def agent_status(agent, panes, read_screen=None, save=True):
+def agent_status(agent, panes, read_screen=None, cache=None):
     """Return {status, since, needs, detail, exit_code, source, last_prompt, ...} for one agent.
 
     read_screen() is called only when hooks cannot answer: claude has not
@@ -807,7 +836,7 @@ def agent_status(agent, panes, read_screen=None, save=True):
     result = {"status": "exited", "since": None, "needs": None, "detail": None,
               "exit_code": None, "source": "tmux", "last_prompt": None, "pid": None,
               "permission_mode": None, "pending": False}
-    seen = replay_events([]) if agent.get("cmd") else hook_summary(agent, save)
+    seen = replay_events([]) if agent.get("cmd") else (cache or StatusCache()).summary(agent)
     result.update(last_prompt=seen["last_prompt"], since=seen["last_event"],
                   permission_mode=seen["permission_mode"] or permission_mode_arg(agent))
     if seen["session_id"]:
@@ -905,6 +934,7 @@ def statuses(agents, save=True):
     """
     by_socket = {}
     result = {}
+    cache = StatusCache()
     for agent in agents:
         if agent.get("backend") == "headless":
             result[agent["name"]] = headless_status(agent)
@@ -921,7 +951,9 @@ def statuses(agents, save=True):
             time.sleep(0.02)
             panes = read_panes(group, socket)
         for agent in group:
-            result[agent["name"]] = agent_status(agent, panes, screen_reader(agent, socket), save)
+            result[agent["name"]] = agent_status(agent, panes, screen_reader(agent, socket), cache)
+    if save:
+        cache.save()
     return result
 
 
@@ -1561,11 +1593,27 @@ def start_headless(agent, argv):
 
 
 def read_json(path):
+    """Parse a small JSON file; None when it is missing or not JSON.
+
+    Raw reads: `list` reads two such files per agent, and a text-mode open
+    costs twice as much.
+    """
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return json.loads(b"".join(chunks).decode("utf-8"))
     except (OSError, ValueError):
         return None
+    finally:
+        os.close(fd)
 
 
 def proc_stat(pid):
@@ -2455,7 +2503,7 @@ def cmd_list(args):
     now = time.time()
     rows = [agent_row(a, found[a["name"]]) for a in agents]
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print_json_array(rows)
         return report_invalid(state)
     if not rows:
         if not state.get("invalid"):
@@ -2473,6 +2521,15 @@ def cmd_list(args):
     for r in table:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
     return report_invalid(state)
+
+
+def print_json_array(items):
+    """Print a JSON array one compact object per line.
+
+    json.dumps(indent=...) drops to Python's slow encoder: for 300 agents
+    that was a third of `list --json`'s own time.
+    """
+    print("[" + ",\n ".join(json.dumps(item) for item in items) + "]")
 
 
 def report_invalid(state):
@@ -2830,7 +2887,7 @@ def cmd_doctor(args):
     for check in DOCTOR_CHECKS:
         findings += check()
     if args.json:
-        print(json.dumps(findings, indent=1))
+        print_json_array(findings)
     else:
         for f in findings:
             print("%-8s %-7s %s" % (f["level"], f["check"], f["message"]))
