@@ -1441,13 +1441,18 @@ def prepare_pane(agent, st, force):
                         "would go with your message as one prompt. Nothing was typed: finish "
                         "or clear it with `orch attach %s`, or send with --force to clear it"
                         % (name, shorten(typed, 40), name), EXIT_NEEDS_INPUT)
-    if typed:
-        for _ in range(5):      # Ctrl-U clears one line of the box on 2.1.197 and 2.1.330
-            tmux(["send-keys", "-t", pane, "C-u"], socket=socket)
-            if retry_until(lambda: not typed_text(agent), 1.0):
-                return
+    if typed and not clear_input_box(agent):
         raise OrchError("agent %s's input box would not clear; nothing was typed: look with "
                         "`orch attach %s`" % (name, name), EXIT_NEEDS_INPUT)
+
+
+def clear_input_box(agent):
+    """Empty claude's input box; True once it reads empty."""
+    for _ in range(5):      # Ctrl-U clears a line of the box (2.1.197 and 2.1.330)
+        tmux(["send-keys", "-t", agent["tmux"]["pane"], "C-u"], socket=agent["tmux"]["socket"])
+        if retry_until(lambda: not typed_text(agent), 1.0):
+            return True
+    return False
 
 
 QUEUED_HINT = "Press up to edit queued messages"    # shown in the box while messages wait
@@ -2697,10 +2702,7 @@ def clear_restored_prompt(agent, prompt):
     wanted = normalize_prompt(prompt)
     typed = normalize_prompt(retry_until(lambda: typed_text(agent), 2.0) or "")
     if typed and (wanted.startswith(typed) or typed.startswith(wanted)):
-        for _ in range(5):
-            tmux(["send-keys", "-t", agent["tmux"]["pane"], "C-u"], socket=agent["tmux"]["socket"])
-            if retry_until(lambda: not typed_text(agent), 1.0):
-                return
+        clear_input_box(agent)
 
 
 def cmd_supervise(args):
