@@ -2992,7 +2992,10 @@ exit codes:
   7 submitted, but joined with text orch did not send   130 interrupted
 
 environment:
-  ORCH_STATE  ORCH_TMUX_SOCKET  ORCH_SESSION  ORCH_CLAUDE  ORCH_TRACE=1
+  ORCH_STATE  ORCH_TMUX_SOCKET  ORCH_SESSION  ORCH_CLAUDE  ORCH_BACKEND  ORCH_TRACE=1
+  seconds: ORCH_START_TIMEOUT  ORCH_SEND_TIMEOUT  ORCH_KILL_GRACE  ORCH_TMUX_TIMEOUT
+
+something off? `orch doctor`
 """
 
 
