@@ -493,10 +493,7 @@ def main():
             line[key] = data[key]
     prompt = data.get("prompt")
     if isinstance(prompt, str):
-        unwrapped = PASTE.sub(lambda m: m.group(2), prompt)
-        if unwrapped != prompt:
-            line["pasted"] = True
-        norm = " ".join(unwrapped.split())
+        norm = " ".join(PASTE.sub(lambda m: m.group(2), prompt).split())
         line["prompt_sha"] = hashlib.sha256(norm.encode("utf-8")).hexdigest()
         line["prompt"] = short(norm)
         if len(norm) <= 4096:
@@ -788,9 +785,15 @@ class StatusCache(object):
     def __init__(self):
         self.path = os.path.join(data_dir(), "status-cache.json")
         self.agents = os.path.join(data_dir(), "agents")
-        found = read_json(self.path)
-        self.entries = found if isinstance(found, dict) else {}
+        self.loaded = None      # read when a claude agent first asks: others need none of it
         self.changed = False
+
+    @property
+    def entries(self):
+        if self.loaded is None:
+            found = read_json(self.path)
+            self.loaded = found if isinstance(found, dict) else {}
+        return self.loaded
 
     def summary(self, agent):
         """replay_events over the agent's hook events since its launch."""
@@ -1600,8 +1603,8 @@ def start_headless(agent, argv):
 def read_json(path):
     """Parse a small JSON file; None when it is missing or not JSON.
 
-    Raw reads: `list` reads two such files per agent, and a text-mode open
-    costs twice as much.
+    Raw reads: `list` reads claude's status file for every agent, and a
+    text-mode open costs twice as much.
     """
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -2509,11 +2512,11 @@ def cmd_list(args):
     rows = [agent_row(a, found[a["name"]]) for a in agents]
     if args.json:
         print_json_array(rows)
-        return report_invalid(state)
+        return report_problems(state)
     if not rows:
         if not state.get("invalid"):
             print("no agents: start one with `orch spawn NAME \"task\"`")
-        return report_invalid(state)
+        return report_problems(state)
     table = [("NAME", "STATUS", "FOR", "AGE", "BACKEND", "MODE", "SESSION", "CWD",
               "LAST PROMPT")]
     for row in rows:
@@ -2525,7 +2528,7 @@ def cmd_list(args):
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
     for r in table:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
-    return report_invalid(state)
+    return report_problems(state)
 
 
 def print_json_array(items):
@@ -2537,7 +2540,7 @@ def print_json_array(items):
     print("[" + ",\n ".join(json.dumps(item) for item in items) + "]")
 
 
-def report_invalid(state):
+def report_problems(state):
     """One line per orphan and per record that could not be read; exit 1 if a record."""
     for name, where in sorted(find_orphans(state).items()):
         sys.stderr.write("orch: warning: %s\n" % orphan_warning(name, where))

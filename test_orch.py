@@ -1307,17 +1307,21 @@ def environment(kind):
     return env
 
 
+def bare_cli(env, python, *args, **kw):
+    """Run orch.py in env, reading its output as the UTF-8 it must be; no traceback allowed."""
+    proc = subprocess.run([python, ORCH] + list(args), env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=120, **kw)
+    out, err = proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
+    assert "Traceback" not in err, err
+    return proc.returncode, out, err
+
+
 @pytest.mark.parametrize("kind", ["LC_ALL=C", "no locale", "cron"])
 def test_cli_every_verb_in_bare_environments(env, kind):
-    py = cli_python()
     bare = environment(kind)
 
     def orch_cli(*args, **kw):
-        proc = subprocess.run([py, ORCH] + list(args), env=bare, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, timeout=120, **kw)
-        out, err = proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
-        assert "Traceback" not in err, err
-        return proc.returncode, out, err
+        return bare_cli(bare, cli_python(), *args, **kw)
     code, out, err = orch_cli("spawn", "a1", "caf\u00e9 \u6f22\u5b57 \U0001F680 task")
     assert code == 0, err
     assert orch_cli("send", "a1", "na\u00efve SLOW-20 message")[:2] == (0, "a1: submitted\n")
@@ -2763,11 +2767,7 @@ def test_e2e_round_trip_under_lc_all_c(claude, capsys):
         bare[key] = os.environ[key]
 
     def orch_cli(*args):
-        proc = subprocess.run([sys.executable, ORCH] + list(args), env=bare, timeout=120,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        out, err = proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
-        assert "Traceback" not in err, err
-        return proc.returncode, out, err
+        return bare_cli(bare, sys.executable, *args)
     code, out, err = orch_cli("spawn", "a1", "caf\u00e9 \u6f22\u5b57 first")
     assert code == 0, err
     assert orch_cli("wait", "a1", "--timeout", "60")[0] == 0
