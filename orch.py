@@ -1711,21 +1711,41 @@ def headless_exit_words(name):
     return repr(shorten(lines[-1], 120)) if lines else "(no output)"
 
 
-def turn_done_after(name, offset):
-    """True when the log shows a turn that started after offset and has ended.
+def message_done(name, record):
+    """True when claude has answered the message of this sent record.
 
-    Claude may merge messages queued during a turn into one next turn, so a
-    message is done when a `system/init` follows the point where it was
-    written and a `result` follows that init, not by counting results.
+    Claude takes a message as the next turn, joins several written during a
+    turn into one text (newline-separated, in order), or hands one to the
+    running turn while a tool runs.  `--replay-user-messages` echoes each
+    such text, so the message is done once a `result` follows an echo that
+    ends with it.  A turn that ended without echoing anything (an API error
+    before any output) also ends a message written before that turn began.
     """
-    started = False
-    for event in log_events(name, offset):
+    covered = bare_turn = False
+    for event in log_events(name, record.get("offset", 0)):
         kind = event.get("type")
         if kind == "system" and event.get("subtype") == "init":
-            started = True
-        elif kind == "result" and started:
+            bare_turn = True
+        elif kind == "user" and event.get("isReplay"):
+            bare_turn = False
+            covered = covered or ends_with_message(replayed_text(event), record)
+        elif kind == "result" and (covered or bare_turn):
             return True
     return False
+
+
+def replayed_text(event):
+    content = (event.get("message") or {}).get("content")
+    if isinstance(content, list):
+        content = "\n".join(b.get("text", "") for b in content if isinstance(b, dict))
+    return content if isinstance(content, str) else ""
+
+
+def ends_with_message(text, record):
+    chars = record.get("chars")
+    if not isinstance(chars, int):
+        return True         # written by an older orch: any echo counts, as it did then
+    return prompt_sha(text[-chars:]) == record.get("sha") or prompt_sha(text) == record.get("sha")
 
 
 def last_result(name, tail=262144):
@@ -1776,8 +1796,8 @@ def headless_status(agent):
         mtime = os.path.getmtime(hpath(name, "log"))
     except OSError:
         mtime = None
-    # Turns are sequential: once the newest message's turn is over, all are.
-    if sent and not turn_done_after(name, sent[-1].get("offset", 0)):
+    # Claude takes messages in order: once the newest is answered, all are.
+    if sent and not message_done(name, sent[-1]):
         result.update(status="working", since=sent[-1]["t"])
         if mtime and time.time() - mtime > silent_after():
             result["silent"] = time.time() - mtime
@@ -1839,7 +1859,7 @@ def headless_send(agent, text, raw, timeout):
         busy = st["status"] == "working"
         offset = log_size(name)
         record = {"t": time.time(), "sha": prompt_sha(text), "prompt": normalize_prompt(text)[:200],
-                  "offset": offset}
+                  "offset": offset, "chars": len(text)}
         write_fifo(name, user_line(text))
         append_line(hpath(name, "sent"), json.dumps(record))
     if busy:
@@ -1871,18 +1891,15 @@ def echoed(name, offset, sha):
     """True when claude started a turn, or replayed this text, after offset in its log.
 
     Claude writes `system/init` as soon as it takes a message (the replayed
-    user message only follows with the model's first output).  orch holds
-    the send lock and the agent was idle, so the next turn is this message's.
+    user message only follows with the model's first output).  The agent was
+    idle when it was written, so the next turn to start takes this message.
     """
     for event in log_events(name, offset):
         if event.get("type") == "system" and event.get("subtype") == "init":
             return True
-        if event.get("type") == "user" and event.get("isReplay"):
-            content = (event.get("message") or {}).get("content")
-            if isinstance(content, list):
-                content = "\n".join(b.get("text", "") for b in content if isinstance(b, dict))
-            if isinstance(content, str) and prompt_sha(content) == sha:
-                return True
+        if event.get("type") == "user" and event.get("isReplay") \
+                and prompt_sha(replayed_text(event)) == sha:
+            return True
     return False
 
 

@@ -2041,14 +2041,15 @@ def test_fault_file_size_limit_keeps_old_state_and_leaves_nothing_running(env):
 # ###########################################################################
 # Headless backend, with tmux absent from PATH
 # ###########################################################################
-# ###########################################################################
-# Headless backend, with tmux absent from PATH
-# ###########################################################################
 
 FAKE_HEADLESS = r"""#!PYTHON
 # Stand-in for `claude -p --input-format stream-json --output-format stream-json`.
-# Triggers: SLOW-N (turn takes N s), TOOL (a permission denial), HANG (a turn
-# that never ends and prints nothing), EXIT-N.  Logs to $FAKE_LOG/<pid>.jsonl.
+# Triggers: SLOW-N (turn takes N s), TOOLRUN-N (a tool runs N s: a message
+# written meanwhile joins the running turn, as claude does), TOOL (a
+# permission denial), HANG (a turn that never ends and prints nothing), EXIT-N.
+# Messages written during a turn are joined into one next turn, as claude does.
+# FAKE_INIT_DELAY: seconds between taking a message and saying so (claude: ~0.2).
+# Logs to $FAKE_LOG/<pid>.jsonl.
 import json, os, select, sys, time
 args = sys.argv[1:]
 session = "none"
@@ -2066,20 +2067,26 @@ def out(obj):
     sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")     # compact, like claude
     sys.stdout.flush()
 
+def replay(text):
+    out({"type": "user", "message": {"role": "user", "content": text}, "isReplay": True})
+
 log("start", argv=args, env=dict(os.environ), cwd=os.getcwd())
-state = {"busy": None, "until": None, "queue": []}
+state = {"busy": None, "until": None, "queue": [], "tool": False}
 
 def start(text):
     log("message", text=text)
+    time.sleep(float(os.environ.get("FAKE_INIT_DELAY", "0")))
     out({"type": "system", "subtype": "init", "session_id": session, "model": "fake"})
-    out({"type": "user", "message": {"role": "user", "content": text}, "isReplay": True})
+    replay(text)
     words = text.split()
     for w in words:
         if w.startswith("EXIT-"):
             sys.exit(int(w[5:]))
-        if w.startswith("SLOW-"):
-            state.update(busy=text, until=time.time() + float(w[5:]))
-            return
+        for trigger in ("SLOW-", "TOOLRUN-"):
+            if w.startswith(trigger):
+                state.update(busy=text, until=time.time() + float(w[len(trigger):]),
+                             tool=trigger == "TOOLRUN-")
+                return
     if "HANG" in words:
         state.update(busy=text, until=float("inf"))
         return
@@ -2093,9 +2100,11 @@ def finish(text):
         {"type": "text", "text": "reply: " + text[:60]}]}})
     out({"type": "result", "subtype": "success", "result": "ok", "session_id": session,
          "duration_ms": 10, "total_cost_usd": 0.001, "permission_denials": denials})
-    state.update(busy=None, until=None)
+    log("finished", text=text)
+    state.update(busy=None, until=None, tool=False)
     if state["queue"]:
-        start(state["queue"].pop(0))
+        queued, state["queue"] = state["queue"], []
+        start("\n".join(queued))
 
 data, eof = b"", False
 fd = sys.stdin.fileno()
@@ -2131,7 +2140,11 @@ while True:
                 state.update(busy=None, until=None)
         elif msg.get("type") == "user":
             text = msg["message"]["content"]
-            if state["busy"] is not None:
+            if state["tool"]:
+                log("message", text=text)
+                replay(text)
+                state["busy"] += "\n" + text
+            elif state["busy"] is not None:
                 state["queue"].append(text)
             else:
                 start(text)
@@ -2201,8 +2214,34 @@ def test_headless_concurrent_large_sends_arrive_intact_once(headless, capsys):
                               universal_newlines=True) for _ in messages]
     results = [p.communicate(m + "x", timeout=120) for p, m in zip(procs, messages)]
     assert [p.returncode for p in procs] == [0] * len(messages), results
-    retry_until(lambda: len(headless.messages()) == len(messages), 30)
-    assert sorted(headless.messages()) == sorted(m + "x" for m in messages)
+    wait_status(capsys, "h1", "idle", timeout=30)
+    # Claude joins messages written during a turn: count each in the whole.
+    everything = "\n".join(headless.messages())
+    assert [everything.count(m + "x") for m in messages] == [1] * len(messages)
+
+
+def test_headless_idle_only_after_every_message_is_answered(headless, capsys, monkeypatch):
+    # The second message is written before claude says it took the first:
+    # the first turn's end must not count as the end of the second.
+    monkeypatch.setenv("FAKE_INIT_DELAY", "1")
+    assert run(capsys, "spawn", "h1")[0] == 0
+    first = subprocess.Popen([sys.executable, ORCH, "send", "h1", "SLOW-1 first"],
+                             stdout=subprocess.PIPE, universal_newlines=True)
+    retry_until(lambda: len(orch.sent_entries("h1")) == 1)
+    code, out, _ = run(capsys, "send", "h1", "SLOW-2 second")
+    assert (code, out, first.communicate(timeout=30)[0]) == (
+        0, "h1: queued\n", "h1: submitted\n")
+    assert run(capsys, "wait", "h1", "--timeout", "30")[:2] == (0, "h1: idle\n")
+    assert [r["text"] for r in headless.records("finished")] == ["SLOW-1 first", "SLOW-2 second"]
+
+
+def test_headless_message_taken_by_the_running_turn(headless, capsys):
+    # While a tool runs, claude hands a new message to the running turn: no new turn starts.
+    assert run(capsys, "spawn", "h1", "TOOLRUN-2 build it")[0] == 0
+    assert run(capsys, "send", "h1", "also test it")[:2] == (0, "h1: queued\n")
+    retry_until(lambda: headless.messages()[-1:] == ["also test it"])
+    assert run(capsys, "wait", "h1", "--timeout", "30")[:2] == (0, "h1: idle\n")
+    assert [r["text"] for r in headless.records("finished")] == ["TOOLRUN-2 build it\nalso test it"]
 
 
 def test_headless_status_queue_wait_and_readable_tail(headless, capsys):
@@ -2321,7 +2360,8 @@ class FakeAPI(object):
 
     Trigger words in the user's text shape the reply: SLOW-N waits N seconds
     before answering (a busy agent on demand); TOOL asks for a Bash tool call
-    that needs permission (a permission dialog on demand).
+    that needs permission (a permission dialog on demand); TOOLRUN-N asks
+    for `sleep N` (a tool that runs a while, where the settings allow it).
     """
 
     def __init__(self):
@@ -2415,6 +2455,9 @@ class FakeAPI(object):
         if not side and not tool_result:
             if "TOOL" in text:
                 tool = {"command": "touch orch-tool-ran-%d" % n, "description": "make a file"}
+            for word in text.split():
+                if word.startswith("TOOLRUN-") and word[8:].isdigit():
+                    tool = {"command": "sleep %s" % word[8:], "description": "take a while"}
             for word in text.split():
                 if word.startswith("SLOW-") and word[5:].isdigit():
                     time.sleep(int(word[5:]))
@@ -2858,6 +2901,20 @@ def test_e2e_headless_control_bytes_mode_and_pid(claude_headless, capsys):
     assert (row["permission_mode"], row["pid"]) == (
         "default", claude_headless.state()["agents"]["h1"]["headless"]["pid"])
     assert not os.path.exists(os.path.join(claude_headless.work, "pwned"))
+
+
+def test_e2e_headless_message_taken_by_the_running_turn(claude_headless, capsys):
+    os.makedirs(os.path.join(claude_headless.home, ".claude"), exist_ok=True)
+    with open(os.path.join(claude_headless.home, ".claude", "settings.json"), "w") as f:
+        json.dump({"permissions": {"allow": ["Bash(sleep:*)"]}}, f)
+    api = claude_headless.api
+    assert run(capsys, "spawn", "h1", "TOOLRUN-4 build it")[0] == 0
+    retry_until(lambda: api.requests)
+    assert run(capsys, "send", "h1", "also test it")[:2] == (0, "h1: queued\n")
+    assert run(capsys, "wait", "h1", "--timeout", "60")[:2] == (0, "h1: idle\n")
+    # Claude hands it to the model inside the running turn, beside the tool's result.
+    with api.lock:
+        assert [r for r in api.requests if "also test it" in r["history"] and not r["side"]]
 
 
 def test_e2e_headless_every_verb(claude_headless, capsys):
