@@ -2818,6 +2818,7 @@ def test_e2e_round_trip_under_lc_all_c(claude, capsys):
     assert (code, out) == (0, "a1: submitted\n"), err
     code, out, _ = orch_cli("tail", "a1")
     assert code == 0 and "na\u00efve \u2713 SLOW-20 second" in out and "\u276f" in out
+    retry_until(lambda: len(claude.api.texts()) == 2)      # the model is on it
     assert orch_cli("interrupt", "a1")[0] == 0
     assert orch_cli("wait", "a1", "--timeout", "60")[:2] == (0, "a1: idle\n")
     assert claude.api.texts() == ["caf\u00e9 \u6f22\u5b57 first", "na\u00efve \u2713 SLOW-20 second"]
@@ -2830,6 +2831,7 @@ def test_e2e_vim_mode_status_line_and_output_style(claude, capsys):
         json.dump({"statusLine": {"type": "command", "command": "echo '\u276f my status line'"},
                    "outputStyle": "Explanatory"}, f)
     assert run(capsys, "spawn", "a1", "SLOW-20 first")[0] == 0
+    retry_until(lambda: claude.api.texts())     # the model is on it
     assert run(capsys, "interrupt", "a1")[0] == 0       # Escape: vim's normal mode after
     assert run(capsys, "wait", "a1", "--timeout", "60")[:2] == (0, "a1: idle\n")
     retry_until(lambda: "my status line" in run(capsys, "tail", "a1")[1])
@@ -2840,6 +2842,8 @@ def test_e2e_vim_mode_status_line_and_output_style(claude, capsys):
 
 def test_e2e_interrupt_then_send_sends_only_the_new_message(claude, capsys):
     assert run(capsys, "spawn", "a1", "SLOW-30 long job")[0] == 0
+    # Claude asks the model a moment after it accepts a prompt: interrupt the asking.
+    retry_until(lambda: claude.api.texts())
     assert run(capsys, "interrupt", "a1")[0] == 0
     assert run(capsys, "wait", "a1", "--timeout", "60")[0] == 0
     code, out, err = run(capsys, "send", "a1", "do this instead")
