@@ -2962,7 +2962,7 @@ def cmd_install(args):
     write_file_atomic(launcher, "\n".join([
         "#!%s -IS" % sys.executable, LAUNCHER_MARK,
         "import sys", "sys.path.insert(0, %r)" % lib,
-        "from orch import main", "sys.exit(main())", ""]), 0o755)
+        "from orch import main, exit_now", "exit_now(main())", ""]), 0o755)
     print("installed orch %s: %s (runs %s, compiled for Python %d.%d)"
           % (__version__, launcher, module, sys.version_info[0], sys.version_info[1]))
     bin_dir = os.path.dirname(launcher)
@@ -3206,6 +3206,21 @@ def main(argv=None):
         return EXIT_ERROR
 
 
+def exit_now(code):
+    """Flush and leave without the interpreter's teardown.
+
+    Freeing every module and object at exit is ~4 ms of a ~35 ms `orch list`
+    at 300 agents.  By the time main() returns, every file orch wrote is
+    closed and synced, and no thread of its own is left with work to do.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass        # a reader that went away: nothing more to say to it
+    os._exit(code or 0)
+
+
 def utf8_output():
     """Make stdout and stderr UTF-8 whatever the locale (Python 3.6 in a C locale uses ASCII)."""
     import io
@@ -3247,4 +3262,4 @@ def run_verb(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

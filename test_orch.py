@@ -3027,13 +3027,22 @@ def bench_events(count):
 
 
 def claude_path_world(root, env, events):
-    """The bench's agents as claude agents (no cmd) with `events` hook events each; its env."""
+    """The bench's agents as claude agents (no cmd) with `events` hook events each; its env.
+
+    Each also gets the status file claude keeps for itself, which `list` reads too.
+    """
     folder = os.path.join(root, "claude-%d" % events)
     with open(env["ORCH_STATE"]) as f:
         state = json.load(f)
     text = bench_events(events)
+    sessions = os.path.join(root, ".claude", "sessions")
+    os.makedirs(sessions, exist_ok=True)
     for name, agent in state["agents"].items():
         agent.update(cmd=None, session_id=str(uuid.uuid4()), launched=0, home=root)
+        with open(os.path.join(sessions, "%d.json" % agent["tmux"]["pid"]), "w") as f:
+            json.dump({"pid": agent["tmux"]["pid"], "sessionId": agent["session_id"],
+                       "cwd": agent["cwd"], "kind": "interactive", "status": "busy",
+                       "statusUpdatedAt": 1500}, f)
         os.makedirs(os.path.join(folder, "state.d", "agents", name), exist_ok=True)
         with open(os.path.join(folder, "state.d", "agents", name, "events.jsonl"), "w") as f:
             f.write(text)
