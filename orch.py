@@ -501,6 +501,16 @@ def main():
     for key in ("message", "last_assistant_message"):
         if isinstance(data.get(key), str):
             line[key] = short(data[key])
+    if isinstance(data.get("transcript_path"), str) and line["event"] == "SessionStart":
+        line["transcript_path"] = data["transcript_path"]
+    reply = data.get("last_assistant_message")
+    if line["event"] == "Stop" and isinstance(reply, str):
+        # The whole answer, for `orch reply`; kept before the Stop line is, so
+        # whoever sees the turn end finds its answer.
+        keep = os.path.join(os.path.dirname(path), "reply.json")
+        with open(keep + ".%d" % os.getpid(), "w", encoding="utf-8") as f:
+            json.dump({"t": line["t"], "text": reply, "session_id": line["session_id"]}, f)
+        os.replace(keep + ".%d" % os.getpid(), keep)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         os.write(fd, (json.dumps(line) + "\n").encode("utf-8"))
@@ -2135,6 +2145,90 @@ def stop_orphan(name, where):
 
 
 # ###########################################################################
+# Supervision: agents' answers, and one message to many agents
+# ###########################################################################
+
+def last_reply(agent):
+    """The agent's last complete answer as {"t", "text"}, or None if it has none yet.
+
+    A claude agent in tmux: the whole `last_assistant_message` of its latest
+    Stop, which the hook keeps in reply.json.  Headless: the `result` of its
+    latest turn that ended well.
+    """
+    if agent.get("cmd"):
+        raise OrchError("agent %s runs a command of its own (--cmd), which reports no answers: "
+                        "`orch tail %s` shows its screen" % (agent["name"], agent["name"]))
+    launched = agent.get("created", 0)
+    if agent["backend"] == "headless":
+        found = headless_reply(agent["name"])
+    else:
+        found = read_json(os.path.join(agent_dir(agent["name"]), "reply.json"))
+    if not isinstance(found, dict) or not isinstance(found.get("text"), str) \
+            or not isinstance(found.get("t"), (int, float)) or found["t"] < launched:
+        return None
+    return found
+
+
+def headless_reply(name, tail=1048576):
+    for event in reversed(log_events(name, max(0, log_size(name) - tail))):
+        if event.get("type") == "result" and isinstance(event.get("result"), str) \
+                and not event.get("is_error"):
+            return {"t": os.path.getmtime(hpath(name, "log")), "text": event["result"]}
+    return None
+
+
+# How bad each outcome of a send is, for the exit code of a send to many.
+SEVERITY = (EXIT_OK, EXIT_NOT_RUNNING, EXIT_NEEDS_INPUT, EXIT_UNCONFIRMED, EXIT_MIXED,
+            EXIT_ERROR)
+
+
+def send_to_many(agents, text, raw, force, timeout):
+    """Send text to each agent at once; print one line per agent; return the worst exit code.
+
+    Each send is confirmed as a single send is; a refusal at one agent
+    (a dialog, an exited agent) never stops the others.
+    """
+    import threading
+    outcomes = {}
+
+    def send(agent):
+        try:
+            outcomes[agent["name"]] = (EXIT_OK, send_message(agent, text, raw, force, timeout))
+        except OrchError as e:
+            outcomes[agent["name"]] = (e.code, "error: %s" % e)
+        except Exception as e:      # one agent's surprise must not hide the others' outcomes
+            outcomes[agent["name"]] = (EXIT_ERROR, "error: unexpected %s: %s"
+                                       % (type(e).__name__, e))
+    threads = [threading.Thread(target=send, args=(agent,)) for agent in agents]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    worst = EXIT_OK
+    for agent in agents:
+        code, words = outcomes[agent["name"]]
+        print("%s: %s" % (agent["name"], words))
+        if SEVERITY.index(code if code in SEVERITY else EXIT_ERROR) > SEVERITY.index(worst):
+            worst = code if code in SEVERITY else EXIT_ERROR
+    return worst
+
+
+def chosen_agents(state, args):
+    """The agents of `send --to/--all/--idle`, in the order given (or created)."""
+    if args.to is not None:
+        names = []
+        for name in args.to.split(","):
+            name = check_name(name.strip())
+            if name not in names:
+                names.append(name)
+        return [find_agent(state, name) for name in names]
+    agents = sorted(state["agents"].values(), key=lambda a: a["created"])
+    found = statuses(agents)
+    wanted = ("idle",) if args.idle else ("starting", "working", "idle", "needs-input")
+    return [a for a in agents if found[a["name"]]["status"] in wanted]
+
+
+# ###########################################################################
 # Input: every byte from outside (argv, stdin, files, numbers) checked here
 # ###########################################################################
 #
@@ -2406,12 +2500,49 @@ def reset_agent_dir(name):
 
 
 def cmd_send(args):
-    agent = find_agent(load_state(), check_name(args.name))
-    text = read_text("-" if args.message in (None, "-") else args.message, what="message")
+    many = args.to is not None or args.all or args.idle
+    if many and args.message is not None:
+        raise OrchError("give the agents by name or with --to/--all/--idle, not both "
+                        "(`orch send --to a,b MESSAGE`)", EXIT_USAGE)
+    if [args.to is not None, args.all, args.idle].count(True) > 1:
+        raise OrchError("choose one of --to, --all and --idle", EXIT_USAGE)
+    if not many and args.name is None:
+        raise OrchError("the following arguments are required: name", EXIT_USAGE)
+    message = args.name if many else args.message
+    state = load_state()
+    agents = chosen_agents(state, args) if many else [find_agent(state, check_name(args.name))]
+    text = read_text("-" if message in (None, "-") else message, what="message")
     if not text.strip():
         raise OrchError("empty message: nothing to send", EXIT_USAGE)
-    print("%s: %s" % (agent["name"], send_message(agent, text, raw=args.raw, force=args.force,
-                                                  timeout=args.timeout)))
+    if not many:
+        print("%s: %s" % (agents[0]["name"], send_message(
+            agents[0], text, raw=args.raw, force=args.force, timeout=args.timeout)))
+        return EXIT_OK
+    if not agents:
+        sys.stderr.write("orch: no %s agents: nothing sent\n" % ("idle" if args.idle else
+                                                                 "running"))
+        return EXIT_OK
+    return send_to_many(agents, text, args.raw, args.force, args.timeout)
+
+
+def cmd_reply(args):
+    agent = find_agent(load_state(), check_name(args.name))
+    found = last_reply(agent)
+    if found is None:
+        raise OrchError("agent %s has not finished a turn yet: no answer to show; "
+                        "`orch wait %s` first" % (agent["name"], agent["name"]), EXIT_NOT_RUNNING)
+    try:
+        status = status_of(agent)["status"]
+    except OrchError:
+        status = None       # the answer is on file; only the note needs tmux
+    if args.json:
+        print(json.dumps({"name": agent["name"], "reply": found["text"], "time": found["t"],
+                          "status": status}))
+        return EXIT_OK
+    if status in ("working", "needs-input"):
+        sys.stderr.write("orch: note: %s is %s: this is its answer to an earlier message\n"
+                         % (agent["name"], status))
+    sys.stdout.write(found["text"] if found["text"].endswith("\n") else found["text"] + "\n")
     return EXIT_OK
 
 
@@ -3046,10 +3177,18 @@ def add_spawn(sub, verb):
 
 
 def add_send(sub, verb):
-    p = sub.add_parser(verb, help="submit a message to a running agent",
-                       description="Type MESSAGE into the agent and confirm it was submitted.")
-    p.add_argument("name")
+    p = sub.add_parser(verb, help="submit a message to a running agent (or to many)",
+                       description="Type MESSAGE into the agent and confirm it was submitted. "
+                       "With --to, --all or --idle: into each of those agents at once, one "
+                       "line per agent; the exit code is the worst outcome "
+                       "(1 > 7 > 5 > 4 > 3 > 0).",
+                       usage="orch send NAME [MESSAGE] [options]\n"
+                             "       orch send (--to A,B,... | --all | --idle) [MESSAGE] [options]")
+    p.add_argument("name", nargs="?")
     p.add_argument("message", nargs="?", help="the message; omitted or '-' reads stdin")
+    p.add_argument("--to", metavar="A,B,...", help="send to these agents")
+    p.add_argument("--all", action="store_true", help="send to every agent that is running")
+    p.add_argument("--idle", action="store_true", help="send to every agent that is idle now")
     p.add_argument("--raw", action="store_true",
                    help="send a leading '/' or '!' as a command (e.g. /compact)")
     p.add_argument("--force", action="store_true",
@@ -3058,6 +3197,16 @@ def add_send(sub, verb):
     p.add_argument("--timeout", type=SECONDS, metavar="SECONDS",
                    help="seconds to wait for confirmation (default 10)")
     p.set_defaults(func=cmd_send)
+
+
+def add_reply(sub, verb):
+    p = sub.add_parser(verb, help="print the agent's last complete answer",
+                       description="Print the agent's last complete answer as plain text "
+                       "(exit 3 if it has not finished a turn yet).")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true",
+                   help="print {name, reply, time, status} as JSON")
+    p.set_defaults(func=cmd_reply)
 
 
 def add_tail(sub, verb):
@@ -3131,6 +3280,7 @@ def add_supervise(sub, verb):
 VERBS = (
     ("spawn", add_spawn),
     ("send", add_send),
+    ("reply", add_reply),
     ("tail", add_tail),
     ("attach", add_named("take the keyboard of an agent's window", cmd_attach)),
     ("list", add_list),

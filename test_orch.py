@@ -152,6 +152,8 @@ def trusted():
     except Exception:
         return False
 
+LONG_REPLY = "\n".join("answer line %d: %s \u00e9" % (i, "x" * 60) for i in range(100))
+
 def start():
     time.sleep(float(os.environ.get("FAKE_START_DELAY") or 0))
     hook("SessionStart", source="resume" if "--resume" in opts else "startup")
@@ -196,6 +198,8 @@ def submit(text, hooked=False):
     finish("reply: " + " ".join(words)[:60])
 
 def finish(reply):
+    if "LONGREPLY" in (state.get("prompt") or ""):
+        reply = LONG_REPLY
     say("\u25cf " + reply)
     log("finished", reply=reply)
     state["mode"] = "idle"
@@ -788,6 +792,82 @@ def test_send_unknown_agent_and_empty_message(env, capsys):
     assert run(capsys, "spawn", "a1")[0] == 0
     code, _, err = run(capsys, "send", "a1", "   ")
     assert code == 2 and "empty" in err
+
+
+# ###########################################################################
+# Supervision: answers, and one message to many agents
+# ###########################################################################
+
+def test_reply_is_the_whole_last_answer(env, capsys):
+    assert run(capsys, "spawn", "a1", "SLOW-2 first")[0] == 0
+    code, out, err = run(capsys, "reply", "a1")
+    assert (code, out) == (orch.EXIT_NOT_RUNNING, "") and "not finished a turn" in err
+    assert run(capsys, "wait", "a1", "--timeout", "30")[0] == 0
+    assert run(capsys, "reply", "a1")[:2] == (0, "slow reply done\n")
+    # The round trip a script makes: send, wait, reply.
+    assert run(capsys, "send", "a1", "LONGREPLY please")[0] == 0
+    assert run(capsys, "wait", "a1", "--timeout", "30")[0] == 0
+    code, out, err = run(capsys, "reply", "a1")
+    long_reply = "\n".join("answer line %d: %s \u00e9" % (i, "x" * 60) for i in range(100))
+    assert (code, out, err) == (0, long_reply + "\n", "")
+    assert run(capsys, "send", "a1", "SLOW-5 more")[0] == 0
+    code, out, err = run(capsys, "reply", "a1", "--json")
+    row = json.loads(out)
+    assert (code, row["name"], row["reply"], row["status"]) == (0, "a1", long_reply, "working")
+    code, out, err = run(capsys, "reply", "a1")
+    assert out == long_reply + "\n" and "a1 is working" in err
+
+
+def test_reply_without_answers_says_why(env, capsys):
+    assert run(capsys, "spawn", "c1", "--cmd", "sleep 100")[0] == 0
+    code, out, err = run(capsys, "reply", "c1")
+    assert (code, out) == (1, "") and "--cmd" in err and "orch tail c1" in err
+    code, _, err = run(capsys, "reply", "ghost")
+    assert code == 1 and "no agent named 'ghost'" in err
+    assert run(capsys, "spawn", "a1", "first")[0] == 0
+    assert run(capsys, "wait", "a1", "--timeout", "30")[0] == 0
+    with open(os.path.join(orch.agent_dir("a1"), "reply.json"), "w") as f:
+        f.write('{"t": 1e12, "text": ')        # torn by hand: no answer, no traceback
+    code, _, err = run(capsys, "reply", "a1")
+    assert code == orch.EXIT_NOT_RUNNING and "not finished a turn" in err
+
+
+def test_send_to_many_reports_each_and_exits_with_the_worst(env, capsys):
+    for name, prompt in (("a1", "first"), ("a2", "ASK to run a tool"), ("a3", "first")):
+        assert run(capsys, "spawn", name, prompt)[0] == 0
+    assert run(capsys, "send", "a3", "EXIT-0 bye")[0] in (0, orch.EXIT_NOT_RUNNING)
+    wait_status(capsys, "a2", "needs-input")
+    wait_status(capsys, "a3", "exited")
+    wait_status(capsys, "a1", "idle")
+    code, out, err = run(capsys, "send", "--to", "a1,a2,a3,a1", "to three")
+    lines = out.splitlines()
+    assert lines[0] == "a1: submitted" and len(lines) == 3, (out, err)
+    assert lines[1].startswith("a2: error: ") and "asking for permission" in lines[1]
+    assert lines[2].startswith("a3: error: ") and "orch resume a3" in lines[2]
+    assert code == orch.EXIT_NEEDS_INPUT        # 4 is worse than 3
+    assert env.messages().count("to three") == 1 and not env.records("approved")
+    # --idle: only a1 is idle; --all: every agent that runs (a3 has exited).
+    assert run(capsys, "send", "--idle", "idle ones")[:2] == (0, "a1: submitted\n")
+    wait_status(capsys, "a1", "idle")
+    code, out, _ = run(capsys, "send", "--all", "everyone")
+    assert code == orch.EXIT_NEEDS_INPUT and [l.split(":")[0] for l in out.splitlines()] == [
+        "a1", "a2"]
+    assert env.messages().count("everyone") == 1 and env.messages().count("idle ones") == 1
+
+
+def test_send_to_many_bad_input(env, capsys):
+    assert run(capsys, "spawn", "a1", "SLOW-10 busy")[0] == 0
+    for args, words in ((["--to", "a1,ghost", "x"], "no agent named 'ghost'"),
+                        (["--to", "a1,b/c", "x"], "invalid agent name"),
+                        (["--to", "a1", "--all", "x"], "one of --to, --all and --idle"),
+                        (["a1", "--all", "x"], "not both"),
+                        (["--to", "a1", "   "], "empty")):
+        code, out, err = run(capsys, "send", *args)
+        assert code in (1, 2) and words in err and out == "" and one_error(err), (args, err)
+    code, out, err = run(capsys, "send", "--idle", "x")
+    assert (code, out) == (0, "") and "no idle agents: nothing sent" in err
+    assert env.messages() == ["SLOW-10 busy"]
+    assert run(capsys, "send", "--to", "a1", stdin="from stdin\n")[:2] == (0, "a1: queued\n")
 
 
 # ###########################################################################
@@ -1820,12 +1900,16 @@ def matrix_cases(verb):
     if verb in ("spawn", "resume"):
         cases.append(("claude missing", state_args, None, ("env", "ORCH_CLAUDE=/nonexistent/claude"), 1))
     if verb != "doctor":
+        # reply reads files only: x1 has no answer, with or without tmux.
+        code = EXIT_NO_ANSWER if verb == "reply" else 1
         cases.append(("tmux missing", state_args + (["--cmd", "true"] if verb == "spawn" else []),
-                      None, ("path", None), 1))
+                      None, ("path", None), code))
         cases.append(("tmux hangs", state_args + (["--cmd", "true"] if verb == "spawn" else []),
-                      None, ("path", HANG_TMUX), 1))
+                      None, ("path", HANG_TMUX), code))
     return cases
 
+
+EXIT_NO_ANSWER = orch.EXIT_NOT_RUNNING
 
 EXITED_STATE = {"version": 1, "agents": {"x1": {
     "name": "x1", "backend": "tmux", "cwd": "/", "created": 1.0, "session_id": "s1",
@@ -2101,7 +2185,7 @@ def finish(text):
         denials = [{"tool_name": "Bash", "tool_use_id": "t1", "tool_input": {"command": "touch x"}}]
     out({"type": "assistant", "message": {"role": "assistant", "content": [
         {"type": "text", "text": "reply: " + text[:60]}]}})
-    out({"type": "result", "subtype": "success", "result": "ok", "session_id": session,
+    out({"type": "result", "subtype": "success", "result": "answer: " + text[:60], "session_id": session,
          "duration_ms": 10, "total_cost_usd": 0.001, "permission_denials": denials})
     log("finished", text=text)
     state.update(busy=None, until=None, tool=False)
@@ -2255,6 +2339,7 @@ def test_headless_status_queue_wait_and_readable_tail(headless, capsys):
     code, out, _ = run(capsys, "wait", "h1", "--timeout", "30")
     assert (code, out) == (0, "h1: idle\n")
     assert headless.messages() == ["SLOW-2 long job", "next one"]
+    assert run(capsys, "reply", "h1")[:2] == (0, "answer: next one\n")
     code, out, _ = run(capsys, "tail", "h1")
     assert code == 0 and "> next one" in out and "\u25cf reply: next one" in out
     assert "turn done" in out and not [l for l in out.splitlines() if l.startswith("{")]
@@ -2852,6 +2937,27 @@ def test_e2e_interrupt_then_send_sends_only_the_new_message(claude, capsys):
     code, out, err = run(capsys, "send", "a1", "do this instead")
     assert (code, out) == (0, "a1: submitted\n"), err
     assert retry_until(lambda: claude.api.texts()[1:]) == ["do this instead"]
+
+
+def test_e2e_send_wait_reply_round_trip_and_send_to_three(claude, capsys):
+    for name in ("a1", "a2", "a3"):
+        assert run(capsys, "spawn", name, "hello " + name)[0] == 0
+    code, out, err = run(capsys, "send", "--to", "a1,a2,a3", "one for all")
+    assert (code, sorted(out.splitlines())) == (0, ["a1: submitted", "a2: submitted",
+                                                    "a3: submitted"]), err
+    assert run(capsys, "wait", "a1", "a2", "a3", "--timeout", "60")[0] == 0
+    assert sorted(claude.api.texts()[3:]) == ["one for all"] * 3
+    assert run(capsys, "send", "a2", "and the answer is")[0] == 0
+    assert run(capsys, "wait", "a2", "--timeout", "60")[0] == 0
+    with claude.api.lock:
+        n = [i + 1 for i, r in enumerate(claude.api.requests) if r["text"] == "and the answer is"]
+    assert run(capsys, "reply", "a2")[:2] == (0, "reply %d: ok\n" % n[-1])
+
+
+def test_e2e_headless_reply(claude_headless, capsys):
+    assert run(capsys, "spawn", "h1", "question")[0] == 0
+    assert run(capsys, "wait", "h1", "--timeout", "60")[0] == 0
+    assert run(capsys, "reply", "h1")[:2] == (0, "reply 1: ok\n")
 
 
 def test_e2e_copy_mode_and_half_typed_text(claude, capsys):
