@@ -1755,7 +1755,8 @@ def ends_with_message(text, record):
     chars = record.get("chars")
     if not isinstance(chars, int):
         return True         # written by an older orch: any echo counts, as it did then
-    return prompt_sha(text[-chars:]) == record.get("sha") or prompt_sha(text) == record.get("sha")
+    # chars counts the message without its outer blanks: claude trims them.
+    return prompt_sha(text.rstrip()[-chars:]) == record.get("sha")
 
 
 def last_result(name, tail=262144):
@@ -1869,7 +1870,7 @@ def headless_send(agent, text, raw, timeout):
         busy = st["status"] == "working"
         offset = log_size(name)
         record = {"t": time.time(), "sha": prompt_sha(text), "prompt": normalize_prompt(text)[:200],
-                  "offset": offset, "chars": len(text)}
+                  "offset": offset, "chars": len(text.strip())}
         write_fifo(name, user_line(text))
         append_line(hpath(name, "sent"), json.dumps(record))
     if busy:

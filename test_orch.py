@@ -2322,6 +2322,15 @@ def test_headless_idle_only_after_every_message_is_answered(headless, capsys, mo
     assert [r["text"] for r in headless.records("finished")] == ["SLOW-1 first", "SLOW-2 second"]
 
 
+def test_headless_echo_matching():
+    # Claude trims a message and joins several with newlines; orch finds its own at the end.
+    record = {"sha": orch.prompt_sha("  second one \n"), "chars": len("second one")}
+    assert orch.ends_with_message("first\nsecond one", record)
+    assert orch.ends_with_message("second one", record)
+    assert not orch.ends_with_message("second one\nthird", record)
+    assert orch.ends_with_message("anything", {"sha": "x"})     # an older orch's record
+
+
 def test_headless_message_taken_by_the_running_turn(headless, capsys):
     # While a tool runs, claude hands a new message to the running turn: no new turn starts.
     assert run(capsys, "spawn", "h1", "TOOLRUN-2 build it")[0] == 0
