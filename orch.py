@@ -1958,81 +1958,135 @@ def headless_stop(agent, grace):
 
 
 def render_event(event):
-    """Turn one stream-json event into lines a person can read."""
+    """Turn one stream-json event or transcript entry into lines a person can read."""
+    return [line for entry in conversation_entries(event) for line in entry_lines(entry)]
+
+
+def conversation_entries(event):
+    """What one line of a conversation log says: a list of {"kind", ...} entries.
+
+    One reader for the headless output (stream-json events) and for claude's
+    own transcript (tmux agents): both carry `user` and `assistant` messages
+    in the API's shape.  A turn ends in a `result` event there, in a
+    `system/turn_duration` entry here.  Side conversations (subagents) and
+    claude's bookkeeping entries are left out.
+    """
+    if not isinstance(event, dict) or event.get("isSidechain") or event.get("isMeta"):
+        return []
     kind = event.get("type")
     if kind == "system" and event.get("subtype") == "init":
-        return ["[session %s, model %s]" % (event.get("session_id"), event.get("model", "?"))]
+        return [{"kind": "session", "session_id": event.get("session_id"),
+                 "model": event.get("model", "?")}]
+    if kind == "system" and event.get("subtype") == "turn_duration":
+        return [{"kind": "turn", "ok": True, "seconds": (event.get("durationMs") or 0) / 1000.0}]
     if kind == "user":
-        return render_user(event)
+        return user_entries((event.get("message") or {}).get("content"))
     if kind == "assistant":
-        lines = []
+        entries = []
         for block in (event.get("message") or {}).get("content") or []:
+            if not isinstance(block, dict):
+                continue
             if block.get("type") == "text":
-                lines += ["\u25cf " + block.get("text", "")]
+                entries.append({"kind": "assistant", "text": block.get("text", "")})
             elif block.get("type") == "tool_use":
-                lines.append("\u25cf %s(%s)" % (block.get("name"), shorten(
-                    json.dumps(block.get("input"), ensure_ascii=False), 100)))
-        return lines
+                entries.append({"kind": "tool", "name": block.get("name"),
+                                "input": block.get("input")})
+        return entries
     if kind == "result":
-        return render_result(event)
+        cost = event.get("total_cost_usd")
+        entries = [{"kind": "turn", "ok": event.get("subtype") == "success",
+                    "subtype": event.get("subtype"),
+                    "seconds": (event.get("duration_ms") or 0) / 1000.0,
+                    "cost": cost if isinstance(cost, (int, float)) else None}]
+        for denial in event.get("permission_denials") or []:
+            entries.append({"kind": "denied", "name": denial.get("tool_name"),
+                            "input": denial.get("tool_input")})
+        return entries
     return []
 
 
-def render_user(event):
-    content = (event.get("message") or {}).get("content")
+def user_entries(content):
     if isinstance(content, str):
-        return ["> " + content.replace("\n", "\n  ")]
-    lines = []
-    for block in content or []:
+        return [{"kind": "user", "text": unwrap_pastes(content)}]
+    entries = []
+    for block in content if isinstance(content, list) else []:
+        if not isinstance(block, dict):
+            continue
         if block.get("type") == "tool_result":
             body = block.get("content")
             if isinstance(body, list):
                 body = " ".join(b.get("text", "") for b in body if isinstance(b, dict))
-            mark = "error: " if block.get("is_error") else ""
-            lines.append("  \u23bf " + mark + shorten(str(body or ""), 160))
+            entries.append({"kind": "tool_result", "text": str(body or ""),
+                            "error": bool(block.get("is_error"))})
         elif block.get("type") == "text":
-            lines.append("> " + block.get("text", ""))
-    return lines
+            entries.append({"kind": "user", "text": unwrap_pastes(block.get("text", ""))})
+    return entries
 
 
-def render_result(event):
-    cost = event.get("total_cost_usd")
-    line = "\u2714 turn done" if event.get("subtype") == "success" else \
-        "\u2718 turn ended: %s" % event.get("subtype")
-    line += " (%.1fs%s)" % ((event.get("duration_ms") or 0) / 1000.0,
-                            ", $%.4f" % cost if isinstance(cost, (int, float)) else "")
-    lines = [line]
-    for denial in event.get("permission_denials") or []:
-        lines.append("\u26a0 permission denied: %s(%s): allow it with -- --permission-mode "
-                     "acceptEdits or --allowedTools" % (denial.get("tool_name"), shorten(
-                         json.dumps(denial.get("tool_input"), ensure_ascii=False), 80)))
-    return lines
+def entry_lines(entry):
+    """The lines `tail` (headless) and `log` print for one entry."""
+    kind = entry["kind"]
+    if kind == "session":
+        return ["[session %s, model %s]" % (entry["session_id"], entry["model"])]
+    if kind == "user":
+        return ["> " + entry["text"].replace("\n", "\n  ")]
+    if kind == "assistant":
+        return ["\u25cf " + entry["text"]]
+    if kind == "tool":
+        return ["\u25cf %s(%s)" % (entry["name"], shorten(
+            json.dumps(entry["input"], ensure_ascii=False), 100))]
+    if kind == "tool_result":
+        return ["  \u23bf " + ("error: " if entry["error"] else "") + shorten(entry["text"], 160)]
+    if kind == "turn":
+        line = "\u2714 turn done" if entry["ok"] else "\u2718 turn ended: %s" % entry["subtype"]
+        cost = entry.get("cost")
+        return [line + " (%.1fs%s)" % (entry["seconds"], ", $%.4f" % cost if cost is not None
+                                       else "")]
+    if kind == "denied":
+        return ["\u26a0 permission denied: %s(%s): allow it with -- --permission-mode "
+                "acceptEdits or --allowedTools" % (entry["name"], shorten(
+                    json.dumps(entry["input"], ensure_ascii=False), 80))]
+    return [entry.get("text", "")]      # "output": a line that is not JSON (claude's stderr)
+
+
+def read_log_entries(path, offset=0):
+    """Return (entries, new offset) of a JSON-lines log from offset; whole lines only.
+
+    A line claude is still writing is left for the next read, so following
+    by offset never repeats or skips an entry.
+    """
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    entries = []
+    for line in data[:end].decode("utf-8", "replace").split("\n"):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            entries.append({"kind": "output", "text": line})
+            continue
+        entries += conversation_entries(event)
+    return entries, offset + end
 
 
 def render_log(name, offset=0, raw=False):
-    """Return (lines, new offset) for the agent's log from offset; whole lines only."""
+    """Return (lines, new offset) for the headless agent's log from offset."""
+    path = hpath(name, "log")
     try:
-        with open(hpath(name, "log"), "rb") as f:
-            f.seek(offset)
-            data = f.read()
-    except OSError:
-        raise OrchError("the log of agent %s (%s) is gone" % (name, hpath(name, "log")))
-    end = data.rfind(b"\n") + 1
-    lines = []
-    for raw_line in data[:end].decode("utf-8", "replace").split("\n"):
-        if not raw_line.strip():
-            continue
         if raw:
-            lines.append(raw_line)
-            continue
-        try:
-            event = json.loads(raw_line)
-        except ValueError:
-            lines.append(raw_line)      # claude's own stderr
-            continue
-        if isinstance(event, dict):
-            lines += render_event(event)
-    return lines, offset + end
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+            end = data.rfind(b"\n") + 1
+            lines = data[:end].decode("utf-8", "replace").split("\n")
+            return [l for l in lines if l.strip()], offset + end
+        entries, offset = read_log_entries(path, offset)
+    except OSError:
+        raise OrchError("the log of agent %s (%s) is gone" % (name, path))
+    return [line for entry in entries for line in entry_lines(entry)], offset
 
 
 def headless_tail(agent, lines, follow, raw):
@@ -2176,6 +2230,67 @@ def headless_reply(name, tail=1048576):
                 and not event.get("is_error"):
             return {"t": os.path.getmtime(hpath(name, "log")), "text": event["result"]}
     return None
+
+
+def conversation_path(agent):
+    """The file that holds the agent's conversation: claude's transcript, or headless output."""
+    import re
+    name = agent["name"]
+    if agent.get("cmd"):
+        raise OrchError("agent %s runs a command of its own (--cmd), which keeps no "
+                        "conversation orch can read: `orch tail %s` shows its screen"
+                        % (name, name))
+    if agent["backend"] == "headless":
+        return hpath(name, "log")
+    session = agent.get("session_id")
+    for event in reversed(read_events(name)):
+        if event.get("event") == "SessionStart":
+            if isinstance(event.get("transcript_path"), str):
+                return event["transcript_path"]
+            session = event.get("session_id") or session
+            break
+    # Recorded by an older orch's hook: where claude keeps it.
+    home = agent.get("home") or os.path.expanduser("~")
+    return os.path.join(home, ".claude", "projects", re.sub(r"[^A-Za-z0-9]", "-", agent["cwd"]),
+                        "%s.jsonl" % session)
+
+
+def transcript_settled(agent, path):
+    """Wait (2 s at most) for claude to write the end of a turn its Stop hook reported.
+
+    Claude appends a turn's end to its transcript ~50 ms after the Stop hook
+    fires (measured on 2.1.197 and 2.1.330), so `wait && log` would miss it.
+    """
+    stops = [e["t"] for e in read_events(agent["name"], tail_bytes=8192)
+             if e.get("event") == "Stop" and isinstance(e.get("t"), (int, float))]
+
+    def written():
+        try:
+            return os.path.getmtime(path) >= stops[-1]
+        except OSError:
+            return True     # no transcript: read_conversation says so
+    if stops:
+        retry_until(written, 2.0, interval=0.02)
+
+
+def read_conversation(agent, path, offset=0):
+    try:
+        return read_log_entries(path, offset)
+    except FileNotFoundError:
+        raise OrchError("agent %s has no conversation log at %s yet (claude writes it from "
+                        "the first message on), or it was deleted" % (agent["name"], path))
+    except OSError as e:
+        raise OrchError("cannot read the conversation of agent %s (%s): %s"
+                        % (agent["name"], path, e.strerror or e))
+
+
+def print_entries(entries, as_json):
+    if as_json:
+        for entry in entries:
+            sys.stdout.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+    else:
+        write_rows([line for entry in entries for line in entry_lines(entry)])
 
 
 # How bad each outcome of a send is, for the exit code of a send to many.
@@ -2524,6 +2639,26 @@ def cmd_send(args):
                                                                  "running"))
         return EXIT_OK
     return send_to_many(agents, text, args.raw, args.force, args.timeout)
+
+
+def cmd_log(args):
+    agent = find_agent(load_state(), check_name(args.name))
+    path = conversation_path(agent)
+    if agent["backend"] == "tmux":
+        transcript_settled(agent, path)
+    entries, offset = read_conversation(agent, path)
+    print_entries(entries[-(args.lines or 40):], args.json)
+    while args.follow:
+        done = status_of(agent)["status"] == "exited"
+        now = conversation_path(agent)
+        if now != path and os.path.exists(now):
+            path, offset = now, 0       # /clear started a new conversation: follow it
+        entries, offset = read_conversation(agent, path, offset)
+        print_entries(entries, args.json)
+        if done:
+            break
+        time.sleep(0.5)
+    return EXIT_OK
 
 
 def cmd_reply(args):
@@ -3200,6 +3335,20 @@ def add_send(sub, verb):
     p.set_defaults(func=cmd_send)
 
 
+def add_log(sub, verb):
+    p = sub.add_parser(verb, help="print the conversation: messages, answers, tool calls",
+                       description="Print the agent's conversation, not its screen: your "
+                       "messages (>), its answers, one line per tool call and result, turn "
+                       "ends. From claude's own transcript (tmux) or its output (headless).")
+    p.add_argument("name")
+    p.add_argument("-n", "--lines", type=LINES, metavar="ENTRIES",
+                   help="the last ENTRIES entries (default 40)")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="keep printing new entries until the agent exits")
+    p.add_argument("--json", action="store_true", help="one JSON object per entry")
+    p.set_defaults(func=cmd_log)
+
+
 def add_reply(sub, verb):
     p = sub.add_parser(verb, help="print the agent's last complete answer",
                        description="Print the agent's last complete answer as plain text "
@@ -3282,6 +3431,7 @@ VERBS = (
     ("spawn", add_spawn),
     ("send", add_send),
     ("reply", add_reply),
+    ("log", add_log),
     ("tail", add_tail),
     ("attach", add_named("take the keyboard of an agent's window", cmd_attach)),
     ("list", add_list),

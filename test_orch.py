@@ -62,7 +62,7 @@ FAKE_AGENT = r"""#!PYTHON
 # once, with the running turn's prompt_id; its turn fires none), FAKE_PASTE_WRAP=1
 # (a long or many-line paste arrives wrapped in <pasted_content> tags),
 # FAKE_DEFAULT_MODE=auto, FAKE_SLASH_AFTER_BLANKS=1 (" /x" is still the command /x).
-import json, os, select, signal, subprocess, sys, termios, time, tty, uuid
+import json, os, re, select, signal, subprocess, sys, termios, time, tty, uuid
 
 args = sys.argv[1:]
 if args == ["--version"]:
@@ -106,8 +106,19 @@ def log(kind, **fields):
     with open(LOG, "a") as f:
         f.write(json.dumps(fields) + "\n")
 
+TRANSCRIPT = os.path.join(os.environ["HOME"], ".claude", "projects",
+                          re.sub("[^A-Za-z0-9]", "-", os.getcwd()), session + ".jsonl")
+
+def transcript(kind, **fields):
+    # Claude's transcript: API-shaped messages among its own bookkeeping entries.
+    os.makedirs(os.path.dirname(TRANSCRIPT), exist_ok=True)
+    fields.update(type=kind, sessionId=session)
+    with open(TRANSCRIPT, "a") as f:
+        f.write(json.dumps(fields) + "\n")
+
 def hook(event, **fields):
-    fields.update(session_id=session, hook_event_name=event, cwd=os.getcwd())
+    fields.update(session_id=session, hook_event_name=event, cwd=os.getcwd(),
+                  transcript_path=TRANSCRIPT)
     if event in ("UserPromptSubmit", "Stop", "PreToolUse", "PermissionRequest"):
         fields.setdefault("prompt_id", state["turn_id"])
         fields["permission_mode"] = "default" if MODE == "manual" else MODE
@@ -170,6 +181,9 @@ def submit(text, hooked=False):
         say("\u276f ")
         return
     log("message", text=text)
+    transcript("user", message={"role": "user", "content": text})
+    transcript("attachment", attachment={"type": "todo"})
+    transcript("user", isSidechain=True, message={"role": "user", "content": "subagent task"})
     state["prompt"] = text
     if not hooked:
         state["turn_id"] = str(uuid.uuid4())
@@ -186,6 +200,8 @@ def submit(text, hooked=False):
             return
     if "ASK" in words or "QUESTION" in words:
         tool = "Bash" if "ASK" in words else "AskUserQuestion"
+        transcript("assistant", message={"role": "assistant", "content": [
+            {"type": "tool_use", "id": "t1", "name": tool, "input": {"command": "touch x"}}]})
         hook("PreToolUse", tool_name=tool)
         hook("PermissionRequest", tool_name=tool)
         # Claude sends this one 6 s into the dialog; it names no tool.
@@ -202,8 +218,11 @@ def finish(reply):
         reply = LONG_REPLY
     say("\u25cf " + reply)
     log("finished", reply=reply)
+    transcript("assistant", message={"role": "assistant", "content": [
+        {"type": "text", "text": reply}]})
     state["mode"] = "idle"
     hook("Stop", last_assistant_message=reply)
+    transcript("system", subtype="turn_duration", durationMs=1500)     # claude: ~50 ms after Stop
     if IMMEDIATE or not state["queue"]:
         set_status("idle")      # 2.1.330 shows idle for a moment even with a queued turn next
     if state["queue"]:
@@ -830,6 +849,51 @@ def test_reply_without_answers_says_why(env, capsys):
         f.write('{"t": 1e12, "text": ')        # torn by hand: no answer, no traceback
     code, _, err = run(capsys, "reply", "a1")
     assert code == orch.EXIT_NOT_RUNNING and "not finished a turn" in err
+
+
+def test_log_is_the_conversation_not_the_screen(env, capsys):
+    assert run(capsys, "spawn", "a1", "first task")[0] == 0
+    assert run(capsys, "wait", "a1", "--timeout", "30")[0] == 0
+    assert run(capsys, "send", "a1", "two\nlines")[0] == 0
+    assert run(capsys, "wait", "a1", "--timeout", "30")[0] == 0
+    code, out, err = run(capsys, "log", "a1")
+    assert (code, err) == (0, "")
+    assert out.splitlines() == ["> first task", "\u25cf reply: first task",
+                                "\u2714 turn done (1.5s)", "> two", "  lines",
+                                "\u25cf reply: two lines", "\u2714 turn done (1.5s)"]
+    code, out, _ = run(capsys, "log", "a1", "-n", "2", "--json")
+    assert [json.loads(l) for l in out.splitlines()] == [
+        {"kind": "assistant", "text": "reply: two lines"},
+        {"kind": "turn", "ok": True, "seconds": 1.5}]
+
+
+def test_log_follows_exactly_and_skips_a_half_written_line(env, capsys):
+    assert run(capsys, "spawn", "a1", "first")[0] == 0
+    assert run(capsys, "wait", "a1", "--timeout", "30")[0] == 0
+    path = orch.conversation_path(env.state()["agents"]["a1"])
+    with open(path, "a") as f:
+        f.write('{"type": "user", "message": {"role": "user", "content": "half wr')
+    assert run(capsys, "log", "a1")[1].splitlines()[-1] == "\u2714 turn done (1.5s)"
+    follow = subprocess.Popen([sys.executable, ORCH, "log", "a1", "-f"],
+                              stdout=subprocess.PIPE, universal_newlines=True)
+    with open(path, "a") as f:
+        f.write('itten"}}\n')
+    assert run(capsys, "send", "a1", "third")[0] == 0
+    assert run(capsys, "send", "a1", "EXIT-0 bye")[0] in (0, orch.EXIT_NOT_RUNNING)
+    out = follow.communicate(timeout=30)[0]
+    assert out.splitlines() == ["> first", "\u25cf reply: first", "\u2714 turn done (1.5s)",
+                                "> half written", "> third", "\u25cf reply: third",
+                                "\u2714 turn done (1.5s)", "> EXIT-0 bye"]
+
+
+def test_log_says_what_it_cannot_read(env, capsys):
+    assert run(capsys, "spawn", "c1", "--cmd", "sleep 100")[0] == 0
+    code, out, err = run(capsys, "log", "c1")
+    assert (code, out) == (1, "") and "--cmd" in err and one_error(err)
+    assert run(capsys, "spawn", "a1", "first")[0] == 0
+    os.unlink(orch.conversation_path(env.state()["agents"]["a1"]))
+    code, out, err = run(capsys, "log", "a1")
+    assert (code, out) == (1, "") and "deleted" in err and one_error(err)
 
 
 def test_send_to_many_reports_each_and_exits_with_the_worst(env, capsys):
@@ -2349,6 +2413,8 @@ def test_headless_status_queue_wait_and_readable_tail(headless, capsys):
     assert (code, out) == (0, "h1: idle\n")
     assert headless.messages() == ["SLOW-2 long job", "next one"]
     assert run(capsys, "reply", "h1")[:2] == (0, "answer: next one\n")
+    code, out, _ = run(capsys, "log", "h1", "-n", "3")
+    assert (code, out) == (0, "> next one\n\u25cf reply: next one\n\u2714 turn done (0.0s, $0.0010)\n")
     code, out, _ = run(capsys, "tail", "h1")
     assert code == 0 and "> next one" in out and "\u25cf reply: next one" in out
     assert "turn done" in out and not [l for l in out.splitlines() if l.startswith("{")]
@@ -2961,12 +3027,20 @@ def test_e2e_send_wait_reply_round_trip_and_send_to_three(claude, capsys):
     with claude.api.lock:
         n = [i + 1 for i, r in enumerate(claude.api.requests) if r["text"] == "and the answer is"]
     assert run(capsys, "reply", "a2")[:2] == (0, "reply %d: ok\n" % n[-1])
+    code, out, _ = run(capsys, "log", "a2")
+    assert code == 0 and out.splitlines()[-3:] == [
+        "> and the answer is", "\u25cf reply %d: ok" % n[-1], out.splitlines()[-1]]
+    assert out.splitlines()[-1].startswith("\u2714 turn done (")
+    assert "> hello a2" in out and "> one for all" in out and "system-reminder" not in out
 
 
 def test_e2e_headless_reply(claude_headless, capsys):
     assert run(capsys, "spawn", "h1", "question")[0] == 0
     assert run(capsys, "wait", "h1", "--timeout", "60")[0] == 0
     assert run(capsys, "reply", "h1")[:2] == (0, "reply 1: ok\n")
+    code, out, _ = run(capsys, "log", "h1", "--json")
+    assert code == 0 and [json.loads(l)["kind"] for l in out.splitlines()] == [
+        "session", "user", "assistant", "turn"]
 
 
 def test_e2e_copy_mode_and_half_typed_text(claude, capsys):
