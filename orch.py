@@ -2661,6 +2661,80 @@ def cmd_log(args):
     return EXIT_OK
 
 
+STATUS_ORDER = ("needs-input", "working", "starting", "idle", "exited")
+
+
+def cmd_status_line(args):
+    state = load_state()
+    found = statuses(list(state["agents"].values()))
+    counts = dict((status, 0) for status in STATUS_ORDER)
+    for st in found.values():
+        counts[st["status"]] = counts.get(st["status"], 0) + 1
+    parts = ["%d %s" % (counts[s], s.replace("-", " ")) for s in STATUS_ORDER if counts[s]]
+    if parts:
+        print("orch: " + " \u00b7 ".join(parts))
+    return report_problems(state)
+
+
+def cmd_events(args):
+    """Print status changes as they happen, until Ctrl-C.
+
+    Each tick costs what `list` costs (one list-panes per tmux server and the
+    status cache), whatever the number of agents.
+    """
+    wanted = [check_name(n) for n in args.names]
+    state = load_state()
+    for name in wanted:
+        find_agent(state, name)
+    report_problems(state)      # once: the feed goes on with the records it can read
+    seen = None
+    while True:
+        agents = [a for a in state["agents"].values() if not wanted or a["name"] in wanted]
+        now = statuses(agents)
+        if seen is None:
+            recent = [(st["since"] or 0, name) for name, st in now.items()
+                      if args.since and (st["since"] or 0) >= time.time() - args.since]
+            for _, name in sorted(recent):
+                print_change(status_change(name, None, now[name], now[name]["since"]), args.json)
+        else:
+            for name in sorted(set(seen) | set(now)):
+                change = status_change(name, seen.get(name), now.get(name))
+                if change:
+                    print_change(change, args.json)
+        seen = now
+        time.sleep(EVENTS_TICK)
+        state = load_state()
+
+
+EVENTS_TICK = 0.5       # seconds between two looks
+
+
+def status_change(name, old, new, when=None):
+    """The change between two status dicts (None: no record then), or None if none.
+
+    A change of status or of what it needs; the detail (a tool's name) rides
+    along.  With no old status (`--since`), "from" is None.
+    """
+    if old and new and (old["status"], old["needs"]) == (new["status"], new["needs"]):
+        return None
+    when = when or time.time()
+    return {"t": round(when, 3), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(when)),
+            "name": name, "from": old["status"] if old else None,
+            "to": new["status"] if new else "removed",
+            "needs": new["needs"] if new else None, "detail": new["detail"] if new else None}
+
+
+def print_change(change, as_json):
+    if as_json:
+        line = json.dumps(change, ensure_ascii=False)
+    else:
+        line = "%s  %s  %s \u2192 %s" % (change["time"][11:19], change["name"],
+                                        change["from"] or "-", change["to"])
+        line += "".join("  %s" % change[k] for k in ("needs", "detail") if change[k])
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def cmd_reply(args):
     agent = find_agent(load_state(), check_name(args.name))
     found = last_reply(agent)
@@ -2789,10 +2863,14 @@ def agent_row(agent, st):
 
 
 def cmd_list(args):
+    if args.watch:
+        if args.json:
+            raise OrchError("--watch redraws a table: use `orch events --json` for a feed",
+                            EXIT_USAGE)
+        return watch_list()
     state = load_state()
     agents = sorted(state["agents"].values(), key=lambda a: a["created"])
     found = statuses(agents)
-    now = time.time()
     rows = [agent_row(a, found[a["name"]]) for a in agents]
     if args.json:
         print_json_array(rows)
@@ -2801,6 +2879,13 @@ def cmd_list(args):
         if not state.get("invalid"):
             print("no agents: start one with `orch spawn NAME \"task\"`")
         return report_problems(state)
+    write_rows(table_lines(rows))
+    return report_problems(state)
+
+
+def table_lines(rows, mark=False):
+    """The `list` table; with mark, a "!" column flags agents that need input."""
+    now = time.time()
     table = [("NAME", "STATUS", "FOR", "AGE", "BACKEND", "MODE", "SESSION", "CWD",
               "LAST PROMPT")]
     for row in rows:
@@ -2810,9 +2895,38 @@ def cmd_list(args):
                       (row["session_id"] or "-")[:8], short_path(row["cwd"]),
                       shorten(row["last_prompt"] or "", 40)))
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
-    for r in table:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
-    return report_problems(state)
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in table]
+    if mark:
+        lines = ["  " + lines[0]] + [("! " if row["status"] == "needs-input" else "  ") + line
+                                     for row, line in zip(rows, lines[1:])]
+    return lines
+
+
+def watch_list(interval=2.0):
+    """Redraw the table in place until Ctrl-C; agents that need input first."""
+    import shutil
+    if not sys.stdout.isatty():
+        raise OrchError("--watch redraws a terminal, and stdout is not one: use `orch list` "
+                        "(once) or `orch events` (a feed)", EXIT_USAGE)
+    while True:
+        state = load_state()
+        agents = sorted(state["agents"].values(), key=lambda a: a["created"])
+        found = statuses(agents)
+        rows = sorted((agent_row(a, found[a["name"]]) for a in agents),
+                      key=lambda r: r["status"] != "needs-input")
+        waiting = len([r for r in rows if r["status"] == "needs-input"])
+        head = "orch list --watch  %s  %d agents, %d need input  (Ctrl-C to stop)" % (
+            time.strftime("%H:%M:%S"), len(rows), waiting)
+        body = table_lines(rows, mark=True) if rows else ["no agents"]
+        width, height = shutil.get_terminal_size()
+        lines = [head, ""] + body
+        if len(lines) > height - 1:
+            more = len(lines) - (height - 2)
+            lines = lines[:height - 2] + ["... %d more: make the window taller" % more]
+        # Home, redraw each line cut to the width, clear what is left: no flicker.
+        sys.stdout.write("\x1b[H" + "".join("%s\x1b[K\n" % l[:width] for l in lines) + "\x1b[J")
+        sys.stdout.flush()
+        time.sleep(interval)
 
 
 def print_json_array(items):
@@ -3269,7 +3383,9 @@ examples:
   orch spawn fix-tests "make the failing tests pass" --cwd ~/src/app
   orch send fix-tests "also update the changelog"
   orch list                   # every agent and what it is doing
-  orch wait fix-tests && orch tail fix-tests -n 40
+  orch wait fix-tests && orch reply fix-tests     # its answer, as plain text
+  orch log fix-tests -f       # the conversation: messages, answers, tool calls
+  orch send --idle "run the tests"                # one message to many agents
   orch attach fix-tests       # take the keyboard (detach: prefix d)
 
 exit codes:
@@ -3380,7 +3496,25 @@ def add_named(help_text, func):
 def add_list(sub, verb):
     p = sub.add_parser(verb, help="every agent and its status")
     p.add_argument("--json", action="store_true", help="print a JSON array")
+    p.add_argument("-w", "--watch", action="store_true",
+                   help="redraw the table every 2 s until Ctrl-C, agents that need input first")
     p.set_defaults(func=cmd_list)
+
+
+def add_events(sub, verb):
+    p = sub.add_parser(verb, help="a live feed of status changes until Ctrl-C",
+                       description="Print one line each time an agent's status changes "
+                       "(time, agent, old -> new, needs, detail), until Ctrl-C.")
+    p.add_argument("names", nargs="*", metavar="NAME", help="only these agents (default: all)")
+    p.add_argument("--json", action="store_true", help="one JSON object per change")
+    p.add_argument("--since", type=SECONDS, default=0, metavar="SECONDS",
+                   help="first, the agents whose status changed in the last SECONDS")
+    p.set_defaults(func=cmd_events)
+
+
+def add_status_line(sub, verb):
+    p = sub.add_parser(verb, help="one short line of counts, for tmux's status-right")
+    p.set_defaults(func=cmd_status_line)
 
 
 def add_doctor(sub, verb):
@@ -3436,6 +3570,8 @@ VERBS = (
     ("attach", add_named("take the keyboard of an agent's window", cmd_attach)),
     ("list", add_list),
     ("ls", add_list),
+    ("events", add_events),
+    ("status-line", add_status_line),
     ("wait", add_wait),
     ("interrupt", add_named("stop the agent's current turn (it stays alive)", cmd_interrupt)),
     ("kill", add_named("stop an agent, keep its record", cmd_kill)),

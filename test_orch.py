@@ -896,6 +896,107 @@ def test_log_says_what_it_cannot_read(env, capsys):
     assert (code, out) == (1, "") and "deleted" in err and one_error(err)
 
 
+def run_in_window(env, *args):
+    """Start orch ARGS in a new window of the test's tmux server; return its pane id."""
+    keep = ["%s=%s" % (k, os.environ[k]) for k in ("HOME", "ORCH_STATE", "ORCH_TMUX_SOCKET",
+                                                   "ORCH_CLAUDE", "FAKE_LOG", "PATH")
+            if k in os.environ]
+    return tmux_cmd("new-window", "-d", "-P", "-F", "#{pane_id}", "-t", "=orch:", "env",
+                    *(keep + ["LC_ALL=C.UTF-8", sys.executable, ORCH] + list(args))).strip()
+
+
+def screen(pane):
+    return tmux_cmd("capture-pane", "-p", "-t", pane)
+
+
+def test_events_feed_in_a_pane(env, capsys):
+    assert run(capsys, "spawn", "a1", "ASK to run a tool")[0] == 0
+    wait_status(capsys, "a1", "needs-input")
+    pane = run_in_window(env, "events", "--since", "600")
+    # --since: the agent's status now, then each change as it happens.
+    retry_until(lambda: "a1  - \u2192 needs-input  permission  Bash" in screen(pane))
+    tmux_cmd("send-keys", "-t", env.state()["agents"]["a1"]["tmux"]["pane"], "Escape")
+    retry_until(lambda: "a1  needs-input \u2192 idle" in screen(pane))
+    assert run(capsys, "spawn", "a2", "first")[0] == 0
+    retry_until(lambda: "a2  - \u2192 " in screen(pane))       # a new agent
+    assert run(capsys, "rm", "a1")[0] == 0
+    retry_until(lambda: "a1  idle \u2192 removed" in screen(pane))
+    tmux_cmd("kill-pane", "-t", pane)
+    code, _, err = run(capsys, "events", "ghost")
+    assert code == 1 and "no agent named 'ghost'" in err
+
+
+def feed_lines(proc):
+    """A queue of the lines proc prints, read by a thread (a read never blocks the test)."""
+    import queue
+    import threading
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(l) for l in iter(proc.stdout.readline, "")],
+                     daemon=True).start()
+    return lines
+
+
+def next_line(lines, timeout=30):
+    import queue
+    try:
+        return lines.get(timeout=timeout)
+    except queue.Empty:
+        raise AssertionError("no line within %ss" % timeout)
+
+
+def test_events_json_for_scripts(env, capsys):
+    assert run(capsys, "spawn", "a1", "first")[0] == 0
+    assert run(capsys, "spawn", "a2", "first")[0] == 0
+    wait_status(capsys, "a1", "idle")
+    feed = subprocess.Popen([sys.executable, ORCH, "events", "a1", "--json", "--since", "600"],
+                            stdout=subprocess.PIPE, universal_newlines=True)
+    try:
+        lines = feed_lines(feed)
+        first = json.loads(next_line(lines))
+        assert (first["name"], first["from"], first["to"]) == ("a1", None, "idle")
+        assert run(capsys, "send", "a2", "ASK not watched")[0] == 0     # filtered out
+        assert run(capsys, "send", "a1", "ASK to run a tool")[0] == 0
+        changes = [json.loads(next_line(lines))]
+        while changes[-1]["to"] != "needs-input":
+            changes.append(json.loads(next_line(lines)))
+        assert set(c["name"] for c in changes) == {"a1"}
+        assert (changes[-1]["needs"], changes[-1]["detail"]) == ("permission", "Bash")
+        assert abs(changes[-1]["t"] - time.time()) < 3600 and "T" in changes[-1]["time"]
+    finally:
+        feed.kill()
+        feed.communicate()
+
+
+def test_status_line_counts(env, capsys):
+    assert run(capsys, "status-line") == (0, "", "")
+    assert run(capsys, "spawn", "a1", "SLOW-30 job")[0] == 0
+    assert run(capsys, "spawn", "a2", "ASK to run a tool")[0] == 0
+    assert run(capsys, "spawn", "a3", "first")[0] == 0
+    wait_status(capsys, "a2", "needs-input")
+    wait_status(capsys, "a3", "idle")
+    assert run(capsys, "status-line")[:2] == (
+        0, "orch: 1 needs input \u00b7 1 working \u00b7 1 idle\n")
+
+
+def test_list_watch_in_a_pane(env, capsys):
+    assert run(capsys, "spawn", "a1", "first")[0] == 0
+    assert run(capsys, "spawn", "a2", "ASK to run a tool")[0] == 0
+    wait_status(capsys, "a2", "needs-input")
+    pane = run_in_window(env, "list", "--watch")
+    rows = retry_until(lambda: [l for l in screen(pane).splitlines() if l[2:4] == "a1"
+                                or l[2:4] == "a2"] if "a1" in screen(pane) else None)
+    assert rows[0].startswith("! a2") and rows[1].startswith("  a1")
+    assert "1 need input" in screen(pane)
+    tmux_cmd("send-keys", "-t", pane, "Escape")     # nothing happens: it only draws
+    tmux_cmd("send-keys", "-t", env.state()["agents"]["a2"]["tmux"]["pane"], "Escape")
+    retry_until(lambda: "0 need input" in screen(pane))
+    tmux_cmd("kill-pane", "-t", pane)
+    code, _, err = run(capsys, "list", "--watch", "--json")
+    assert code == 2 and "events --json" in err
+    code, _, err = run(capsys, "list", "--watch")          # stdout is not a terminal here
+    assert code == 2 and one_error(err) and "not one" in err
+
+
 def test_send_to_many_reports_each_and_exits_with_the_worst(env, capsys):
     for name, prompt in (("a1", "first"), ("a2", "ASK to run a tool"), ("a3", "first")):
         assert run(capsys, "spawn", name, prompt)[0] == 0
@@ -3017,6 +3118,8 @@ def test_e2e_interrupt_then_send_sends_only_the_new_message(claude, capsys):
 def test_e2e_send_wait_reply_round_trip_and_send_to_three(claude, capsys):
     for name in ("a1", "a2", "a3"):
         assert run(capsys, "spawn", name, "hello " + name)[0] == 0
+    # Idle first: a message sent while a first turn still runs is (honestly) "queued".
+    assert run(capsys, "wait", "a1", "a2", "a3", "--timeout", "60")[0] == 0
     code, out, err = run(capsys, "send", "--to", "a1,a2,a3", "one for all")
     assert (code, sorted(out.splitlines())) == (0, ["a1: submitted", "a2: submitted",
                                                     "a3: submitted"]), err
