@@ -6,8 +6,9 @@
 
 PYTHON ?= python3
 VENV := .venv
-# The Claude Code versions orch is tested against: the oldest supported and the newest.
-CLAUDE_CODE_VERSIONS ?= 2.1.197 2.1.330
+# The Claude Code versions orch is tested against: the oldest supported, the one
+# whose changes orch was adapted to, and the newest.
+CLAUDE_CODE_VERSIONS ?= 2.1.197 2.1.330 2.1.332
 E2E_DIR := .e2e
 claude_bin = $(E2E_DIR)/$(1)/node_modules/@anthropic-ai/claude-code/bin/claude.exe
 CLAUDE_BINS := $(foreach v,$(CLAUDE_CODE_VERSIONS),$(call claude_bin,$(v)))

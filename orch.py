@@ -25,8 +25,8 @@ __version__ = "0.1.0"
 
 STATE_VERSION = 1           # bump when the state file changes incompatibly
 MIN_TMUX = (3, 0)
-# The Claude Code versions `make e2e` tests: the oldest supported and the newest.
-TESTED_CLAUDE = ((2, 1, 197), (2, 1, 330))
+# The range of Claude Code versions `make e2e` tests: the oldest supported and the newest.
+TESTED_CLAUDE = ((2, 1, 197), (2, 1, 332))
 
 # Exit codes: scripts branch on these, so they are part of the interface.
 EXIT_OK = 0
@@ -501,6 +501,10 @@ def main():
     for key in ("message", "last_assistant_message"):
         if isinstance(data.get(key), str):
             line[key] = short(data[key])
+    if line["event"] == "PermissionRequest" and isinstance(data.get("tool_input"), dict):
+        # What the dialog asks about, for `orch approve`: its short text fields.
+        line["tool_input"] = dict((k, short(v, 300)) for k, v in
+                                  list(data["tool_input"].items())[:8] if isinstance(v, str))
     if isinstance(data.get("transcript_path"), str) and line["event"] == "SessionStart":
         line["transcript_path"] = data["transcript_path"]
     reply = data.get("last_assistant_message")
@@ -900,7 +904,7 @@ def cross_check(agent, pane, result):
 
     No hook fires when a turn is interrupted (Esc) or a dialog is cancelled,
     so after those the last hook still says working/needs-input while claude's
-    file says idle.  And no hook fires when claude starts the turn of messages
+    file says idle; none when a dialog is approved either, until the tool ends.  And no hook fires when claude starts the turn of messages
     queued during the last one: its file says busy while the last hook (Stop)
     says idle.  Claude writes the file ~0.1-0.2 s after the Stop hook, and
     2.1.330 shows idle for ~30 ms between a turn and its queued one, hence SETTLE.
@@ -926,6 +930,10 @@ def cross_check(agent, pane, result):
     elif result["status"] == "idle" and status == "busy" \
             and (newer or time.time() - since < SETTLE):
         result.update(status="working", since=max(changed, since), source="claude-status")
+    elif result["status"] == "needs-input" and status == "busy" and newer:
+        # The dialog was answered Yes and the tool runs: no hook fires until it ends
+        # (measured on 2.1.197 and 2.1.330).
+        result.update(status="working", needs=None, since=changed, source="claude-status")
 
 
 def screen_status(result, pane):
@@ -1385,9 +1393,11 @@ def refuse_unless_ready(agent, st, force):
     if st["status"] == "needs-input" and not force:
         asking = {"permission": "permission to use %s" % (st["detail"] or "a tool"),
                   "trust": "whether to trust its folder"}.get(st["needs"], "a question")
+        how = "`orch approve %s` or `orch deny %s`" % (name, name) \
+            if st["needs"] == "permission" else "`orch attach %s`" % name
         raise OrchError("agent %s is asking for %s and any Enter would answer it: answer with "
-                        "`orch attach %s` (or send anyway with --force)"
-                        % (name, asking, name), EXIT_NEEDS_INPUT)
+                        "%s (or send anyway with --force)" % (name, asking, how),
+                        EXIT_NEEDS_INPUT)
 
 
 def send_message(agent, text, raw=False, force=False, timeout=None):
@@ -1438,14 +1448,8 @@ def prepare_pane(agent, st, force):
     copy mode (where Enter would not reach claude) or typed into the input box
     without sending (claude would send that with orch's message as one prompt).
     """
-    name, pane, socket = agent["name"], agent["tmux"]["pane"], agent["tmux"]["socket"]
-    info = pane_info(pane, socket).get(pane) or {}
-    if info.get("pane_in_mode") == "1":
-        tmux(["send-keys", "-t", pane, "-X", "cancel"], socket=socket)   # a view: nothing lost
-        if (pane_info(pane, socket).get(pane) or {}).get("pane_in_mode") == "1":
-            raise OrchError("agent %s's window is in a tmux mode orch could not leave; nothing "
-                            "was typed: `orch attach %s` and press q" % (name, name),
-                            EXIT_NEEDS_INPUT)
+    name = agent["name"]
+    leave_tmux_mode(agent)
     if agent.get("cmd") or st["status"] == "needs-input":
         return      # no input box orch knows of (a dialog replaces claude's)
     typed = typed_text(agent)
@@ -1457,6 +1461,22 @@ def prepare_pane(agent, st, force):
     if typed and not clear_input_box(agent):
         raise OrchError("agent %s's input box would not clear; nothing was typed: look with "
                         "`orch attach %s`" % (name, name), EXIT_NEEDS_INPUT)
+
+
+def leave_tmux_mode(agent):
+    """Return the pane from copy mode (or another tmux mode) to the live screen, or refuse.
+
+    In a mode, keys go to tmux, not to the agent.  Leaving it is a change of
+    view: nothing on screen or in the agent is lost.
+    """
+    name, pane, socket = agent["name"], agent["tmux"]["pane"], agent["tmux"]["socket"]
+    info = pane_info(pane, socket).get(pane) or {}
+    if info.get("pane_in_mode") == "1":
+        tmux(["send-keys", "-t", pane, "-X", "cancel"], socket=socket)
+        if (pane_info(pane, socket).get(pane) or {}).get("pane_in_mode") == "1":
+            raise OrchError("agent %s's window is in a tmux mode orch could not leave; nothing "
+                            "was typed: `orch attach %s` and press q" % (name, name),
+                            EXIT_NEEDS_INPUT)
 
 
 def clear_input_box(agent):
@@ -2342,6 +2362,183 @@ def chosen_agents(state, args):
     found = statuses(agents)
     wanted = ("idle",) if args.idle else ("starting", "working", "idle", "needs-input")
     return [a for a in agents if found[a["name"]]["status"] in wanted]
+
+
+# ###########################################################################
+# Dialogs: answer a permission dialog on purpose, never blindly
+# ###########################################################################
+#
+# While a dialog is up, any Enter picks its highlighted option, and the
+# options differ between versions ("No" is 3 on 2.1.197 and 4 on 2.1.330).
+# So `approve` reads the options off the screen and presses the digit of the
+# one that says exactly "Yes" (a digit picks at once, no Enter), and only for
+# the dialog the PermissionRequest hook described: once, never "always".
+# `deny` presses Escape, which cancels the dialog and ends the turn.
+
+DIALOG_QUESTION = "Do you want to"
+
+
+def dialog_on_screen(rows):
+    """The permission dialog on a claude screen as {question, options, above}, or None.
+
+    options maps each option's text to its digit; above is the rows over the
+    question, where claude shows what the tool would do.
+    """
+    import re
+    for i in range(len(rows) - 1, -1, -1):
+        if DIALOG_QUESTION not in rows[i]:
+            continue
+        options = {}
+        for row in rows[i + 1:i + 14]:
+            if "Esc to cancel" in row:
+                break
+            found = re.match("^\\s*(?:%s\\s*)?(\\d)\\.\\s+(\\S.*?)\\s*$" % PROMPT_MARK, row)
+            if found:
+                options[found.group(2)] = found.group(1)
+        if options:
+            return {"question": rows[i].strip(), "options": options,
+                    "above": rows[max(0, i - 30):i]}
+    return None
+
+
+def permission_request(agent):
+    """The latest PermissionRequest hook event of this run of the agent, or None."""
+    launched = agent.get("launched", agent.get("created", 0))
+    for event in reversed(read_events(agent["name"], since=launched, tail_bytes=65536)):
+        if event.get("event") == "PermissionRequest":
+            return event
+    return None
+
+
+def tool_words(request):
+    """The part of a tool's input that claude's dialog shows: a command, a file, a URL."""
+    found = request.get("tool_input") or {}
+    for key in ("command", "file_path", "notebook_path", "url", "pattern", "path", "query"):
+        value = found.get(key)
+        if isinstance(value, str) and value.strip():
+            value = value.strip().splitlines()[0]
+            return os.path.basename(value) if key.endswith("path") else value
+    return None
+
+
+def describe_request(request):
+    words = tool_words(request)
+    tool = request.get("tool_name") or "a tool"
+    return "%s (%s)" % (tool, shorten(words, 60)) if words else tool
+
+
+def open_dialog(agent, tool=None):
+    """Check that agent shows the permission dialog its hook described; return (request, dialog).
+
+    Anything else is refused before a key is pressed: exit 4, or 3 if it exited.
+    """
+    name = agent["name"]
+    if agent["backend"] == "headless":
+        raise OrchError("agent %s runs headless, where claude shows no dialogs: it denies a "
+                        "tool that needs permission at once (`orch list` shows `denied: TOOL`). "
+                        "To allow tools, spawn it with `-- --permission-mode acceptEdits` or "
+                        "`-- --allowedTools 'Bash(make *)'`" % name)
+    if agent.get("cmd"):
+        raise OrchError("agent %s runs a command of its own (--cmd), whose dialogs orch cannot "
+                        "read: answer with `orch attach %s`" % (name, name))
+    st = status_of(agent)
+    if st["status"] == "exited":
+        raise OrchError("agent %s is not running (exit code %s)" % (name, st["exit_code"]),
+                        EXIT_NOT_RUNNING)
+    if st["status"] != "needs-input" or st["needs"] != "permission":
+        what = {"question": "asks a question", "trust": "asks whether to trust its folder"}.get(
+            st["needs"], "is %s, not at a permission dialog" % st["status"])
+        raise OrchError("agent %s %s; nothing was pressed: look with `orch tail %s`"
+                        % (name, what, name), EXIT_NEEDS_INPUT)
+    request = permission_request(agent)
+    if request is None:
+        raise OrchError("agent %s shows a dialog its hooks did not describe; nothing was "
+                        "pressed: answer with `orch attach %s`" % (name, name), EXIT_NEEDS_INPUT)
+    if tool and request.get("tool_name") != tool:
+        raise OrchError("agent %s asks about %s, not %s; nothing was pressed"
+                        % (name, describe_request(request), tool), EXIT_NEEDS_INPUT)
+    leave_tmux_mode(agent)
+    # The status can turn needs-input a moment before claude draws the dialog.
+    dialog = retry_until(lambda: dialog_on_screen(agent_screen(agent)), 3.0)
+    if dialog is None:
+        raise OrchError("agent %s has no permission dialog on its screen; nothing was pressed: "
+                        "look with `orch tail %s`" % (name, name), EXIT_NEEDS_INPUT)
+    words = tool_words(request)
+    if words and normalize_prompt(words)[:24] not in normalize_prompt(" ".join(dialog["above"])):
+        raise OrchError("the dialog on agent %s's screen is not about %s, which its hook "
+                        "reported; nothing was pressed: look with `orch attach %s`"
+                        % (name, describe_request(request), name), EXIT_NEEDS_INPUT)
+    return request, dialog
+
+
+def agent_screen(agent):
+    return capture_pane(agent["tmux"]["pane"], agent["tmux"]["socket"])
+
+
+# Claude Code 2.1.330 ignores a key pressed the moment its dialog appears
+# (measured: lost at once, taken 0.2 s later; 2.1.197 takes it at once).
+DIALOG_SETTLE = 0.5
+
+
+def answer_dialog(agent, key, question):
+    """Press key; True once the dialog that asked question is gone from the screen.
+
+    A key claude ignored is pressed again, but only while nothing shows it
+    was taken (no hook event, no change of claude's own status since): a
+    second press must never answer the next dialog.
+    """
+    def gone():
+        dialog = dialog_on_screen(agent_screen(agent))
+        return dialog is None or dialog["question"] != question
+    time.sleep(DIALOG_SETTLE)
+    for _ in range(3):
+        pressed = time.time()
+        tmux(["send-keys", "-t", agent["tmux"]["pane"]] + key, socket=agent["tmux"]["socket"])
+        if retry_until(gone, 2.0):
+            return True
+        if key_was_taken(agent, pressed):
+            return bool(retry_until(gone, 3.0))
+    return False
+
+
+def key_was_taken(agent, since):
+    """True if claude reported anything (a hook event, its own status) after since."""
+    if any(e.get("t", 0) > since for e in read_events(agent["name"], tail_bytes=8192)):
+        return True
+    own = claude_session_file_status(agent, agent["tmux"].get("pid"))
+    return bool(own) and own[2] > since
+
+
+def cmd_approve(args):
+    agent = find_agent(load_state(), check_name(args.name))
+    name = agent["name"]
+    with SendLock(name):
+        request, dialog = open_dialog(agent, args.tool)
+        yes = dialog["options"].get("Yes")
+        if yes is None:
+            raise OrchError("agent %s's dialog has no plain \"Yes\" (it offers %s); orch "
+                            "approves once or not at all: answer with `orch attach %s`"
+                            % (name, ", ".join(sorted(dialog["options"])), name),
+                            EXIT_NEEDS_INPUT)
+        if not answer_dialog(agent, ["-l", yes], dialog["question"]):
+            raise OrchError("agent %s still shows the dialog after orch pressed %s (Yes): look "
+                            "with `orch tail %s`" % (name, yes, name), EXIT_UNCONFIRMED)
+    print("%s: approved %s" % (name, describe_request(request)))
+    return EXIT_OK
+
+
+def cmd_deny(args):
+    agent = find_agent(load_state(), check_name(args.name))
+    name = agent["name"]
+    with SendLock(name):
+        request, dialog = open_dialog(agent, args.tool)
+        # Escape cancels: claude refuses the tool and ends the turn (never an approval).
+        if not answer_dialog(agent, ["Escape"], dialog["question"]):
+            raise OrchError("agent %s still shows the dialog after orch pressed Escape: look "
+                            "with `orch tail %s`" % (name, name), EXIT_UNCONFIRMED)
+    print("%s: denied %s; its turn ended: `orch send %s \"...\"` to say what to do instead"
+          % (name, describe_request(request), name))
+    return EXIT_OK
 
 
 # ###########################################################################
@@ -3386,6 +3583,8 @@ examples:
   orch wait fix-tests && orch reply fix-tests     # its answer, as plain text
   orch log fix-tests -f       # the conversation: messages, answers, tool calls
   orch send --idle "run the tests"                # one message to many agents
+  orch events --json          # one line per status change, for scripts
+  orch approve fix-tests --tool Bash              # Yes, once, to the dialog it shows
   orch attach fix-tests       # take the keyboard (detach: prefix d)
 
 exit codes:
@@ -3493,6 +3692,17 @@ def add_named(help_text, func):
     return add
 
 
+def add_dialog(help_text, func):
+    """An adder for approve/deny: a name and an optional --tool that must match."""
+    def add(sub, verb):
+        p = sub.add_parser(verb, help=help_text)
+        p.add_argument("name")
+        p.add_argument("--tool", metavar="TOOL",
+                       help="refuse unless the dialog is about this tool (e.g. Bash)")
+        p.set_defaults(func=func)
+    return add
+
+
 def add_list(sub, verb):
     p = sub.add_parser(verb, help="every agent and its status")
     p.add_argument("--json", action="store_true", help="print a JSON array")
@@ -3573,6 +3783,10 @@ VERBS = (
     ("events", add_events),
     ("status-line", add_status_line),
     ("wait", add_wait),
+    ("approve", add_dialog("answer Yes (once) to the permission dialog the agent shows",
+                           cmd_approve)),
+    ("deny", add_dialog("cancel the agent's permission dialog (Escape): the tool does not run",
+                        cmd_deny)),
     ("interrupt", add_named("stop the agent's current turn (it stays alive)", cmd_interrupt)),
     ("kill", add_named("stop an agent, keep its record", cmd_kill)),
     ("rm", add_rm),

@@ -55,7 +55,10 @@ def retry_until(check, timeout=30.0, interval=0.05):
 
 FAKE_AGENT = r"""#!PYTHON
 # Stand-in for claude: raw tty, bracketed paste, hooks from --settings, and
-# trigger words: SLOW-N (busy N s), ASK (permission dialog), EXIT-N (exit N),
+# trigger words: SLOW-N (busy N s), ASK (permission dialog; a digit or Enter
+# answers it), ASKSLOW-N (the approved tool runs N s), OTHERTOOL (the dialog
+# shows another command than its hook names; FAKE_DIALOG_GUARD=S ignores a
+# digit in the dialog's first S seconds), EXIT-N (exit N),
 # SWALLOW (the first Enter after it is lost).  Logs to $FAKE_LOG/<pid>.jsonl.
 # Versions differ; by default it acts like Claude Code 2.1.197.  Like 2.1.330:
 # FAKE_QUEUE=immediate (a message typed during a turn fires UserPromptSubmit at
@@ -198,22 +201,39 @@ def submit(text, hooked=False):
             state.update(mode="busy", until=time.time() + float(w[5:]))
             say("* Working... (esc to interrupt)")
             return
+    for w in words:
+        if w.startswith("ASKSLOW-"):    # a dialog, then the approved tool runs N s
+            state["tool_time"] = float(w[8:])
+            words = words + ["ASK"]
     if "ASK" in words or "QUESTION" in words:
         tool = "Bash" if "ASK" in words else "AskUserQuestion"
+        command = "touch x" if "OTHERTOOL" not in words else "rm -rf y"
         transcript("assistant", message={"role": "assistant", "content": [
-            {"type": "tool_use", "id": "t1", "name": tool, "input": {"command": "touch x"}}]})
+            {"type": "tool_use", "id": "t1", "name": tool, "input": {"command": command}}]})
         hook("PreToolUse", tool_name=tool)
-        hook("PermissionRequest", tool_name=tool)
+        set_status("waiting", "permission prompt")
+        hook("PermissionRequest", tool_name=tool,
+             tool_input={"command": "touch x", "description": "make a file"})
         # Claude sends this one 6 s into the dialog; it names no tool.
         hook("Notification", notification_type="permission_prompt",
              message="Claude needs your permission")
-        set_status("waiting", "permission prompt")
         state["mode"] = "dialog"
-        say("Do you want to proceed?\n\u276f 1. Yes\n  2. Yes, and always allow\n  3. No")
+        state["dialog_at"] = time.time()
+        # OTHERTOOL: the screen asks about another command than the hook said.
+        say(" Bash command\n\n   %s\n   make a file\n" % command)
+        if os.environ.get("FAKE_NO_OPTION") == "4":     # 2.1.330's options
+            say(" Do you want to proceed?\n \u276f 1. Yes\n   2. Yes, and always allow access"
+                "\n   3. Yes, and switch to auto mode\n   4. No\n\n Esc to cancel")
+        else:
+            say(" Do you want to proceed?\n \u276f 1. Yes\n   2. Yes, and always allow\n"
+                "   3. No\n\n Esc to cancel")
         return
     finish("reply: " + " ".join(words)[:60])
 
 def finish(reply):
+    if state.pop("after_tool", False):
+        hook("PostToolUse", tool_name="Bash")
+        reply = "tool ran"
     if "LONGREPLY" in (state.get("prompt") or ""):
         reply = LONG_REPLY
     say("\u25cf " + reply)
@@ -248,9 +268,7 @@ def enter(text):
             sys.exit(1)
         return
     if mode == "dialog":
-        log("approved")
-        hook("PostToolUse", tool_name="Bash")
-        finish("tool ran")
+        approve()
         return
     if not text:
         return
@@ -263,6 +281,34 @@ def enter(text):
         return
     submit(text)
 
+def approve(always=False):
+    log("always allowed" if always else "approved")
+    say("\x1b[2J\x1b[H")     # like claude: the dialog leaves the screen
+    set_status("busy")
+    if state.get("tool_time"):
+        state.update(mode="busy", until=time.time() + state.pop("tool_time"), after_tool=True)
+        say("* Running... (esc to interrupt)")
+        return
+    hook("PostToolUse", tool_name="Bash")
+    finish("tool ran")
+
+def dialog_key(key):
+    # Like claude: a digit picks its option at once; "No" is the last one.
+    last = "4" if os.environ.get("FAKE_NO_OPTION") == "4" else "3"
+    if time.time() - state["dialog_at"] < float(os.environ.get("FAKE_DIALOG_GUARD") or 0):
+        log("key ignored")      # 2.1.330 ignores a key pressed as its dialog appears
+        return
+    if key == "1":
+        approve()
+    elif key == last:
+        log("refused")
+        state["mode"] = "idle"
+        set_status("idle")
+        say("\x1b[2J\x1b[H")
+        say("\u276f ")
+    elif key in "23":
+        approve(always=True)
+
 def escape():
     global typed
     if state["mode"] in ("busy", "dialog"):
@@ -271,6 +317,8 @@ def escape():
         state["mode"] = "idle"
         set_status("idle")              # like claude: no hook fires for this
         say("Interrupted")
+        if not restore:
+            say("\x1b[2J\x1b[H")     # the dialog leaves the screen
         if restore:     # like claude: the interrupted prompt is back in the input box
             typed = state["prompt"]
             say("\u276f\u00a0" + typed)
@@ -324,6 +372,9 @@ while True:
         elif data[:1] == b"\x1b":
             data = data[1:]
             escape()
+        elif state["mode"] == "dialog" and data[:1].isdigit():
+            key, data = data[:1].decode(), data[1:]
+            dialog_key(key)
         elif data[:1] == b"\x03":
             data = data[1:]
             typed = ""
@@ -379,7 +430,7 @@ class Env(object):
                     "ORCH_SESSION", "ORCH_TRACE", "ORCH_BACKEND", "FAKE_TRUST",
                     "FAKE_DIE_AT_START", "FAKE_START_DELAY", "FAKE_QUEUE", "FAKE_PASTE_WRAP",
                     "FAKE_DEFAULT_MODE", "FAKE_SLASH_AFTER_BLANKS", "FAKE_VERSION",
-                    "FAKE_NO_HOOKS"):
+                    "FAKE_NO_HOOKS", "FAKE_NO_OPTION", "FAKE_DIALOG_GUARD"):
             monkeypatch.delenv(var, raising=False)
         env = {"HOME": self.home, "ORCH_STATE": os.path.join(root, "state.json"),
                "ORCH_TMUX_SOCKET": self.socket, "TMUX_TMPDIR": self.tmpdir,
@@ -726,7 +777,7 @@ def test_send_refused_at_permission_dialog_and_tool_not_approved(env, capsys):
     assert row["needs"] == "permission"
     code, _, err = run(capsys, "send", "a1", "please continue")
     assert code == orch.EXIT_NEEDS_INPUT
-    assert "orch attach a1" in err and "Bash" in err
+    assert "orch approve a1" in err and "Bash" in err
     assert not env.records("approved")
     assert env.messages() == ["ASK to run a tool"]
 
@@ -997,6 +1048,79 @@ def test_list_watch_in_a_pane(env, capsys):
     assert code == 2 and one_error(err) and "not one" in err
 
 
+def test_approve_presses_the_yes_that_the_screen_offers_once(versioned, capsys):
+    assert run(capsys, "spawn", "a1", "ASK to run a tool")[0] == 0
+    wait_status(capsys, "a1", "needs-input")
+    assert run(capsys, "approve", "a1", "--tool", "Bash")[:2] == (
+        0, "a1: approved Bash (touch x)\n")
+    assert [r["kind"] for r in versioned.records() if r["kind"] in (
+        "approved", "always allowed", "refused", "interrupted")] == ["approved"]
+    assert wait_status(capsys, "a1", "idle")["last_prompt"] == "ASK to run a tool"
+    code, _, err = run(capsys, "approve", "a1")          # nothing to approve now
+    assert code == orch.EXIT_NEEDS_INPUT and "is idle, not at a permission dialog" in err
+    assert one_error(err)
+
+
+def test_approve_presses_again_only_a_key_claude_ignored(env, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_DIALOG_GUARD", "1.5")      # longer than orch's settling pause
+    assert run(capsys, "spawn", "a1", "ASK to run a tool")[0] == 0
+    wait_status(capsys, "a1", "needs-input")
+    assert run(capsys, "approve", "a1")[0] == 0
+    assert [r["kind"] for r in env.records() if r["kind"] in (
+        "approved", "always allowed", "key ignored")] == ["key ignored", "approved"]
+
+
+def test_deny_cancels_with_escape_and_never_approves(versioned, capsys):
+    assert run(capsys, "spawn", "a1", "ASK to run a tool")[0] == 0
+    wait_status(capsys, "a1", "needs-input")
+    code, out, err = run(capsys, "deny", "a1")
+    assert code == 0 and out.startswith("a1: denied Bash (touch x); its turn ended"), err
+    assert [r["kind"] for r in versioned.records() if r["kind"] in (
+        "approved", "always allowed", "refused", "interrupted")] == ["interrupted"]
+    wait_status(capsys, "a1", "idle")
+    assert run(capsys, "send", "a1", "do something else")[0] == 0
+
+
+def test_approve_refuses_whatever_it_cannot_vouch_for(env, capsys):
+    assert run(capsys, "spawn", "a1", "ASK OTHERTOOL to run a tool")[0] == 0
+    assert run(capsys, "spawn", "a2", "ASK to run a tool")[0] == 0
+    wait_status(capsys, "a1", "needs-input")
+    wait_status(capsys, "a2", "needs-input")
+    for args, words in ((("approve", "a1"), "not about Bash (touch x)"),
+                        (("deny", "a1"), "not about Bash (touch x)"),
+                        (("approve", "a2", "--tool", "Write"), "asks about Bash (touch x), not Write")):
+        code, _, err = run(capsys, *args)
+        assert code == orch.EXIT_NEEDS_INPUT and words in err and one_error(err), (args, err)
+    assert [r for r in env.records() if r["kind"] in ("approved", "refused", "interrupted")] == []
+    assert status(capsys, "a2")["status"] == "needs-input"
+    assert run(capsys, "spawn", "c1", "--cmd", "sleep 1000")[0] == 0
+    code, _, err = run(capsys, "approve", "c1")
+    assert code == 1 and "--cmd" in err and one_error(err)
+    assert run(capsys, "kill", "a2")[0] == 0
+    assert run(capsys, "deny", "a2")[0] == orch.EXIT_NOT_RUNNING
+
+
+def test_approve_from_copy_mode_and_the_tool_runs_as_working(env, capsys):
+    assert run(capsys, "spawn", "a1", "ASKSLOW-30 a slow tool")[0] == 0
+    wait_status(capsys, "a1", "needs-input")
+    pane = env.state()["agents"]["a1"]["tmux"]["pane"]
+    tmux_cmd("copy-mode", "-t", pane)           # a person scrolled back and left
+    assert run(capsys, "approve", "a1")[0] == 0
+    # No hook fires while an approved tool runs: claude's own file says busy.
+    row = wait_status(capsys, "a1", "working")
+    assert (row["needs"], row["status_source"]) == (None, "claude-status")
+    assert run(capsys, "interrupt", "a1")[0] == 0
+    wait_status(capsys, "a1", "idle")
+
+
+def test_headless_has_no_dialogs_to_answer(headless, capsys):
+    assert run(capsys, "spawn", "h1", "first")[0] == 0
+    for verb in ("approve", "deny"):
+        code, _, err = run(capsys, verb, "h1")
+        assert code == 1 and "runs headless" in err and "--permission-mode" in err
+        assert one_error(err)
+
+
 def test_send_to_many_reports_each_and_exits_with_the_worst(env, capsys):
     for name, prompt in (("a1", "first"), ("a2", "ASK to run a tool"), ("a3", "first")):
         assert run(capsys, "spawn", name, prompt)[0] == 0
@@ -1041,7 +1165,7 @@ def test_send_to_many_bad_input(env, capsys):
 
 # The environment that makes the stand-in act like each version (see FAKE_AGENT).
 VERSION_BEHAVIOUR = {"2.1.197": {}, "2.1.330": {"FAKE_QUEUE": "immediate", "FAKE_PASTE_WRAP": "1",
-                                               "FAKE_DEFAULT_MODE": "auto",
+                                               "FAKE_DEFAULT_MODE": "auto", "FAKE_NO_OPTION": "4",
                                                "FAKE_SLASH_AFTER_BLANKS": "1"}}
 
 
@@ -2625,7 +2749,8 @@ class FakeAPI(object):
     Trigger words in the user's text shape the reply: SLOW-N waits N seconds
     before answering (a busy agent on demand); TOOL asks for a Bash tool call
     that needs permission (a permission dialog on demand); TOOLRUN-N asks
-    for `sleep N` (a tool that runs a while, where the settings allow it).
+    for `sleep N` (a tool that runs a while, where the settings allow it);
+    TOOLSLOW-N for one that needs permission and then runs N seconds.
     """
 
     def __init__(self):
@@ -2722,6 +2847,9 @@ class FakeAPI(object):
             for word in text.split():
                 if word.startswith("TOOLRUN-") and word[8:].isdigit():
                     tool = {"command": "sleep %s" % word[8:], "description": "take a while"}
+                if word.startswith("TOOLSLOW-") and word[9:].isdigit():     # asks, then runs a while
+                    tool = {"command": "touch orch-tool-ran-%d && sleep %s" % (n, word[9:]),
+                            "description": "make a file slowly"}
             for word in text.split():
                 if word.startswith("SLOW-") and word[5:].isdigit():
                     time.sleep(int(word[5:]))
@@ -3026,6 +3154,40 @@ def test_e2e_permission_dialog_refuses_send_and_escape_returns_idle(claude, caps
     assert run(capsys, "send", "a1", "after escape")[0] == 0
     retry_until(lambda: "after escape" in "".join(claude.api.texts()[-1:]))
     assert claude.api.texts()[-1:] == ["after escape"]
+
+
+def tools_ran(claude):
+    """(files the fake API's tool calls made, tool results claude sent back)."""
+    with claude.api.lock:
+        results = len([r for r in claude.api.requests if r["tool_result"]])
+    return len([n for n in os.listdir(claude.work) if n.startswith("orch-tool-ran")]), results
+
+
+def test_e2e_approve_runs_the_tool_once_and_deny_never(claude, capsys):
+    assert run(capsys, "spawn", "a1", "TOOL please", *ASK_FIRST)[0] == 0
+    wait_status(capsys, "a1", "needs-input")
+    code, out, err = run(capsys, "approve", "a1", "--tool", "Bash")
+    assert code == 0 and out.startswith("a1: approved Bash (touch orch-tool-ran-"), err
+    wait_status(capsys, "a1", "idle")
+    assert tools_ran(claude) == (1, 1)
+    assert run(capsys, "send", "a1", "TOOL again")[0] == 0
+    wait_status(capsys, "a1", "needs-input")
+    code, out, err = run(capsys, "deny", "a1")
+    assert code == 0 and "a1: denied Bash (touch orch-tool-ran-" in out, err
+    wait_status(capsys, "a1", "idle")
+    assert run(capsys, "send", "a1", "after deny")[0] == 0
+    retry_until(lambda: claude.api.texts()[-1:] == ["after deny"])
+    assert tools_ran(claude) == (1, 1)          # the refusal rides with "after deny"
+    # An approved tool that runs a while: working (claude's own file), not needs-input.
+    wait_status(capsys, "a1", "idle")
+    assert run(capsys, "send", "a1", "TOOLSLOW-4 slowly")[0] == 0
+    wait_status(capsys, "a1", "needs-input")
+    assert run(capsys, "approve", "a1")[0] == 0
+    row = wait_status(capsys, "a1", "working")
+    assert (row["needs"], row["status_source"]) == (None, "claude-status")
+    wait_status(capsys, "a1", "idle", timeout=60)
+    assert tools_ran(claude) == (2, 2)
+    assert run(capsys, "approve", "a1")[0] == orch.EXIT_NEEDS_INPUT
 
 
 def test_e2e_untrusted_folder_and_spawn_trust(claude, capsys, tmp_path):
