@@ -1113,12 +1113,25 @@ def test_approve_from_copy_mode_and_the_tool_runs_as_working(env, capsys):
     wait_status(capsys, "a1", "idle")
 
 
-def test_headless_has_no_dialogs_to_answer(headless, capsys):
+def test_headless_feed_counts_and_no_dialogs(headless, capsys):
     assert run(capsys, "spawn", "h1", "first")[0] == 0
     for verb in ("approve", "deny"):
         code, _, err = run(capsys, verb, "h1")
         assert code == 1 and "runs headless" in err and "--permission-mode" in err
         assert one_error(err)
+    wait_status(capsys, "h1", "idle")
+    assert run(capsys, "status-line")[:2] == (0, "orch: 1 idle\n")
+    feed = subprocess.Popen([sys.executable, ORCH, "events", "--json", "--since", "600"],
+                            stdout=subprocess.PIPE, universal_newlines=True)
+    try:
+        lines = feed_lines(feed)
+        assert json.loads(next_line(lines))["to"] == "idle"
+        assert run(capsys, "send", "h1", "SLOW-30 busy now")[0] == 0
+        change = json.loads(next_line(lines))
+        assert (change["name"], change["from"], change["to"]) == ("h1", "idle", "working")
+    finally:
+        feed.kill()
+        feed.communicate()
 
 
 def test_send_to_many_reports_each_and_exits_with_the_worst(env, capsys):
@@ -1691,8 +1704,10 @@ def bare_cli(env, python, *args, **kw):
 @pytest.mark.parametrize("kind", ["LC_ALL=C", "no locale", "cron"])
 def test_cli_every_verb_in_bare_environments(env, kind):
     bare = environment(kind)
+    used = set()
 
     def orch_cli(*args, **kw):
+        used.add(args[0])
         return bare_cli(bare, cli_python(), *args, **kw)
     code, out, err = orch_cli("spawn", "a1", "caf\u00e9 \u6f22\u5b57 \U0001F680 task")
     assert code == 0, err
@@ -1707,12 +1722,34 @@ def test_cli_every_verb_in_bare_environments(env, kind):
     assert orch_cli("wait", "a1", "--timeout", "30")[:2] == (0, "a1: idle\n")
     code, out, _ = orch_cli("send", "a1", "-", input="from stdin \u00e9\n".encode("utf-8"))
     assert (code, out) == (0, "a1: submitted\n")
+    assert orch_cli("wait", "a1", "--timeout", "30")[0] == 0
+    assert orch_cli("reply", "a1")[:2] == (0, "reply: from stdin \u00e9\n")
+    code, out, _ = orch_cli("log", "a1")
+    assert code == 0 and "> caf\u00e9 \u6f22\u5b57" in out and "\u25cf reply: from stdin" in out
+    assert orch_cli("status-line")[:2] == (0, "orch: 1 idle\n")
+    feed = subprocess.Popen([cli_python(), ORCH, "events", "--since", "600", "--json"], env=bare,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = feed.stdout.readline().decode("utf-8")     # the feed's first line comes at once
+    finally:
+        feed.kill()
+        assert b"Traceback" not in feed.communicate()[1]
+    used.add("events")
+    assert json.loads(line)["to"] == "idle"
+    assert orch_cli("send", "a1", "ASK \u00e9")[0] == 0
+    assert orch_cli("wait", "a1", "--timeout", "30")[:2] == (0, "a1: needs-input (permission)\n")
+    assert orch_cli("approve", "a1")[:2] == (0, "a1: approved Bash (touch x)\n")
+    assert orch_cli("send", "a1", "ASK again")[0] == 0
+    assert orch_cli("wait", "a1", "--timeout", "30")[:2] == (0, "a1: needs-input (permission)\n")
+    assert orch_cli("deny", "a1")[0] == 0
     assert orch_cli("kill", "a1")[0] == 0
     assert orch_cli("resume", "a1", "again \u00e9")[0] == 0
     assert orch_cli("doctor")[0] == 0
     assert orch_cli("rm", "a1")[:2] == (0, "removed a1\n")
     assert env.messages() == ["caf\u00e9 \u6f22\u5b57 \U0001F680 task", "na\u00efve SLOW-20 message",
-                              "from stdin \u00e9", "again \u00e9"]
+                              "from stdin \u00e9", "ASK \u00e9", "ASK again", "again \u00e9"]
+    # Every verb a user runs is covered here (attach needs a terminal; install has its own test).
+    assert set(help_verbs()) - used <= {"attach", "install", "ls"}, set(help_verbs()) - used
     started = env.records("start")[0]["env"]
     assert "UTF-8" in (started.get("LC_ALL") or started.get("LC_CTYPE") or started.get("LANG"))
 
