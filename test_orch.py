@@ -1516,7 +1516,8 @@ def test_doctor_warns_about_untested_claude_and_gone_agents(env, capsys, monkeyp
     monkeypatch.setenv("FAKE_VERSION", "2.1.999")
     code, found = doctor(capsys)
     assert code == 0 and found["claude"][0] == "warning"
-    assert "2.1.999" in found["claude"][1] and "%d.%d.%d to %d.%d.%d" % (orch.TESTED_CLAUDE[0] + orch.TESTED_CLAUDE[1]) in found["claude"][1]
+    tested = "%d.%d.%d to %d.%d.%d" % (orch.TESTED_CLAUDE[0] + orch.TESTED_CLAUDE[1])
+    assert "2.1.999" in found["claude"][1] and tested in found["claude"][1]
     assert found["state"] == ("ok", "%s: format 1, 2 agents (1 running, 1 exited)"
                               % os.environ["ORCH_STATE"])
     assert "agents" not in found        # a2 was killed: its exit is known, nothing is gone
