@@ -648,17 +648,25 @@ def event_status(event):
     return None
 
 
-def claude_session_file_status(agent, pid):
+def claude_session_file_status(agent, pid, newer_than=None):
     """Read claude's own status file: (status, waiting_for, time) or None.
 
     Claude fires no hook when a turn is interrupted (Esc) or a dialog is
     cancelled; this file (an internal one, no compatibility promise) does
     return to "idle" then, so it is the cross-check for working/needs-input.
+    newer_than: None too when the file was not written after that time (a
+    stat is a fraction of a read, and `list` asks for every agent).
     """
     home = agent.get("home")
     if not home or not pid:
         return None
     path = "%s/.claude/sessions/%s.json" % (home, pid)
+    if newer_than is not None:
+        try:
+            if os.stat(path).st_mtime <= newer_than:
+                return None
+        except OSError:
+            return None
     data = read_json(path)
     if not isinstance(data, dict):
         return None
@@ -909,11 +917,14 @@ def cross_check(agent, pane, result):
     says idle.  Claude writes the file ~0.1-0.2 s after the Stop hook, and
     2.1.330 shows idle for ~30 ms between a turn and its queued one, hence SETTLE.
     """
-    own = claude_session_file_status(agent, pane["pane_pid"])
+    since = result["since"] or 0
+    # Only a file written after the last hook event can change the answer, but
+    # for SETTLE seconds after a Stop an older "busy" still can (see below).
+    recent = time.time() - since < SETTLE
+    own = claude_session_file_status(agent, pane["pane_pid"], None if recent else since)
     if not own:
         return
     status, waiting_for, changed = own
-    since = result["since"] or 0
     newer = changed > since
     if result["status"] in ("working", "needs-input") and status == "idle" and newer:
         if result["pending"] and time.time() - changed < SETTLE:

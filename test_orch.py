@@ -3531,10 +3531,12 @@ def claude_path_world(root, env, events):
     os.makedirs(sessions, exist_ok=True)
     for name, agent in state["agents"].items():
         agent.update(cmd=None, session_id=str(uuid.uuid4()), launched=0, home=root)
-        with open(os.path.join(sessions, "%d.json" % agent["tmux"]["pid"]), "w") as f:
+        path = os.path.join(sessions, "%d.json" % agent["tmux"]["pid"])
+        with open(path, "w") as f:
             json.dump({"pid": agent["tmux"]["pid"], "sessionId": agent["session_id"],
                        "cwd": agent["cwd"], "kind": "interactive", "status": "busy",
                        "statusUpdatedAt": 1500}, f)
+        os.utime(path, (1.5, 1.5))     # claude writes it when the status changes
         os.makedirs(os.path.join(folder, "state.d", "agents", name), exist_ok=True)
         with open(os.path.join(folder, "state.d", "agents", name, "events.jsonl"), "w") as f:
             f.write(text)
