@@ -912,9 +912,10 @@ def cross_check(agent, pane, result):
 
     No hook fires when a turn is interrupted (Esc) or a dialog is cancelled,
     so after those the last hook still says working/needs-input while claude's
-    file says idle; none when a dialog is approved either, until the tool ends.  And no hook fires when claude starts the turn of messages
-    queued during the last one: its file says busy while the last hook (Stop)
-    says idle.  Claude writes the file ~0.1-0.2 s after the Stop hook, and
+    file says idle.  None fires when a dialog is approved either, until the
+    tool ends: the file says busy.  And none when claude starts the turn of
+    messages queued during the last one: its file says busy while the last
+    hook (Stop) says idle.  Claude writes the file ~0.1-0.2 s after the Stop hook, and
     2.1.330 shows idle for ~30 ms between a turn and its queued one, hence SETTLE.
     """
     since = result["since"] or 0
@@ -2926,8 +2927,8 @@ def status_change(name, old, new, when=None):
     if old and new and (old["status"], old["needs"]) == (new["status"], new["needs"]):
         return None
     when = when or time.time()
-    return {"t": round(when, 3), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(when)),
-            "name": name, "from": old["status"] if old else None,
+    return {"t": round(when, 3),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(when)), "name": name, "from": old["status"] if old else None,
             "to": new["status"] if new else "removed",
             "needs": new["needs"] if new else None, "detail": new["detail"] if new else None}
 
