@@ -279,6 +279,11 @@ def capture_pane(pane, socket, lines=None):
     return rows
 
 
+def agent_screen(agent):
+    """The visible rows of a tmux agent's pane."""
+    return capture_pane(agent["tmux"]["pane"], agent["tmux"]["socket"])
+
+
 def paste_text(pane, socket, text):
     """Paste text into the pane as one bracketed paste, from a uniquely named buffer.
 
@@ -1315,7 +1320,7 @@ def wait_for_screen(agent, timeout=15):
     seen = {"rows": None, "since": time.time()}
 
     def quiet():
-        rows = capture_pane(agent["tmux"]["pane"], agent["tmux"]["socket"])
+        rows = agent_screen(agent)
         if rows != seen["rows"]:
             seen.update(rows=rows, since=time.time())
             return False
@@ -1505,7 +1510,7 @@ QUEUED_HINT = "Press up to edit queued messages"    # shown in the box while mes
 
 def typed_text(agent):
     """What sits in claude's input box now ('' when empty or only claude's hint)."""
-    rows = capture_pane(agent["tmux"]["pane"], agent["tmux"]["socket"])
+    rows = agent_screen(agent)
     text = input_box(rows)[1] or ""
     return "" if text == QUEUED_HINT else text
 
@@ -1550,7 +1555,7 @@ def input_box(rows):
 def confirm_command(agent):
     """Slash commands fire no hook: the input box emptying is the only sign they were taken."""
     def taken():
-        rows = capture_pane(agent["tmux"]["pane"], agent["tmux"]["socket"])
+        rows = agent_screen(agent)
         return input_box(rows)[1] == ""
     if retry_until(taken, 3.0):
         return "sent (a slash command: claude reports none, so unconfirmed)"
@@ -1565,7 +1570,7 @@ def shows_queued(agent, text):
     the screen is the only witness: the message shows as an indented line
     above the input box, which itself offers "Press up to edit queued messages".
     """
-    rows = capture_pane(agent["tmux"]["pane"], agent["tmux"]["socket"])
+    rows = agent_screen(agent)
     index, box = input_box(rows)
     if index is None or (box and "queued" not in box):
         return False        # something is still typed in the box: Enter was not taken
@@ -2483,10 +2488,6 @@ def open_dialog(agent, tool=None):
     return request, dialog
 
 
-def agent_screen(agent):
-    return capture_pane(agent["tmux"]["pane"], agent["tmux"]["socket"])
-
-
 # Claude Code 2.1.330 ignores a key pressed the moment its dialog appears
 # (measured: lost at once, taken 0.2 s later; 2.1.197 takes it at once).
 DIALOG_SETTLE = 0.5
@@ -3077,10 +3078,7 @@ def cmd_list(args):
             raise OrchError("--watch redraws a table: use `orch events --json` for a feed",
                             EXIT_USAGE)
         return watch_list()
-    state = load_state()
-    agents = sorted(state["agents"].values(), key=lambda a: a["created"])
-    found = statuses(agents)
-    rows = [agent_row(a, found[a["name"]]) for a in agents]
+    state, rows = listed_rows()
     if args.json:
         print_json_array(rows)
         return report_problems(state)
@@ -3090,6 +3088,14 @@ def cmd_list(args):
         return report_problems(state)
     write_rows(table_lines(rows))
     return report_problems(state)
+
+
+def listed_rows():
+    """The state and one `list` row per agent, oldest first."""
+    state = load_state()
+    agents = sorted(state["agents"].values(), key=lambda a: a["created"])
+    found = statuses(agents)
+    return state, [agent_row(a, found[a["name"]]) for a in agents]
 
 
 def table_lines(rows, mark=False):
@@ -3118,11 +3124,7 @@ def watch_list(interval=2.0):
         raise OrchError("--watch redraws a terminal, and stdout is not one: use `orch list` "
                         "(once) or `orch events` (a feed)", EXIT_USAGE)
     while True:
-        state = load_state()
-        agents = sorted(state["agents"].values(), key=lambda a: a["created"])
-        found = statuses(agents)
-        rows = sorted((agent_row(a, found[a["name"]]) for a in agents),
-                      key=lambda r: r["status"] != "needs-input")
+        rows = sorted(listed_rows()[1], key=lambda r: r["status"] != "needs-input")
         waiting = len([r for r in rows if r["status"] == "needs-input"])
         head = "orch list --watch  %s  %d agents, %d need input  (Ctrl-C to stop)" % (
             time.strftime("%H:%M:%S"), len(rows), waiting)
