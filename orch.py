@@ -344,7 +344,9 @@ def parse_state(text, path):
 # The fields of an agent record that orch reads without a default.
 RECORD_FIELDS = {None: (("name", str), ("backend", str), ("cwd", str), ("created", (int, float))),
                  "tmux": (("pane", str), ("pid", int), ("session", str), ("window", str)),
-                 "headless": (("pid", int), ("supervisor", int))}
+                 "headless": (("pid", int), ("supervisor", int)),
+                 "worktree": (("repo", str), ("path", str), ("branch", str), ("base", str),
+                              ("base_commit", str), ("new_branch", bool))}
 
 
 def record_problem(name, agent):
@@ -361,6 +363,12 @@ def record_problem(name, agent):
         return "unknown backend %r" % backend
     if not isinstance(agent.get(backend), dict):
         return "missing %r" % backend
+    if "worktree" in agent:
+        if not isinstance(agent["worktree"], dict):
+            return "'worktree' is not an object"
+        problem = fields_problem(agent["worktree"], RECORD_FIELDS["worktree"], "worktree.")
+        if problem:
+            return problem
     return fields_problem(agent[backend], RECORD_FIELDS[backend], backend + ".")
 
 
@@ -369,7 +377,7 @@ def fields_problem(record, fields, prefix):
         if key not in record:
             return "missing %r" % (prefix + key)
         value = record[key]
-        if isinstance(value, bool) or not isinstance(value, kind):
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
             return "%r is %s, not %s" % (prefix + key, json.dumps(value)[:40], (
                 kind.__name__ if isinstance(kind, type) else "a number"))
     return None
@@ -1201,6 +1209,23 @@ def refuse_without_hooks(cwd):
                         "and turning them on for its agents would turn yours on too; remove "
                         "the setting, or use --backend headless, which needs no hooks"
                         % (cwd, off[1], short_path(off[0])))
+
+
+def claude_trusts(path):
+    """True if ~/.claude.json marks path or a folder above it trusted (claude's rule)."""
+    try:
+        with open(os.path.join(os.path.expanduser("~"), ".claude.json"), encoding="utf-8") as f:
+            projects = json.load(f).get("projects") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    path = os.path.abspath(path)
+    while True:
+        if isinstance(projects.get(path), dict) and \
+                projects[path].get("hasTrustDialogAccepted") is True:
+            return True
+        if path == os.path.dirname(path):
+            return False
+        path = os.path.dirname(path)
 
 
 def trust_folder(cwd):
@@ -2555,6 +2580,336 @@ def cmd_deny(args):
 
 
 # ###########################################################################
+# Worktrees: a git checkout of its own per agent, and no one's work lost
+# ###########################################################################
+#
+# `spawn --worktree` checks out a new branch in a folder of its own under the
+# data folder (<data>/worktrees/<repo>-<id>/<name>): outside the user's
+# checkout, so it never shows there as untracked files, and private like the
+# rest of orch's data.  Whatever removes a worktree asks git first whether
+# anything uncommitted would go with it, and git's own `worktree remove`
+# (which refuses a dirty tree) does the removing.  Every git call gets
+# GIT_OPTIONAL_LOCKS=0: orch's `status` must never take the index lock from
+# under the agent's own git commands.
+
+MIN_GIT = (2, 17)           # `git worktree remove` came in 2.17
+
+
+def git_run(args, cwd, env_extra=None, capture=True):
+    """Run `git -C cwd ARGS`; return the finished process, whatever git's exit code."""
+    argv = ["git", "-C", cwd] + list(args)
+    trace(argv)
+    env = dict(os.environ, GIT_TERMINAL_PROMPT="0", GIT_OPTIONAL_LOCKS="0")
+    env.update(env_extra or {})
+    pipe = subprocess.PIPE if capture else None
+    try:
+        return subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe, env=env)
+    except OSError:
+        raise OrchError("git is not installed or not on PATH: install git %d.%d or newer"
+                        % MIN_GIT)
+
+
+def git(args, cwd, what, env_extra=None):
+    """The output of a git command that must succeed; a failure is one line saying what failed."""
+    proc = git_run(args, cwd, env_extra)
+    if proc.returncode != 0:
+        raise OrchError("%s: %s" % (what, git_says(proc.stderr)))
+    return proc.stdout.decode("utf-8", "replace")
+
+
+def git_says(stderr):
+    lines = [line.strip() for line in stderr.decode("utf-8", "replace").splitlines()]
+    words = [line.split(":", 1)[1].strip() if line.startswith(("fatal:", "error:")) else line
+             for line in lines if line and not line.startswith("hint:")]
+    return "git says: " + shorten("; ".join(words) or "nothing (exit code only)", 300)
+
+
+_git_checked = []
+
+
+def check_git():
+    if _git_checked:
+        return
+    import re
+    out = git(["--version"], "/", "cannot run git")
+    found = re.search(r"(\d+)\.(\d+)", out)
+    if not found or tuple(int(n) for n in found.groups()) < MIN_GIT:
+        raise OrchError("%s is too old for worktrees: orch needs git %d.%d or newer"
+                        % (out.strip() or "git", MIN_GIT[0], MIN_GIT[1]))
+    _git_checked.append(True)
+
+
+def checkout_of(cwd):
+    """(top of the checkout cwd is in, cwd relative to that top), or a one-line refusal."""
+    proc = git_run(["rev-parse", "--is-bare-repository", "--is-inside-git-dir"], cwd)
+    flags = proc.stdout.decode("utf-8", "replace").split()
+    if proc.returncode != 0:
+        raise OrchError("--worktree needs a git repository, and %s is not in one: `git init` "
+                        "it, or --cwd into a checkout" % cwd)
+    if flags[:1] == ["true"]:
+        raise OrchError("%s is a bare repository, with no checkout to branch from: --cwd into "
+                        "one of its worktrees" % cwd)
+    if flags[1:2] == ["true"]:
+        raise OrchError("%s is inside a .git folder: --cwd into the checkout" % cwd)
+    top, prefix = (git(["rev-parse", "--show-toplevel", "--show-prefix"], cwd,
+                       "cannot read the checkout at %s" % cwd).split("\n") + [""])[:2]
+    return top, prefix
+
+
+def branch_name(top, branch):
+    """The branch name, checked by git's own rules; a name it refuses is a usage error."""
+    proc = git_run(["check-ref-format", "--branch", branch], top)
+    if branch.startswith("-") or proc.returncode != 0:
+        raise OrchError("invalid branch name %r: git refuses it (see `git check-ref-format`); "
+                        "choose another with --branch" % branch, EXIT_USAGE)
+    return proc.stdout.decode("utf-8", "replace").strip()
+
+
+def resolve_base(top, base):
+    """(the base's name to record, its commit): --base REF, or the checkout's HEAD.
+
+    For HEAD the name recorded is the branch checked out there, so that
+    `diff` and `rm --delete-branch` compare with where that branch is now;
+    a detached HEAD is recorded as its commit.
+    """
+    if base is not None and (base.startswith("-") or not base.strip()):
+        raise OrchError("invalid --base %r: name a branch, tag or commit" % base, EXIT_USAGE)
+    proc = git_run(["rev-parse", "--verify", "--quiet", (base or "HEAD") + "^{commit}"], top)
+    commit = proc.stdout.decode("utf-8", "replace").strip()
+    if proc.returncode != 0 or not commit:
+        if base is None:
+            raise OrchError("the repository at %s has no commits yet: commit something first, "
+                            "then a worktree can branch from it" % top)
+        raise OrchError("--base %r is not a commit in the repository at %s" % (base, top),
+                        EXIT_USAGE)
+    if base is not None:
+        return base, commit
+    name = git_run(["symbolic-ref", "--quiet", "--short", "HEAD"], top).stdout
+    return name.decode("utf-8", "replace").strip() or commit, commit
+
+
+def worktrees_home(top):
+    """<data>/worktrees/<repo name>-<id of its .git folder>: one folder per repository."""
+    import hashlib
+    import re
+    common = os.path.realpath(os.path.join(top, git(
+        ["rev-parse", "--git-common-dir"], top, "cannot read the repository at %s" % top).strip()))
+    label = os.path.basename(os.path.dirname(common) if os.path.basename(common) == ".git"
+                             else common)
+    label = re.sub(r"[^A-Za-z0-9._-]", "_", label)[:40] or "repo"
+    digest = hashlib.sha1(common.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return os.path.join(data_dir(), "worktrees", "%s-%s" % (label, digest))
+
+
+def make_worktree(name, cwd, branch=None, base=None):
+    """Check out a branch for agent `name`; return (worktree record, the agent's folder in it).
+
+    A new branch starts at base (default: HEAD); an existing branch is
+    checked out as it is, which git refuses if another worktree has it.
+    """
+    check_git()
+    top, prefix = checkout_of(cwd)
+    branch = branch_name(top, branch or "orch/" + name)
+    base_name, base_commit = resolve_base(top, base)
+    path = os.path.join(worktrees_home(top), name)
+    if os.path.lexists(path):
+        raise OrchError("%s already exists (left by an earlier agent %s?): look in it, then "
+                        "`git worktree remove %s`, or choose another name" % (path, name, path))
+    make_private_dir(os.path.dirname(path))
+    exists = git_run(["rev-parse", "--verify", "--quiet", "refs/heads/" + branch], top)
+    new_branch = exists.returncode != 0
+    add = ["-b", branch, path, base_commit] if new_branch else [path, branch]
+    git(["worktree", "add", "--quiet"] + add, top, "cannot make a worktree for agent %s" % name)
+    if base is None and git_run(["diff", "--quiet", "HEAD", "--"], top).returncode == 1:
+        sys.stderr.write("orch: note: the uncommitted changes in %s are not in agent %s's "
+                         "worktree: it starts from the last commit (%s)\n"
+                         % (short_path(top), name, base_commit[:12]))
+    wt = {"repo": top, "path": path, "branch": branch, "base": base_name,
+          "base_commit": base_commit, "new_branch": new_branch}
+    folder = os.path.normpath(os.path.join(path, prefix))
+    os.makedirs(folder, exist_ok=True)      # a folder with nothing tracked in it yet
+    return wt, folder
+
+
+def repository_dir(wt):
+    """The repository's .git folder, asked of the worktree or else the checkout it came from.
+
+    Asked, not recorded: `git worktree repair` after the repository moved
+    makes the worktree work again, and orch follows.  None when neither
+    knows (the repository moved or was deleted).
+    """
+    for where in (wt["path"], wt["repo"]):
+        if os.path.isdir(where):
+            proc = git_run(["rev-parse", "--git-common-dir"], where)
+            if proc.returncode == 0:
+                return os.path.realpath(os.path.join(
+                    where, proc.stdout.decode("utf-8", "surrogateescape").strip()))
+    return None
+
+
+def worktree_git_dir(agent):
+    """The repository of a worktree that is there and works, or a one-line error saying why not."""
+    wt = agent["worktree"]
+    if not os.path.isdir(wt["path"]):
+        raise OrchError("the worktree of agent %s is gone from %s (removed by hand?): "
+                        "`orch rm %s` forgets the agent" % (agent["name"], wt["path"],
+                                                             agent["name"]))
+    check_git()
+    if git_run(["rev-parse", "--git-dir"], wt["path"]).returncode != 0:
+        raise OrchError("the worktree %s of agent %s has lost its repository (was %s moved or "
+                        "deleted? after a move, run `git worktree repair %s` in its new place)"
+                        % (wt["path"], agent["name"], wt["repo"], wt["path"]))
+    return repository_dir(wt)
+
+
+def uncommitted(wt):
+    """`git status --short` lines of the worktree: changes not committed, untracked files too."""
+    out = git(["status", "--porcelain", "--untracked-files=normal"], wt["path"],
+              "cannot read the worktree %s" % wt["path"])
+    return [line for line in out.split("\n") if line.strip()]
+
+
+def base_point(wt):
+    """Where the agent's branch left its base: the merge base with the base as it is now.
+
+    So `diff` shows the agent's work only, even after the base moved on or
+    the agent merged it in; the recorded commit serves if the base is gone.
+    """
+    proc = git_run(["merge-base", wt["base"], "HEAD"], wt["path"])
+    found = proc.stdout.decode("utf-8", "replace").strip()
+    return found if proc.returncode == 0 and found else wt["base_commit"]
+
+
+def branch_merged(repo, wt):
+    """True when every commit of the agent's branch is in its base (or the branch is gone)."""
+    if git_run(["rev-parse", "--verify", "--quiet", "refs/heads/" + wt["branch"]],
+               repo).returncode != 0:
+        return True
+    base = wt["base"] if git_run(["rev-parse", "--verify", "--quiet", wt["base"] + "^{commit}"],
+                                 repo).returncode == 0 else wt["base_commit"]
+    return git_run(["merge-base", "--is-ancestor", "refs/heads/" + wt["branch"], base],
+                   repo).returncode == 0
+
+
+def rm_refusal(agent, force, delete_branch):
+    """Why `rm` must keep this agent (its worktree or branch holds work), or None."""
+    wt, name = agent["worktree"], agent["name"]
+    check_git()
+    repo = repository_dir(wt)
+    if os.path.isdir(wt["path"]) and not force:
+        if repo is None or git_run(["rev-parse", "--git-dir"], wt["path"]).returncode != 0:
+            return ("cannot check the worktree %s of agent %s for uncommitted work: its "
+                    "repository is gone from %s; `orch rm %s --force` deletes the folder anyway"
+                    % (wt["path"], name, wt["repo"], name))
+        changes = uncommitted(wt)
+        if changes:
+            return ("agent %s's worktree %s has uncommitted work (%s): commit it there, or "
+                    "`orch rm %s --force` to discard it" % (
+                        name, short_path(wt["path"]), shorten(", ".join(changes[:8]) + (
+                            ", and %d more" % (len(changes) - 8) if len(changes) > 8 else ""),
+                            300), name))
+    if delete_branch and not force and repo and not branch_merged(repo, wt):
+        return ("branch %s of agent %s has commits that are not in %s: merge them, or `orch rm "
+                "%s` without --delete-branch keeps the branch, or --force drops them"
+                % (wt["branch"], name, wt["base"], name))
+    return None
+
+
+def remove_worktree(agent, force, delete_branch):
+    """Remove the agent's worktree (and its branch if asked); return what was kept, in words."""
+    wt = agent["worktree"]
+    repo = repository_dir(wt)
+    if repo is None:
+        import shutil
+        shutil.rmtree(wt["path"], ignore_errors=True)     # only with --force: rm_refusal
+        remove_if_empty(os.path.dirname(wt["path"]))
+        return "its repository is gone from %s" % wt["repo"]
+    # git's own removal refuses a dirty tree again, should the agent have written since.
+    git(["worktree", "remove"] + (["--force"] if force else []) + [wt["path"]], repo,
+        "cannot remove the worktree of agent %s" % agent["name"])
+    remove_if_empty(os.path.dirname(wt["path"]))
+    branch = "refs/heads/" + wt["branch"]
+    if git_run(["rev-parse", "--verify", "--quiet", branch], repo).returncode != 0:
+        return None
+    if delete_branch:
+        git(["branch", "-D", wt["branch"]], repo, "cannot delete branch %s" % wt["branch"])
+        return None
+    return "kept branch %s" % wt["branch"]
+
+
+def remove_if_empty(folder):
+    try:
+        os.rmdir(folder)    # the repository's folder of worktrees, once its last one went
+    except OSError:
+        pass
+
+
+def worktree_dirty(agents):
+    """{name: True/False/None} for the worktree agents, their `git status` calls run at once."""
+    procs = {}
+    env = dict(os.environ, GIT_TERMINAL_PROMPT="0", GIT_OPTIONAL_LOCKS="0")
+    for agent in agents:
+        path = agent["worktree"]["path"]
+        if not os.path.isdir(path):
+            procs[agent["name"]] = None
+            continue
+        try:
+            procs[agent["name"]] = subprocess.Popen(
+                ["git", "-C", path, "status", "--porcelain", "--untracked-files=normal"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                env=env)
+        except OSError:
+            procs[agent["name"]] = None     # no git: unknown, which is what null says
+    dirty = {}
+    for name, proc in procs.items():
+        out = proc.communicate()[0] if proc else b""
+        dirty[name] = bool(out.strip()) if proc and proc.returncode == 0 else None
+    return dirty
+
+
+def undo_worktree(wt):
+    """Take back a worktree just made for an agent that did not start: nothing is in it yet."""
+    repo = repository_dir(wt)
+    if repo is None:
+        return
+    git_run(["worktree", "remove", "--force", wt["path"]], repo)
+    remove_if_empty(os.path.dirname(wt["path"]))
+    if wt["new_branch"]:
+        # Only the branch spawn made, and only while it is where spawn put it.
+        git_run(["update-ref", "-d", "refs/heads/" + wt["branch"], wt["base_commit"]], repo)
+
+
+def cmd_diff(args):
+    agent = find_agent(load_state(), check_name(args.name))
+    if not agent.get("worktree"):
+        raise OrchError("agent %s has no worktree (it was not spawned with --worktree): run "
+                        "`git diff` in %s" % (agent["name"], agent["cwd"]))
+    wt = agent["worktree"]
+    worktree_git_dir(agent)
+    start = base_point(wt)
+    # A scratch copy of the worktree's index with every file added: the diff
+    # then has new files too, and the agent's own index is never touched.
+    import shutil
+    import tempfile
+    index = git(["rev-parse", "--git-path", "index"], wt["path"], "cannot read the worktree")
+    index = os.path.join(wt["path"], index.strip())
+    with tempfile.TemporaryDirectory(prefix="diff-", dir=make_private_dir(data_dir())) as tmp:
+        scratch = {"GIT_INDEX_FILE": os.path.join(tmp, "index")}
+        if os.path.isfile(index):
+            # copy2 keeps the time stamp, by which git tells a file changed in
+            # the index's own second ("racy git") from an unchanged one.
+            shutil.copy2(index, scratch["GIT_INDEX_FILE"])
+        git(["add", "--all", "--", "."], wt["path"], "cannot read the worktree %s" % wt["path"],
+            scratch)
+        sys.stdout.flush()
+        proc = git_run(["diff", "--cached"] + (["--stat"] if args.stat else []) + [start],
+                       wt["path"], scratch, capture=False)
+    if proc.returncode not in (0, 1, 141):      # 141: a pager or `| head` that quit early
+        raise OrchError("git diff failed in %s (exit code %d)" % (wt["path"], proc.returncode))
+    return EXIT_OK
+
+
+# ###########################################################################
 # Input: every byte from outside (argv, stdin, files, numbers) checked here
 # ###########################################################################
 #
@@ -2702,15 +3057,30 @@ def cmd_spawn(args):
         argv_program = None
     else:
         argv_program = find_program(args.claude or default_program())
+    if (args.branch is not None or args.base is not None) and not args.worktree:
+        raise OrchError("--branch and --base are for --worktree", EXIT_USAGE)
     if backend == "tmux":
         check_tmux_version()
-        if not args.cmd:
+    started, worktree = [], None
+    with undo_on_failure(started, new=True) as undo:
+        if args.worktree:
+            refuse_existing(load_state(), name)     # before git makes anything
+            worktree, cwd = make_worktree(name, cwd, args.branch, args.base)
+            undo.worktrees.append(worktree)
+        if backend == "tmux" and not args.cmd:
             refuse_without_hooks(cwd)
-    if args.trust and not args.cmd:
-        trust_folder(cwd)
+        # A worktree of a checkout claude trusts is as trustworthy as the checkout.
+        if not args.cmd and (args.trust or worktree and claude_trusts(worktree["repo"])):
+            trust_folder(worktree["path"] if worktree else cwd)
+        agent, first = spawn_recorded(args, name, backend, cwd, worktree, prompt, argv_program,
+                                      started)
+    return finish_start(agent, first, "started")
+
+
+def spawn_recorded(args, name, backend, cwd, worktree, prompt, argv_program, started):
+    """Start the agent and save its record, in one hold of the state lock."""
     import uuid
-    started = []
-    with undo_on_failure(started, new=True), LockedState() as state:
+    with LockedState() as state:
         refuse_existing(state, name)
         agent = {"name": name, "backend": backend, "cwd": cwd, "created": time.time(),
                  "cmd": args.cmd, "session_id": None if args.cmd else str(uuid.uuid4()),
@@ -2728,9 +3098,11 @@ def cmd_spawn(args):
             on_argv = first if prompt_fits_argv(first) else None
             agent["first_prompt_sha"] = prompt_sha(on_argv) if on_argv else None
             start_in_tmux(agent, claude_argv(agent, argv_program, prompt=on_argv))
+        if worktree:
+            agent["worktree"] = worktree
         started.append(agent)
         state["agents"][name] = agent
-    return finish_start(agent, first, "started")
+    return agent, first
 
 
 def finish_start(agent, first, verb):
@@ -2784,6 +3156,7 @@ class undo_on_failure(object):
     def __init__(self, started, new):
         self.started = started
         self.new = new
+        self.worktrees = []     # made for the new agent: removed with it
 
     def __enter__(self):
         return self
@@ -2799,6 +3172,8 @@ class undo_on_failure(object):
                     pass    # the original failure is the one to report
                 if self.new:    # no record will point at its folder
                     shutil.rmtree(agent_dir(agent["name"]), ignore_errors=True)
+            for worktree in self.worktrees:
+                undo_worktree(worktree)
         return False
 
 
@@ -3069,7 +3444,10 @@ def agent_row(agent, st):
             "command": agent.get("cmd") or "claude", "detail": st.get("detail"),
             "silent_for": st.get("silent"), "pid": st.get("pid"),
             "permission_mode": st.get("permission_mode"),
-            "pane": (agent.get("tmux") or {}).get("pane")}
+            "pane": (agent.get("tmux") or {}).get("pane"),
+            "worktree": (agent.get("worktree") or {}).get("path"),
+            "branch": (agent.get("worktree") or {}).get("branch"),
+            "base": (agent.get("worktree") or {}).get("base")}
 
 
 def cmd_list(args):
@@ -3080,6 +3458,10 @@ def cmd_list(args):
         return watch_list()
     state, rows = listed_rows()
     if args.json:
+        # Only worktree agents cost a `git status`, all of them run at once.
+        dirty = worktree_dirty([a for a in state["agents"].values() if a.get("worktree")])
+        for row in rows:
+            row["dirty"] = dirty.get(row["name"])
         print_json_array(rows)
         return report_problems(state)
     if not rows:
@@ -3101,14 +3483,15 @@ def listed_rows():
 def table_lines(rows, mark=False):
     """The `list` table; with mark, a "!" column flags agents that need input."""
     now = time.time()
-    table = [("NAME", "STATUS", "FOR", "AGE", "BACKEND", "MODE", "SESSION", "CWD",
-              "LAST PROMPT")]
+    branches = any(row["branch"] for row in rows)     # a column only when someone has one
+    table = [("NAME", "STATUS", "FOR", "AGE", "BACKEND", "MODE", "SESSION")
+             + (("BRANCH",) if branches else ()) + ("CWD", "LAST PROMPT")]
     for row in rows:
         table.append((row["name"], status_label(row), age(now - row["status_since"])
                       if row["status_since"] else "-", age(now - (row["created"] or now)),
-                      row["backend"], mode_label(row),
-                      (row["session_id"] or "-")[:8], short_path(row["cwd"]),
-                      shorten(row["last_prompt"] or "", 40)))
+                      row["backend"], mode_label(row), (row["session_id"] or "-")[:8])
+                     + ((row["branch"] or "-",) if branches else ())
+                     + (short_path(row["cwd"]), shorten(row["last_prompt"] or "", 40)))
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in table]
     if mark:
@@ -3236,20 +3619,46 @@ def cmd_rm(args):
                 find_agent(state, name)
     else:
         raise OrchError("name the agents to remove, or pass --exited", EXIT_USAGE)
-    import shutil
+    worst = EXIT_OK
     for name in names:
         if name in orphans:
             stop_orphan(name, orphans[name])
             print("removed %s (it ran without a record)" % name)
             continue
-        agent = state["agents"][name]
-        stop_agent(agent)
-        close_window(agent)
-        with LockedState() as locked:
-            locked["agents"].pop(name, None)
-        shutil.rmtree(agent_dir(name), ignore_errors=True)
-        print("removed %s" % name)
-    return EXIT_OK
+        try:
+            kept = remove_agent(state["agents"][name], args.force, args.delete_branch)
+        except OrchError as e:      # one agent's refusal never stops the others
+            sys.stderr.write("orch: error: %s\n" % e)
+            worst = e.code
+            continue
+        print("removed %s%s" % (name, " (%s)" % kept if kept else ""))
+    return worst
+
+
+def remove_agent(agent, force=False, delete_branch=False):
+    """Stop the agent and forget it; return what was kept, in words (None if nothing).
+
+    A worktree is checked before the agent is stopped (a refusal leaves it
+    running) and again after (it may have written until the end).
+    """
+    import shutil
+    name = agent["name"]
+    if agent.get("worktree"):
+        refusal = rm_refusal(agent, force, delete_branch)
+        if refusal:
+            raise OrchError(refusal)
+    stop_agent(agent)
+    close_window(agent)
+    kept = None
+    if agent.get("worktree"):
+        refusal = rm_refusal(agent, force, delete_branch)
+        if refusal:
+            raise OrchError("stopped %s but kept it: %s" % (name, refusal))
+        kept = remove_worktree(agent, force, delete_branch)
+    with LockedState() as locked:
+        locked["agents"].pop(name, None)
+    shutil.rmtree(agent_dir(name), ignore_errors=True)
+    return kept
 
 
 def close_window(agent):
@@ -3350,6 +3759,11 @@ def cmd_resume(args):
         if status_of(agent)["status"] != "exited":
             raise OrchError("agent %s is still running: `orch send %s MESSAGE` to talk to it, "
                             "or `orch kill %s` first" % (name, name, name))
+        if agent.get("worktree"):
+            worktree_git_dir(agent)
+        if not os.path.isdir(agent["cwd"]):
+            raise OrchError("agent %s's working folder %s is gone: create it again, or `orch rm "
+                            "%s`" % (name, agent["cwd"], name))
         close_window(agent)
         first = None
         if agent["backend"] == "headless":
@@ -3637,6 +4051,14 @@ def add_spawn(sub, verb):
     p.add_argument("--backend", choices=("auto", "tmux", "headless"),
                    help="tmux window or headless claude -p (default $ORCH_BACKEND or auto: "
                         "tmux when installed)")
+    p.add_argument("--worktree", action="store_true",
+                   help="give the agent a git worktree of its own: a new branch of DIR's "
+                        "repository, checked out outside your checkout")
+    p.add_argument("--branch", metavar="BRANCH",
+                   help="the worktree's branch (default orch/NAME); an existing one is "
+                        "checked out as it is")
+    p.add_argument("--base", metavar="REF",
+                   help="where a new branch starts (default: HEAD of DIR's checkout)")
     add_target_options(p)
     p.set_defaults(func=cmd_spawn, extra=[])
 
@@ -3768,7 +4190,22 @@ def add_rm(sub, verb):
     p = sub.add_parser(verb, help="stop and forget agents")
     p.add_argument("names", nargs="*", metavar="NAME")
     p.add_argument("--exited", action="store_true", help="remove every exited agent")
+    p.add_argument("--force", action="store_true",
+                   help="remove a worktree even with uncommitted work in it (it is lost)")
+    p.add_argument("--delete-branch", action="store_true",
+                   help="delete a worktree agent's branch too, if its base has every commit "
+                        "of it (with --force: whatever it has)")
     p.set_defaults(func=cmd_rm)
+
+
+def add_diff(sub, verb):
+    p = sub.add_parser(verb, help="what a worktree agent changed against its base",
+                       description="Show what the agent changed in its worktree against the "
+                       "commit its branch started from: commits, uncommitted changes and new "
+                       "files, as `git diff` shows them (pager and colours as git's own).")
+    p.add_argument("name")
+    p.add_argument("--stat", action="store_true", help="a summary per file (git diff --stat)")
+    p.set_defaults(func=cmd_diff)
 
 
 def add_resume(sub, verb):
@@ -3791,6 +4228,7 @@ VERBS = (
     ("reply", add_reply),
     ("log", add_log),
     ("tail", add_tail),
+    ("diff", add_diff),
     ("attach", add_named("take the keyboard of an agent's window", cmd_attach)),
     ("list", add_list),
     ("ls", add_list),

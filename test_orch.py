@@ -160,11 +160,19 @@ state = {"mode": "idle", "until": 0, "queue": [], "swallow": False, "turn_id": N
          "prompt": ""}
 
 def trusted():
+    # Like claude (measured): trusting a folder trusts its subfolders.
     try:
         with open(os.path.join(os.environ["HOME"], ".claude.json")) as f:
-            return json.load(f)["projects"][os.getcwd()]["hasTrustDialogAccepted"] is True
+            projects = json.load(f)["projects"]
     except Exception:
         return False
+    folder = os.getcwd()
+    while True:
+        if (projects.get(folder) or {}).get("hasTrustDialogAccepted") is True:
+            return True
+        if folder == os.path.dirname(folder):
+            return False
+        folder = os.path.dirname(folder)
 
 LONG_REPLY = "\n".join("answer line %d: %s \u00e9" % (i, "x" * 60) for i in range(100))
 
@@ -1421,6 +1429,292 @@ def test_rm_named_and_exited(env, capsys):
 
 
 # ###########################################################################
+# Worktrees: real git repositories in the test's folder
+# ###########################################################################
+
+def git_out(cwd, *args, check=True):
+    proc = subprocess.run(["git", "-C", cwd] + list(args), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True)
+    assert proc.returncode == 0 or not check, proc.stderr
+    return proc.stdout
+
+
+@pytest.fixture
+def repo(env, monkeypatch):
+    """A repository with two commits on main; git's config is the test HOME's own."""
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    for key, value in (("user.name", "Orch Test"), ("user.email", "orch@test.invalid"),
+                       ("init.defaultBranch", "main")):
+        subprocess.run(["git", "config", "--global", key, value], check=True)
+    path = os.path.join(env.root, "repo")
+    git_out(env.root, "init", "-q", path)
+    git_out(path, "symbolic-ref", "HEAD", "refs/heads/main")      # git before 2.28 too
+    os.makedirs(os.path.join(path, "src"))
+    for name, text in (("README", "hello\n"), ("src/app.py", "print(1)\n")):
+        with open(os.path.join(path, name), "w") as f:
+            f.write(text)
+    git_out(path, "add", ".")
+    git_out(path, "commit", "-q", "-m", "first")
+    git_out(path, "commit", "-q", "--allow-empty", "-m", "second")
+    env.repo = path
+    return env
+
+
+def wt_row(capsys, name):
+    return status(capsys, name)
+
+
+# A --cmd agent that writes a file in its folder and stays.
+WRITER = "printf 'from the agent\\n' > new.txt; exec sleep 1000"
+
+
+def test_worktree_spawn_list_diff_and_rm_keep_work(repo, capsys):
+    sub = os.path.join(repo.repo, "src")
+    code, out, err = run(capsys, "spawn", "w1", "--worktree", "--cwd", sub, "--cmd", WRITER)
+    assert code == 0, err
+    row = wt_row(capsys, "w1")
+    path = row["worktree"]
+    assert (row["branch"], row["base"]) == ("orch/w1", "main")
+    assert row["cwd"] == os.path.join(path, "src")        # the same subfolder as --cwd
+    assert path.startswith(orch.data_dir() + "/worktrees/repo-")
+    retry_until(lambda: os.path.exists(os.path.join(path, "src", "new.txt")))
+    assert wt_row(capsys, "w1")["dirty"] is True
+    # The user's checkout: no new file, nothing untracked, still on main.
+    assert not os.path.exists(os.path.join(sub, "new.txt"))
+    assert git_out(repo.repo, "status", "--porcelain", "--untracked-files=all") == ""
+    assert git_out(repo.repo, "rev-parse", "--abbrev-ref", "HEAD") == "main\n"
+    code, out, _ = run(capsys, "list")
+    assert "BRANCH" in out.splitlines()[0] and "orch/w1" in out
+    # Committed work and uncommitted work both show, in git's format.
+    with open(os.path.join(path, "README"), "a") as f:
+        f.write("more\n")
+    git_out(path, "commit", "-q", "-am", "agent's commit")
+    with open(os.path.join(path, "src", "app.py"), "w") as f:
+        f.write("print(2)\n")
+    diff = cli("diff", "w1")[1]
+    assert "+from the agent" in diff and "+more" in diff and "+print(2)" in diff
+    assert "diff --git a/src/new.txt b/src/new.txt" in diff
+    code, out, _ = cli("diff", "w1", "--stat")
+    assert code == 0 and "3 files changed" in out, out
+    # The agent's own index is untouched by diff: new.txt is still untracked there.
+    assert "?? src/new.txt" in git_out(path, "status", "--porcelain")
+    # rm refuses while anything is uncommitted, and the agent keeps running.
+    code, out, err = run(capsys, "rm", "w1")
+    assert code == 1 and one_error(err), err
+    assert "src/app.py" in err and "src/new.txt" in err and "--force" in err
+    assert os.path.exists(os.path.join(path, "src", "new.txt"))
+    assert wt_row(capsys, "w1")["status"] == "working"
+    git_out(path, "add", "-A")
+    git_out(path, "commit", "-q", "-m", "the rest")
+    assert wt_row(capsys, "w1")["dirty"] is False
+    code, out, err = run(capsys, "rm", "w1")
+    assert (code, out) == (0, "removed w1 (kept branch orch/w1)\n"), err
+    assert not os.path.exists(path) and not os.path.exists(os.path.dirname(path))
+    assert git_out(repo.repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+    assert "+from the agent" in git_out(repo.repo, "diff", "main", "orch/w1")
+
+
+def test_worktree_rm_force_delete_branch_and_exited(repo, capsys):
+    for name in ("c1", "d1", "u1"):
+        assert run(capsys, "spawn", name, "--worktree", "--cwd", repo.repo,
+                   "--cmd", "exec sleep 1000")[0] == 0
+    paths = dict((n, wt_row(capsys, n)["worktree"]) for n in ("c1", "d1", "u1"))
+    with open(os.path.join(paths["d1"], "README"), "w") as f:
+        f.write("changed, not committed\n")
+    git_out(paths["u1"], "commit", "-q", "--allow-empty", "-m", "not in main")
+    for name in ("c1", "d1", "u1"):
+        assert run(capsys, "kill", name)[0] == 0
+    # --exited goes agent by agent: the clean ones go, the dirty one stays.
+    code, out, err = run(capsys, "rm", "--exited", "--delete-branch")
+    assert code == 1 and out == "removed c1\n", (out, err)
+    errors = err.splitlines()
+    assert len(errors) == 2 and "d1" in errors[0] and "(M README)" in errors[0]
+    assert "u1" in errors[1] and "not in main" in errors[1], errors
+    assert sorted(repo.state()["agents"]) == ["d1", "u1"]
+    branches = git_out(repo.repo, "branch", "--format=%(refname:short)").split()
+    assert sorted(branches) == ["main", "orch/d1", "orch/u1"]     # c1's, merged, is gone
+    with open(os.path.join(paths["d1"], "README")) as f:
+        assert f.read() == "changed, not committed\n"
+    # Without --delete-branch an unmerged branch is simply kept.
+    assert run(capsys, "rm", "u1")[1] == "removed u1 (kept branch orch/u1)\n"
+    code, out, err = run(capsys, "rm", "d1", "--force", "--delete-branch")
+    assert (code, out) == (0, "removed d1\n"), err
+    assert git_out(repo.repo, "branch", "--format=%(refname:short)").split() == ["main", "orch/u1"]
+    assert git_out(repo.repo, "status", "--porcelain") == ""
+    assert not os.path.exists(os.path.join(orch.data_dir(), "worktrees"))  or \
+        os.listdir(os.path.join(orch.data_dir(), "worktrees")) == []
+
+
+def test_worktree_branches_bases_and_refusals(repo, capsys):
+    r = repo.repo
+    git_out(r, "branch", "feature", "main~1")
+    git_out(r, "tag", "v1", "main~1")
+    code, out, err = run(capsys, "spawn", "f1", "--worktree", "--cwd", r, "--branch", "feature",
+                         "--cmd", "exec sleep 1000")
+    assert code == 0, err
+    path = wt_row(capsys, "f1")["worktree"]
+    assert git_out(path, "rev-parse", "HEAD") == git_out(r, "rev-parse", "feature")
+    # The branch is checked out in f1's worktree: git refuses a second, nothing is left.
+    before = set(os.listdir(os.path.dirname(path)))
+    code, out, err = run(capsys, "spawn", "f2", "--worktree", "--cwd", r, "--branch", "feature",
+                         "--cmd", "exec sleep 1000")
+    assert code == 1 and one_error(err) and "feature" in err, err
+    assert set(os.listdir(os.path.dirname(path))) == before and "f2" not in repo.state()["agents"]
+    code, out, err = run(capsys, "spawn", "t1", "--worktree", "--cwd", r, "--base", "v1",
+                         "--cmd", "exec sleep 1000")
+    assert code == 0, err
+    row = wt_row(capsys, "t1")
+    assert (row["branch"], row["base"]) == ("orch/t1", "v1")
+    assert git_out(row["worktree"], "rev-parse", "HEAD") == git_out(r, "rev-parse", "v1^{commit}")
+    for args, wanted in ((["--branch", "bad..name"], "invalid branch name"),
+                         (["--branch=-x"], "invalid branch name"),
+                         (["--branch", "x.lock"], "invalid branch name"),
+                         (["--base", "nowhere"], "is not a commit"),
+                         (["--base=--exec=x"], "invalid --base")):
+        code, out, err = run(capsys, "spawn", "b1", "--worktree", "--cwd", r, "--cmd", "true",
+                             *args)
+        assert code == 2 and one_error(err) and wanted in err, (args, err)
+    code, _, err = run(capsys, "spawn", "b1", "--branch", "x", "--cmd", "true")
+    assert code == 2 and "--worktree" in err
+    # The worktree's place is taken (left by hand): refused, the folder untouched.
+    taken = os.path.join(os.path.dirname(path), "b2")
+    os.makedirs(taken)
+    code, _, err = run(capsys, "spawn", "b2", "--worktree", "--cwd", r, "--cmd", "true")
+    assert code == 1 and "already exists" in err and os.listdir(taken) == []
+    assert "orch/b2" not in git_out(r, "branch")
+    assert sorted(repo.state()["agents"]) == ["f1", "t1"]
+
+
+def test_worktree_from_odd_repositories(repo, capsys, tmp_path):
+    r = repo.repo
+    bare, empty, plain = (str(tmp_path / n) for n in ("bare.git", "empty", "plain"))
+    git_out(r, "clone", "-q", "--bare", r, bare)
+    git_out(r, "init", "-q", empty)
+    os.makedirs(plain)
+    for cwd, wanted in ((plain, "is not in one"), (bare, "bare repository"),
+                        (os.path.join(r, ".git"), "inside a .git folder"),
+                        (empty, "no commits yet")):
+        code, _, err = run(capsys, "spawn", "o1", "--worktree", "--cwd", cwd, "--cmd", "true")
+        assert code == 1 and one_error(err) and wanted in err, (cwd, err)
+    assert not os.path.exists(os.environ["ORCH_STATE"])     # nothing was recorded
+    # A detached HEAD: the base is that commit.
+    head = git_out(r, "rev-parse", "HEAD").strip()
+    git_out(r, "checkout", "-q", "--detach", "HEAD~1")
+    assert run(capsys, "spawn", "d1", "--worktree", "--cwd", r, "--cmd", "exec sleep 1000")[0] == 0
+    row = wt_row(capsys, "d1")
+    assert row["base"] == git_out(r, "rev-parse", "HEAD").strip() != head
+    # A dirty checkout: the worktree starts from the last commit, and says so.
+    git_out(r, "checkout", "-q", "main")
+    with open(os.path.join(r, "README"), "w") as f:
+        f.write("the user's edit\n")
+    code, out, err = run(capsys, "spawn", "e1", "--worktree", "--cwd", r, "--cmd",
+                         "exec sleep 1000")
+    assert code == 0 and "uncommitted changes in" in err and "not in agent e1's worktree" in err
+    with open(os.path.join(wt_row(capsys, "e1")["worktree"], "README")) as f:
+        assert f.read() == "hello\n"
+    with open(os.path.join(r, "README")) as f:
+        assert f.read() == "the user's edit\n"
+
+
+def test_worktree_resume_and_a_worktree_removed_by_hand(repo, capsys):
+    assert run(capsys, "spawn", "w1", "--worktree", "--cwd", repo.repo, "--cmd",
+               "pwd > where.txt; exec sleep 1000")[0] == 0
+    path = wt_row(capsys, "w1")["worktree"]
+    retry_until(lambda: os.path.exists(os.path.join(path, "where.txt")))
+    os.unlink(os.path.join(path, "where.txt"))
+    assert run(capsys, "kill", "w1")[0] == 0
+    code, out, err = run(capsys, "resume", "w1")
+    assert code == 0, err
+    retry_until(lambda: os.path.exists(os.path.join(path, "where.txt")))
+    with open(os.path.join(path, "where.txt")) as f:
+        assert f.read().strip() == path
+    assert run(capsys, "kill", "w1")[0] == 0
+    shutil.rmtree(path)
+    code, _, err = run(capsys, "resume", "w1")
+    assert code == 1 and one_error(err) and "is gone" in err and "orch rm w1" in err
+    code, _, err = run(capsys, "diff", "w1")
+    assert code == 1 and "is gone" in err
+    # Nothing to lose: rm forgets the agent and clears git's record of the worktree.
+    assert run(capsys, "rm", "w1")[1] == "removed w1 (kept branch orch/w1)\n"
+    assert git_out(repo.repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+
+
+def test_worktree_of_a_moved_repository(repo, capsys, tmp_path):
+    assert run(capsys, "spawn", "w1", "--worktree", "--cwd", repo.repo, "--cmd", WRITER)[0] == 0
+    path = wt_row(capsys, "w1")["worktree"]
+    retry_until(lambda: os.path.exists(os.path.join(path, "new.txt")))
+    moved = str(tmp_path / "moved")
+    os.rename(repo.repo, moved)
+    assert wt_row(capsys, "w1")["dirty"] is None        # unknown, not "clean"
+    code, _, err = run(capsys, "diff", "w1")
+    assert code == 1 and one_error(err) and "git worktree repair" in err, err
+    code, _, err = run(capsys, "rm", "w1")
+    assert code == 1 and one_error(err) and "--force" in err
+    assert os.path.exists(os.path.join(path, "new.txt"))
+    git_out(moved, "worktree", "repair", path)
+    assert "+from the agent" in cli("diff", "w1")[1]       # orch follows the repair
+    os.rename(moved, repo.repo + "-gone")
+    shutil.rmtree(repo.repo + "-gone")
+    assert run(capsys, "rm", "w1", "--force")[0] == 0
+    assert not os.path.exists(path) and repo.state()["agents"] == {}
+
+
+def test_worktree_spawn_that_fails_takes_its_worktree_back(repo, capsys, monkeypatch):
+    os.makedirs(os.path.join(repo.repo, ".claude"))
+    with open(os.path.join(repo.repo, ".claude", "settings.json"), "w") as f:
+        json.dump({"disableAllHooks": True}, f)
+    git_out(repo.repo, "add", ".")
+    git_out(repo.repo, "commit", "-q", "-m", "hooks off")
+    code, _, err = run(capsys, "spawn", "h1", "hi", "--worktree", "--cwd", repo.repo)
+    assert code == 1 and "disableAllHooks" in err
+    assert git_out(repo.repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+    assert "orch/h1" not in git_out(repo.repo, "branch")
+    assert not os.path.exists(os.path.join(orch.data_dir(), "worktrees", "h1"))
+    # A trusted checkout's worktree is trusted: the agent starts with no trust dialog.
+    git_out(repo.repo, "rm", "-q", "-r", ".claude")
+    git_out(repo.repo, "commit", "-q", "-m", "hooks on")
+    monkeypatch.setenv("FAKE_TRUST", "1")
+    with open(os.path.join(repo.home, ".claude.json"), "w") as f:
+        json.dump({"projects": {repo.repo: {"hasTrustDialogAccepted": True}}}, f)
+    code, out, err = run(capsys, "spawn", "t1", "hello", "--worktree", "--cwd", repo.repo)
+    assert code == 0, out + err
+    assert repo.messages("t1") == ["hello"]
+    with open(os.path.join(repo.home, ".claude.json"), "w") as f:
+        json.dump({"projects": {}}, f)
+    code, out, _ = run(capsys, "spawn", "t2", "hello", "--worktree", "--cwd", repo.repo)
+    assert code == orch.EXIT_NEEDS_INPUT and "trust" in out
+
+
+def test_cli_two_worktree_spawns_at_once_both_succeed(repo):
+    procs = [subprocess.Popen([sys.executable, ORCH, "spawn", name, "--worktree", "--cwd",
+                               repo.repo, "--cmd", "exec sleep 1000"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for name in ("p1", "p2")]
+    results = [(p.wait(timeout=60), p.stderr.read()) for p in procs]
+    assert [code for code, _ in results] == [0, 0], results
+    assert sorted(repo.state()["agents"]) == ["p1", "p2"]
+    listed = git_out(repo.repo, "worktree", "list", "--porcelain")
+    assert "orch/p1" in listed and "orch/p2" in listed
+
+
+def test_cli_git_missing_or_too_old(repo, tmp_path):
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    for folder in ("/usr/bin", "/bin"):
+        for name in os.listdir(folder):
+            if name != "git" and not os.path.lexists(str(shim / name)):
+                os.symlink(os.path.join(folder, name), str(shim / name))
+    bare = dict(os.environ, PATH=str(shim))
+    code, _, err = cli("spawn", "g1", "--worktree", "--cwd", repo.repo, "--cmd", "true", env=bare)
+    assert code == 1 and one_error(err) and "git is not installed" in err, err
+    with open(str(shim / "git"), "w") as f:
+        f.write("#!/bin/sh\necho 'git version 2.16.4'\n")
+    os.chmod(str(shim / "git"), 0o755)
+    code, _, err = cli("spawn", "g1", "--worktree", "--cwd", repo.repo, "--cmd", "true", env=bare)
+    assert code == 1 and one_error(err) and "too old" in err and "2.17" in err, err
+    assert not os.path.exists(os.environ["ORCH_STATE"])
+
+
+# ###########################################################################
 # Performance: the status cache and the installed command
 # ###########################################################################
 
@@ -1703,7 +1997,8 @@ def bare_cli(env, python, *args, **kw):
 
 
 @pytest.mark.parametrize("kind", ["LC_ALL=C", "no locale", "cron"])
-def test_cli_every_verb_in_bare_environments(env, kind):
+def test_cli_every_verb_in_bare_environments(repo, kind):
+    env = repo
     bare = environment(kind)
     used = set()
 
@@ -1747,6 +2042,16 @@ def test_cli_every_verb_in_bare_environments(env, kind):
     assert orch_cli("resume", "a1", "again \u00e9")[0] == 0
     assert orch_cli("doctor")[0] == 0
     assert orch_cli("rm", "a1")[:2] == (0, "removed a1\n")
+    # A worktree agent, and git's output read as the UTF-8 it is.
+    assert orch_cli("spawn", "w1", "--worktree", "--cwd", repo.repo, "--cmd",
+                    "printf 'caf\\303\\251\\n' > caf\u00e9.txt; exec sleep 1000")[0] == 0
+    path = json.loads(orch_cli("list", "--json")[1])[0]["worktree"]
+    retry_until(lambda: os.path.exists(os.path.join(path, "caf\u00e9.txt")))
+    code, out, _ = orch_cli("diff", "w1")
+    assert code == 0 and "+caf\u00e9" in out
+    code, _, err = orch_cli("rm", "w1")
+    assert code == 1 and "has uncommitted work" in err
+    assert orch_cli("rm", "w1", "--force", "--delete-branch")[:2] == (0, "removed w1\n")
     assert env.messages() == ["caf\u00e9 \u6f22\u5b57 \U0001F680 task", "na\u00efve SLOW-20 message",
                               "from stdin \u00e9", "ASK \u00e9", "ASK again", "again \u00e9"]
     # Every verb a user runs is covered here (attach needs a terminal; install has its own test).
@@ -2114,6 +2419,9 @@ def test_malformed_record_leaves_the_others_readable_and_the_file_untouched(env,
         assert f.read() == text
 
 
+TMUX = {"pane": "%1", "pid": 1, "session": "s", "window": "@1"}
+
+
 @pytest.mark.parametrize("record, problem", [
     ([], "the record is list, not an object"),
     ({"name": "x", "backend": "tmux", "cwd": "/", "created": True}, "'created' is true, not a number"),
@@ -2122,6 +2430,11 @@ def test_malformed_record_leaves_the_others_readable_and_the_file_untouched(env,
     ({"name": "x", "backend": "headless", "cwd": "/", "created": 1}, "missing 'headless'"),
     ({"name": "x", "backend": "headless", "cwd": "/", "created": 1, "headless": {"pid": 1}},
      "missing 'headless.supervisor'"),
+    ({"name": "x", "backend": "tmux", "cwd": "/", "created": 1, "worktree": "/w", "tmux": TMUX},
+     "'worktree' is not an object"),
+    ({"name": "x", "backend": "tmux", "cwd": "/", "created": 1, "tmux": TMUX, "worktree": {
+        "repo": "/r", "path": "/w", "branch": "b", "base": "main", "base_commit": "c",
+        "new_branch": 1}}, "'worktree.new_branch' is 1, not bool"),
 ])
 def test_record_problems_are_named(record, problem):
     assert orch.record_problem("x", record) == problem
@@ -2145,6 +2458,9 @@ BAD_STATES = {
     "record a number": '{"version": 1, "agents": {"x1": 7}}',
     "record wrong tmux": '{"version": 1, "agents": {"x1": {"name": "x1", "backend": "tmux", '
                          '"cwd": "/", "created": 1, "tmux": {"pane": 3}}}}',
+    "record wrong worktree": '{"version": 1, "agents": {"x1": {"name": "x1", "backend": '
+                             '"tmux", "cwd": "/", "created": 1, "tmux": {"pane": "%1", "pid": 1, '
+                             '"session": "orch", "window": "@1"}, "worktree": {"path": 3}}}}',
     "not UTF-8": b'{"version": 1, "agents": {"\xff": {}}}',
 }
 HANG_TMUX = "#!/bin/sh\nexec sleep 1000\n"
@@ -2217,6 +2533,11 @@ def matrix_cases(verb):
                       ("cwd a file", base + [flag, "BADFILE"], None, None, 1)]
         elif flag == "--prefix":
             cases += [("prefix a file", base + [flag, "BADFILE"], None, None, 1)]
+        elif flag == "--worktree":      # the test runs in a folder that is not a repository
+            cases += [("worktree outside a repository", base + [flag, "--cmd", "true"], None,
+                       None, 1),
+                      ("--branch without --worktree", base + ["--branch", "b"], None, None, 2),
+                      ("--base without --worktree", base + ["--base", "main"], None, None, 2)]
     if verb in STATELESS_VERBS:
         return cases
     state_args = base if verb != "spawn" else ["spawn", "x2"]
@@ -3226,6 +3547,26 @@ def test_e2e_approve_runs_the_tool_once_and_deny_never(claude, capsys):
     wait_status(capsys, "a1", "idle", timeout=60)
     assert tools_ran(claude) == (2, 2)
     assert run(capsys, "approve", "a1")[0] == orch.EXIT_NEEDS_INPUT
+
+
+def test_e2e_worktree_agent_writes_only_in_its_own_checkout(claude, repo, capsys):
+    write_claude_config(claude.home, [claude.work, repo.repo])
+    code, out, err = run(capsys, "spawn", "w1", "TOOL please", "--worktree", "--cwd",
+                         os.path.join(repo.repo, "src"), *ASK_FIRST)
+    assert code == 0, out + err         # trusted as its checkout is: no trust dialog
+    wait_status(capsys, "w1", "needs-input")
+    assert run(capsys, "approve", "w1", "--tool", "Bash")[0] == 0
+    row = wait_status(capsys, "w1", "idle")
+    made = [n for n in os.listdir(row["cwd"]) if n.startswith("orch-tool-ran-")]
+    assert len(made) == 1 and row["dirty"] is True and row["branch"] == "orch/w1"
+    code, out, _ = cli("diff", "w1", "--stat")
+    assert code == 0 and "src/%s" % made[0] in out and "1 file changed" in out, out
+    assert not os.path.exists(os.path.join(repo.repo, "src", made[0]))
+    assert git_out(repo.repo, "status", "--porcelain", "--untracked-files=all") == ""
+    code, _, err = run(capsys, "rm", "w1")
+    assert code == 1 and made[0] in err and status(capsys, "w1")["status"] == "idle"
+    assert run(capsys, "rm", "w1", "--force", "--delete-branch")[0] == 0
+    assert not os.path.exists(row["worktree"]) and "orch/w1" not in git_out(repo.repo, "branch")
 
 
 def test_e2e_untrusted_folder_and_spawn_trust(claude, capsys, tmp_path):
