@@ -1686,7 +1686,7 @@ def test_worktree_spawn_that_fails_takes_its_worktree_back(repo, capsys, monkeyp
 
 
 def test_cli_two_worktree_spawns_at_once_both_succeed(repo):
-    procs = [subprocess.Popen([sys.executable, ORCH, "spawn", name, "--worktree", "--cwd",
+    procs = [subprocess.Popen([cli_python(), ORCH, "spawn", name, "--worktree", "--cwd",
                                repo.repo, "--cmd", "exec sleep 1000"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE) for name in ("p1", "p2")]
     results = [(p.wait(timeout=60), p.stderr.read()) for p in procs]
@@ -1704,12 +1704,14 @@ def test_cli_git_missing_or_too_old(repo, tmp_path):
             if name != "git" and not os.path.lexists(str(shim / name)):
                 os.symlink(os.path.join(folder, name), str(shim / name))
     bare = dict(os.environ, PATH=str(shim))
-    code, _, err = cli("spawn", "g1", "--worktree", "--cwd", repo.repo, "--cmd", "true", env=bare)
+    code, _, err = cli("spawn", "g1", "--worktree", "--cwd", repo.repo, "--cmd", "true", env=bare,
+                       python=cli_python())
     assert code == 1 and one_error(err) and "git is not installed" in err, err
     with open(str(shim / "git"), "w") as f:
         f.write("#!/bin/sh\necho 'git version 2.16.4'\n")
     os.chmod(str(shim / "git"), 0o755)
-    code, _, err = cli("spawn", "g1", "--worktree", "--cwd", repo.repo, "--cmd", "true", env=bare)
+    code, _, err = cli("spawn", "g1", "--worktree", "--cwd", repo.repo, "--cmd", "true", env=bare,
+                       python=cli_python())
     assert code == 1 and one_error(err) and "too old" in err and "2.17" in err, err
     assert not os.path.exists(os.environ["ORCH_STATE"])
 
