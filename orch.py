@@ -2910,6 +2910,363 @@ def cmd_diff(args):
 
 
 # ###########################################################################
+# Hosts: every verb on another machine, over plain ssh
+# ###########################################################################
+#
+# `orch --host H VERB ...` runs VERB by the orch on H, which is this very
+# file: shipped on first use to ~/.orch.d/bin/orch-<hash>.py on H and run
+# from there, so nothing is installed by hand and two versions never meet.
+# The remote command line is one fixed bootstrap in base64 (it reads the
+# same in sh, bash, zsh, fish and csh); everything the user typed travels
+# on stdin as JSON, so no remote shell ever reads a byte of it.  One ssh
+# connection per host is kept open for a minute (ControlMaster).
+
+SHIP_EXIT = 111     # the bootstrap's "send me the file": no orch exit code is 111
+
+BOOTSTRAP = r'''
+import hashlib, json, os, signal, sys, threading
+def take(n):
+    data = b""
+    while len(data) < n:
+        chunk = os.read(0, n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+digest = sys.argv[1]
+head = json.loads(take(int(take(10) or b"0")).decode("utf-8"))
+folder = os.path.join(os.path.expanduser("~"), ".orch.d", "bin")
+path = os.path.join(folder, "orch-%s.py" % digest[:16])
+try:
+    with open(path, "rb") as f:
+        code = f.read()
+except OSError:
+    code = b""
+if hashlib.sha256(code).hexdigest() != digest:
+    if not head["ship"]:
+        sys.exit(111)
+    code = take(head["ship"])
+    if hashlib.sha256(code).hexdigest() != digest:
+        sys.stderr.write("orch: error: the copy of orch sent to this host arrived damaged\n")
+        sys.exit(1)
+    for d in (os.path.dirname(folder), folder):
+        if not os.path.isdir(d):
+            os.mkdir(d, 0o700)
+    os.chmod(folder, 0o700)
+    tmp = "%s.tmp.%d" % (path, os.getpid())
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        f.write(code)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+if head["argv"] is None:
+    sys.exit(0)
+if head["watch"]:
+    def watch():
+        while os.read(0, 65536):
+            pass
+        os.kill(os.getpid(), signal.SIGINT)     # the local orch is gone: stop as on Ctrl-C
+    threading.Thread(target=watch, daemon=True).start()
+os.environ.pop("ORCH_HOST", None)
+sys.argv = [path] + head["argv"]
+exec(compile(code, path, "exec"), {"__name__": "__main__", "__file__": path})
+'''
+
+
+def check_host(host):
+    """Refuse what ssh would read as an option, or what is no host name at all."""
+    if not host or host.startswith("-") or any(c.isspace() or ord(c) < 32 or ord(c) == 127
+                                               for c in host):
+        raise OrchError("invalid host %r: give what ssh takes as a destination (host, "
+                        "user@host, or an alias from your ssh config)" % (host,), EXIT_USAGE)
+    return host
+
+
+def own_source():
+    with open(os.path.abspath(__file__), "rb") as f:
+        return f.read()
+
+
+def control_dir():
+    """A private folder for ssh's connection sockets, short enough for a socket path."""
+    folder = os.path.join(data_dir(), "ssh")
+    if len(folder) > 60:        # %C adds 41 bytes; a socket path must fit in ~104
+        import hashlib
+        tag = hashlib.sha1(folder.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        folder = "/tmp/orch-ssh-%d-%s" % (os.getuid(), tag)
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            st = os.lstat(folder)
+            if st.st_uid != os.getuid() or not os.path.isdir(folder) or os.path.islink(folder):
+                raise OrchError("%s is not a private folder of yours: remove it" % folder)
+        return folder
+    return make_private_dir(folder)
+
+
+def ssh_argv(host, tty=False):
+    argv = ["ssh"]
+    if os.environ.get("ORCH_SSH_CONFIG"):
+        argv += ["-F", os.environ["ORCH_SSH_CONFIG"]]
+    argv += ["-o", "ControlMaster=auto", "-o", "ControlPath=%s/%%C" % control_dir(),
+             "-o", "ControlPersist=60", "-o", "ConnectTimeout=10",
+             # A host that went away takes a kept connection down with it within ~15 s.
+             "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
+    # A script must never hang at a password or host-key prompt; attach has a person.
+    argv += ["-t"] if tty else ["-T", "-o", "BatchMode=yes"]
+    return argv + ["--", check_host(host)]
+
+
+def remote_command(digest):
+    import base64
+    import shlex
+    code = base64.b64encode(BOOTSTRAP.encode("utf-8")).decode("ascii")
+    words = ["python3", "-I", "-S", "-c",
+             "import base64;exec(base64.b64decode(\"%s\"))" % code, digest]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def frame(head):
+    data = json.dumps(head).encode("utf-8")
+    return b"%010d" % len(data) + data
+
+
+def ssh_once(host, digest, head, data, tty=False, capture=False):
+    """One ssh session; return (exit code, stdout bytes if captured, stderr not from orch)."""
+    import threading
+    argv = ssh_argv(host, tty) + [remote_command(digest)]
+    trace(argv[:-1] + ["<bootstrap>"])
+    pipe = subprocess.PIPE
+    try:
+        proc = subprocess.Popen(argv, stdin=pipe, stdout=pipe if capture else None,
+                                stderr=None if tty else pipe)
+    except OSError:
+        raise OrchError("ssh is not installed or not on PATH: install the OpenSSH client")
+    held, out = [], []
+
+    def feed():
+        try:
+            proc.stdin.write(frame(head) + (data or b""))
+            proc.stdin.flush()
+            if not head.get("watch"):
+                proc.stdin.close()      # else kept open: its end tells the remote we are gone
+        except OSError:
+            pass        # the remote stopped reading: its exit code says why
+
+    def relay():
+        for line in iter(proc.stderr.readline, b""):
+            if line.startswith(b"orch: ") and not capture:
+                sys.stderr.write(line.decode("utf-8", "replace"))
+                sys.stderr.flush()
+            else:
+                held.append(line.decode("utf-8", "replace"))
+    threads = [threading.Thread(target=feed, daemon=True)]
+    if not tty:
+        threads.append(threading.Thread(target=relay, daemon=True))
+    if capture:
+        threads.append(threading.Thread(target=lambda: out.append(proc.stdout.read()),
+                                        daemon=True))
+    for thread in threads:
+        thread.start()
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.kill()
+        raise
+    for thread in threads[1:]:
+        thread.join()
+    return code, (out[0] if out else b""), "".join(held)
+
+
+def on_host(host, argv, data=None, tty=False, capture=False):
+    """Run `orch ARGV` on host, shipping orch there first if it is not; return as ssh_once."""
+    import hashlib
+    source = own_source()
+    digest = hashlib.sha256(source).hexdigest()
+    head = {"argv": argv, "ship": 0, "watch": data is None and not tty}
+    code, out, err = ssh_once(host, digest, head, data, tty, capture)
+    if code == SHIP_EXIT:
+        ship = {"argv": None, "ship": len(source), "watch": False}
+        code, out, err = ssh_once(host, digest, ship, source, capture=True)
+        if code == 0:
+            code, out, err = ssh_once(host, digest, head, data, tty, capture)
+    if code == 255:
+        raise OrchError(unreachable(host, err))
+    if code == 127 and "python3" in err:
+        raise OrchError("%s has no python3 on the PATH its ssh sessions get: orch needs "
+                        "Python 3.6 or newer there" % host)
+    return code, out, err
+
+
+def unreachable(host, err):
+    said = "; ".join(line.strip() for line in err.splitlines() if line.strip())
+    return ("cannot reach %s over ssh (%s): orch needs a login without prompts; check that "
+            "`ssh %s true` works, e.g. after `ssh-copy-id %s`"
+            % (host, shorten(said or "no reason given", 200), host, host))
+
+
+def reads_stdin(args):
+    """Whether the verb will read stdin: then it is read here and sent along."""
+    text = getattr(args, "message", getattr(args, "prompt", "")) if args.verb in (
+        "send", "spawn", "resume") else ""
+    return text == "-" or getattr(args, "prompt_file", None) == "-" or (
+        args.verb == "send" and text is None)
+
+
+def run_remote(host, argv, args):
+    """`orch --host HOST ...`: the remote orch's output and exit code, unchanged."""
+    tty = args is not None and args.verb == "attach"
+    data = sys.stdin.buffer.read() if args is not None and reads_stdin(args) else None
+    sys.stdout.flush()
+    code, _, err = on_host(host, argv, data, tty=tty)
+    if err:
+        sys.stderr.write(err)
+    return code
+
+
+def split_host(argv):
+    """(host or None, argv without the leading --host option); ORCH_HOST is the default."""
+    if argv[:1] == ["--host"] and len(argv) > 1:
+        return check_host(argv[1]), argv[2:]
+    if argv[:1] and argv[0].startswith("--host="):
+        return check_host(argv[0][len("--host="):]), argv[1:]
+    host = os.environ.get("ORCH_HOST")
+    return (check_host(host) if host else None), argv
+
+
+def name_words(args):
+    """The words of the command line that name an agent (not `send --to`'s message)."""
+    if getattr(args, "to", None) is not None:
+        return [n for n in args.to.split(",") if n]
+    if args.verb == "send" and (args.all or args.idle):
+        return []
+    return [n for n in [getattr(args, "name", None)] + list(getattr(args, "names", None) or [])
+            if n]
+
+
+def named_hosts(args):
+    """{NAME@HOST as typed: (NAME, HOST)} for the agent names the verb was given."""
+    found = {}
+    for typed in name_words(args):
+        if typed and "@" in typed:
+            name, _, host = typed.strip().rpartition("@")
+            found[typed] = (name, check_host(host))
+    return found
+
+
+def for_group(argv, args, named, host):
+    """argv with only the agents on host (None: this machine), written without @HOST."""
+    def here(typed):
+        return named[typed][1] == host if typed in named else host is None
+    names = [] if getattr(args, "to", None) else name_words(args)
+    out = []
+    for word in argv:
+        if getattr(args, "to", None) and word in (args.to, "--to=" + args.to):
+            mine = [named.get(t, (t, None))[0] for t in args.to.split(",") if here(t)]
+            out.append(word[:len(word) - len(args.to)] + ",".join(mine))
+        elif word in names:
+            names.remove(word)      # each name once: a message may read the same
+            if here(word):
+                out.append(named.get(word, (word, None))[0])
+        else:
+            out.append(word)
+    return out
+
+
+def run_by_host(argv, args, named):
+    """A verb whose agents are NAME@HOST: once per host, in parallel; the worst exit code."""
+    import threading
+    groups = sorted(set(host for _, host in named.values()))
+    if any(n not in named for n in name_words(args)):
+        groups.append(None)         # some agents are on this machine
+    if len(groups) == 1:
+        return run_remote(groups[0], for_group(argv, args, named, groups[0]), args)
+    if args.verb not in ("wait", "send", "rm", "kill", "events"):
+        raise OrchError("%s takes agents on one host at a time" % args.verb, EXIT_USAGE)
+    data = sys.stdin.buffer.read() if reads_stdin(args) else None
+    results = {}
+
+    def run(host):
+        group = for_group(argv, args, named, host)
+        try:
+            if host is None:
+                proc = subprocess.run([sys.executable, os.path.abspath(__file__)] + group,
+                                      input=data, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE)
+                results[host] = (proc.returncode, proc.stdout, proc.stderr.decode(
+                    "utf-8", "replace"))
+            else:
+                results[host] = on_host(host, group, data, capture=True)
+        except OrchError as e:
+            results[host] = (e.code, b"", "orch: error: %s\n" % e)
+    threads = [threading.Thread(target=run, args=(host,)) for host in groups]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    worst = EXIT_OK
+    for host in groups:
+        code, out, err = results[host]
+        sys.stdout.write(out.decode("utf-8", "replace"))
+        sys.stderr.write(err)
+        if SEVERITY.index(code if code in SEVERITY else EXIT_ERROR) > SEVERITY.index(worst):
+            worst = code if code in SEVERITY else EXIT_ERROR
+    return worst
+
+
+def hosts_file():
+    return os.path.join(os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"),
+                        "orch", "hosts")
+
+
+def known_hosts():
+    """The hosts of `list --all-hosts`: $ORCH_HOSTS (a,b,c), else the hosts file."""
+    if os.environ.get("ORCH_HOSTS") is not None:
+        words = os.environ["ORCH_HOSTS"].split(",")
+    else:
+        try:
+            with open(hosts_file(), encoding="utf-8") as f:
+                words = [line.split("#", 1)[0] for line in f]
+        except FileNotFoundError:
+            words = []
+    hosts = []
+    for word in words:
+        if word.strip() and word.strip() not in hosts:
+            hosts.append(check_host(word.strip()))
+    return hosts
+
+
+def all_hosts_rows(hosts):
+    """(rows of every host, with "host", this machine's first; one error line per failed host)."""
+    import threading
+    found, errors = {}, {}
+
+    def query(host):
+        try:
+            code, out, err = on_host(host, ["list", "--json"], capture=True)
+            found[host] = json.loads(out.decode("utf-8"))
+            if code != 0:
+                errors[host] = "%s: %s" % (host, shorten(err.strip(), 300))
+        except OrchError as e:
+            errors[host] = str(e)
+        except ValueError:
+            errors[host] = "%s: its orch answered `list --json` with no JSON" % host
+    threads = [threading.Thread(target=query, args=(h,)) for h in hosts]
+    for thread in threads:
+        thread.start()
+    state, rows = listed_rows()
+    for row in rows:
+        row["host"] = None
+    for thread in threads:
+        thread.join()
+    for host in hosts:
+        for row in found.get(host, []):
+            row["host"] = host
+            rows.append(row)
+    return state, rows, [errors[h] for h in hosts if h in errors]
+
+
+# ###########################################################################
 # Input: every byte from outside (argv, stdin, files, numbers) checked here
 # ###########################################################################
 #
@@ -3456,6 +3813,8 @@ def cmd_list(args):
             raise OrchError("--watch redraws a table: use `orch events --json` for a feed",
                             EXIT_USAGE)
         return watch_list()
+    if args.all_hosts:
+        return list_all_hosts(args.json)
     state, rows = listed_rows()
     if args.json:
         # Only worktree agents cost a `git status`, all of them run at once.
@@ -3472,6 +3831,21 @@ def cmd_list(args):
     return report_problems(state)
 
 
+def list_all_hosts(as_json):
+    hosts = known_hosts()
+    if not hosts:
+        raise OrchError("no hosts to list: set ORCH_HOSTS=a,b,c or write them in %s, one per "
+                        "line" % hosts_file())
+    state, rows, errors = all_hosts_rows(hosts)
+    if as_json:
+        print_json_array(rows)
+    elif rows:
+        write_rows(table_lines(rows, hosts=True))
+    for error in errors:
+        sys.stderr.write("orch: error: %s\n" % error)
+    return max(report_problems(state), EXIT_ERROR if errors else EXIT_OK)
+
+
 def listed_rows():
     """The state and one `list` row per agent, oldest first."""
     state = load_state()
@@ -3480,17 +3854,19 @@ def listed_rows():
     return state, [agent_row(a, found[a["name"]]) for a in agents]
 
 
-def table_lines(rows, mark=False):
+def table_lines(rows, mark=False, hosts=False):
     """The `list` table; with mark, a "!" column flags agents that need input."""
     now = time.time()
-    branches = any(row["branch"] for row in rows)     # a column only when someone has one
-    table = [("NAME", "STATUS", "FOR", "AGE", "BACKEND", "MODE", "SESSION")
+    branches = any(row.get("branch") for row in rows)     # a column only when someone has one
+    table = [(("HOST",) if hosts else ()) + ("NAME", "STATUS", "FOR", "AGE", "BACKEND", "MODE",
+                                             "SESSION")
              + (("BRANCH",) if branches else ()) + ("CWD", "LAST PROMPT")]
     for row in rows:
-        table.append((row["name"], status_label(row), age(now - row["status_since"])
+        table.append(((row.get("host") or "local",) if hosts else ())
+                     + (row["name"], status_label(row), age(now - row["status_since"])
                       if row["status_since"] else "-", age(now - (row["created"] or now)),
                       row["backend"], mode_label(row), (row["session_id"] or "-")[:8])
-                     + ((row["branch"] or "-",) if branches else ())
+                     + ((row.get("branch") or "-",) if branches else ())
                      + (short_path(row["cwd"]), shorten(row["last_prompt"] or "", 40)))
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in table]
@@ -4014,6 +4390,9 @@ examples:
   orch events --json          # one line per status change, for scripts
   orch approve fix-tests --tool Bash              # Yes, once, to the dialog it shows
   orch attach fix-tests       # take the keyboard (detach: prefix d)
+  orch --host build1 spawn fix "make it build"    # any verb on another machine, over ssh
+  orch send fix@build1 "and run the tests"        # NAME@HOST wherever a name goes
+  orch list --all-hosts       # every host's agents in one table
 
 exit codes:
   0 ok   1 error   2 usage or bad name   3 agent not running
@@ -4023,6 +4402,7 @@ exit codes:
 
 environment:
   ORCH_STATE  ORCH_TMUX_SOCKET  ORCH_SESSION  ORCH_CLAUDE  ORCH_BACKEND  ORCH_TRACE=1
+  ORCH_HOST (as --host)  ORCH_HOSTS=a,b  ORCH_SSH_CONFIG (ssh -F FILE)
   seconds: ORCH_START_TIMEOUT  ORCH_SEND_TIMEOUT  ORCH_KILL_GRACE  ORCH_TMUX_TIMEOUT
 
 something off? `orch doctor`
@@ -4144,6 +4524,9 @@ def add_list(sub, verb):
     p.add_argument("--json", action="store_true", help="print a JSON array")
     p.add_argument("-w", "--watch", action="store_true",
                    help="redraw the table every 2 s until Ctrl-C, agents that need input first")
+    p.add_argument("-A", "--all-hosts", action="store_true",
+                   help="this machine's agents and those of every host in $ORCH_HOSTS or "
+                        "~/.config/orch/hosts, with a HOST column")
     p.set_defaults(func=cmd_list)
 
 
@@ -4262,6 +4645,9 @@ def build_parser(only=None):
         prog="orch", description="Run and steer many AI coding agents in tmux.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="orch " + __version__)
+    parser.add_argument("--host", metavar="HOST",
+                        help="run the verb on HOST over ssh (default $ORCH_HOST); must come "
+                             "first")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
     for verb, add in VERBS:
         if only in (None, verb):
@@ -4343,6 +4729,10 @@ def run_verb(argv):
     # orch can report, not kill it half-way.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     argv = [decode_argument(a, i + 1) for i, a in enumerate(argv)]
+    host, argv = split_host(argv)
+    if host is not None and (not argv or argv[0].startswith("-")):
+        return run_remote(host, argv, None)         # --version, --help: the remote's own
+    typed = list(argv)
     argv, extra = split_extra(argv)
     if argv and not argv[0].startswith("-") and argv[0] not in dict(VERBS):
         raise OrchError("unknown verb %r: see `orch --help`" % argv[0], EXIT_USAGE)
@@ -4361,6 +4751,11 @@ def run_verb(argv):
         return EXIT_USAGE
     if args.verb == "spawn":
         args.extra = extra
+    if host is not None:
+        return run_remote(host, typed, args)
+    named = named_hosts(args)
+    if named:
+        return run_by_host(typed, args, named)
     return args.func(args)
 
 

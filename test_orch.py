@@ -12,9 +12,13 @@ import http.server
 import io
 import json
 import os
+import pwd
+import shlex
 import shutil
 import signal
+import socket
 import socketserver
+import stat
 import subprocess
 import sys
 import tempfile
@@ -1714,6 +1718,255 @@ def test_cli_git_missing_or_too_old(repo, tmp_path):
                        python=cli_python())
     assert code == 1 and one_error(err) and "too old" in err and "2.17" in err, err
     assert not os.path.exists(os.environ["ORCH_STATE"])
+
+
+# ###########################################################################
+# Hosts: real sshd servers on 127.0.0.1, one per "host"
+# ###########################################################################
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Hosts(object):
+    """sshd servers whose sessions each get their own orch state and tmux server."""
+
+    def __init__(self, env, names, extra_env=None):
+        if not os.access(SSHD, os.X_OK):
+            pytest.fail("sshd is not installed: apt-get install openssh-server "
+                        "(.ci/run does this)")
+        self.env = env
+        self.dir = tempfile.mkdtemp(prefix="osh", dir="/tmp")
+        self.procs, self.ports, self.sockets = {}, {}, {}
+        keys = os.path.join(self.dir, "hostkey"), os.path.join(self.dir, "id")
+        for key in keys:
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key],
+                           check=True)
+        shutil.copy(keys[1] + ".pub", os.path.join(self.dir, "authorized_keys"))
+        with open(keys[0] + ".pub") as f:
+            hostkey = f.read().split()[:2]
+        if os.geteuid() == 0 and not os.path.isdir("/run/sshd"):
+            os.makedirs("/run/sshd", 0o755)     # sshd's privilege separation folder
+        config, known = [], []
+        user = pwd.getpwuid(os.getuid()).pw_name
+        for name in names:
+            port = self.ports[name] = free_port()
+            self.sockets[name] = "orchh%s%s" % (name, uuid.uuid4().hex[:6])
+            host_env = {"ORCH_STATE": os.path.join(env.root, name, "state.json"),
+                        "ORCH_TMUX_SOCKET": self.sockets[name], "TMUX_TMPDIR": env.tmpdir,
+                        "HOME": env.home, "ORCH_CLAUDE": env.fake, "FAKE_LOG": env.logs,
+                        "LANG": "C.UTF-8", "ORCH_KILL_GRACE": "3"}
+            host_env.update(extra_env or {})
+            sshd_config = os.path.join(self.dir, "sshd-%s" % name)
+            with open(sshd_config, "w") as f:
+                f.write("\n".join([
+                    "Port %d" % port, "ListenAddress 127.0.0.1", "HostKey " + keys[0],
+                    "AuthorizedKeysFile " + os.path.join(self.dir, "authorized_keys"),
+                    "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+                    "UsePAM no", "StrictModes no", "PermitRootLogin prohibit-password",
+                    "PidFile " + os.path.join(self.dir, "sshd-%s.pid" % name),
+                    "SetEnv " + " ".join("%s=%s" % kv for kv in sorted(host_env.items())),
+                    ""]))
+            self.procs[name] = subprocess.Popen([SSHD, "-D", "-e", "-f", sshd_config],
+                                                stderr=open(sshd_config + ".log", "w"))
+            config += ["Host %s" % name, "  HostName 127.0.0.1", "  Port %d" % port,
+                       "  User " + user, "  IdentityFile " + keys[1], "  IdentitiesOnly yes",
+                       "  UserKnownHostsFile " + os.path.join(self.dir, "known_hosts"),
+                       "  GlobalKnownHostsFile /dev/null", "  StrictHostKeyChecking yes", ""]
+            known.append("[127.0.0.1]:%d %s %s" % (port, hostkey[0], hostkey[1]))
+        config += ["Host nowhere", "  HostName 127.0.0.1", "  Port %d" % free_port(),
+                   "  User " + user, "  IdentityFile " + keys[1], ""]
+        self.config = os.path.join(self.dir, "ssh_config")
+        with open(self.config, "w") as f:
+            f.write("\n".join(config))
+        with open(os.path.join(self.dir, "known_hosts"), "w") as f:
+            f.write("\n".join(known) + "\n")
+        for name in names:
+            retry_until(lambda: self.accepts(name), 15)
+
+    def accepts(self, name):
+        try:
+            socket.create_connection(("127.0.0.1", self.ports[name]), 1).close()
+            return True
+        except OSError:
+            return False
+
+    def stop_sshd(self, name):
+        proc = self.procs.pop(name)
+        proc.terminate()
+        proc.wait(10)
+
+    def down(self, name):
+        """The host is gone: its sshd, and the connection orch keeps open to it."""
+        self.stop_sshd(name)
+        subprocess.run(["ssh", "-F", self.config, "-o", "ControlPath=%s/%%C" % orch.control_dir(),
+                        "-O", "exit", name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def state(self, name):
+        with open(os.path.join(self.env.root, name, "state.json")) as f:
+            return json.load(f)
+
+    def stop(self):
+        folder = orch.control_dir()
+        for sock in os.listdir(folder):     # the connections orch left open
+            subprocess.run(["ssh", "-o", "ControlPath=" + os.path.join(folder, sock), "-O",
+                            "exit", "x"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for name in list(self.procs):
+            self.stop_sshd(name)
+        for sock in self.sockets.values():
+            subprocess.run(["tmux", "-L", sock, "kill-server"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, env=dict(os.environ, TMUX_TMPDIR=self.env.tmpdir))
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def hosts(env, monkeypatch):
+    world = Hosts(env, ["h1", "h2"])
+    monkeypatch.setenv("ORCH_SSH_CONFIG", world.config)
+    # A wrapper on PATH counts each ssh orch runs.
+    shim = os.path.join(env.root, "sshshim")
+    os.makedirs(shim)
+    world.ssh_log = os.path.join(env.root, "ssh.log")
+    with open(os.path.join(shim, "ssh"), "w") as f:
+        f.write("#!/bin/sh\necho x >> %s\nexec %s \"$@\"\n"
+                % (shlex.quote(world.ssh_log), shutil.which("ssh")))
+    os.chmod(os.path.join(shim, "ssh"), 0o755)
+    monkeypatch.setenv("PATH", shim + ":" + os.environ["PATH"])
+    yield world
+    world.stop()
+
+
+def ssh_count(hosts):
+    try:
+        with open(hosts.ssh_log) as f:
+            return len(f.read().split())
+    except FileNotFoundError:
+        return 0
+
+
+def test_hosts_every_verb_over_ssh(hosts, capsys):
+    def orch_cli(*args, **kw):
+        return cli(*args, python=cli_python(), **kw)
+    code, out, err = orch_cli("--host", "h1", "spawn", "a1", "first task")
+    assert code == 0 and "started agent a1" in out, err
+    assert list(hosts.state("h1")["agents"]) == ["a1"]
+    assert not os.path.exists(os.environ["ORCH_STATE"])         # nothing ran here
+    assert orch_cli("send", "a1@h1", "SLOW-20 second")[:2] == (0, "a1: submitted\n")
+    rows = json.loads(orch_cli("--host", "h1", "list", "--json")[1])
+    assert [(r["name"], r["status"]) for r in rows] == [("a1", "working")]
+    code, out, _ = orch_cli("--host=h1", "tail", "a1")
+    assert code == 0 and "first task" in out
+    assert orch_cli("interrupt", "a1@h1")[0] == 0
+    assert orch_cli("wait", "a1@h1", "--timeout", "30")[:2] == (0, "a1: idle\n")
+    code, out, _ = orch_cli("--host", "h1", "send", "a1", "-", stdin="from stdin\n")
+    assert (code, out) == (0, "a1: submitted\n")
+    assert orch_cli("wait", "a1@h1", "--timeout", "30")[0] == 0
+    assert orch_cli("reply", "a1@h1")[:2] == (0, "reply: from stdin\n")
+    code, out, _ = orch_cli("log", "a1@h1")
+    assert code == 0 and "> first task" in out
+    assert orch_cli("--host", "h1", "status-line")[:2] == (0, "orch: 1 idle\n")
+    assert orch_cli("send", "a1@h1", "ASK please")[0] == 0
+    assert orch_cli("wait", "a1@h1", "--timeout", "30")[1] == "a1: needs-input (permission)\n"
+    assert orch_cli("approve", "a1@h1")[:2] == (0, "a1: approved Bash (touch x)\n")
+    assert orch_cli("send", "a1@h1", "ASK again")[0] == 0
+    assert orch_cli("wait", "a1@h1", "--timeout", "30")[0] == 0
+    assert orch_cli("deny", "a1@h1")[0] == 0
+    assert orch_cli("kill", "a1@h1")[0] == 0
+    code, out, _ = orch_cli("send", "a1@h1", "hello")
+    assert code == orch.EXIT_NOT_RUNNING and "resume" in _            # exit codes unchanged
+    assert orch_cli("resume", "a1@h1", "back again")[0] == 0
+    code, out, _ = orch_cli("--host", "h1", "doctor")
+    assert code == 0 and "Python" in out
+    code, out, _ = orch_cli("--host", "h1", "--version")
+    assert out == "orch %s\n" % orch.__version__
+    assert orch_cli("rm", "a1@h1")[:2] == (0, "removed a1\n")
+    assert hosts.state("h1")["agents"] == {}
+    assert hosts.env.messages() == ["first task", "SLOW-20 second", "from stdin", "ASK please",
+                                    "ASK again", "back again"]
+
+
+def test_hosts_hard_messages_names_and_a_100_kb_stdin_arrive_exactly(hosts, capsys):
+    unit = "q'uote \"dq\" $(touch pwned) `touch pwned2`; & | > x \\ \u00e9\u6f22 !! %s \n"
+    big = (unit * (102400 // len(unit.encode("utf-8")) + 1)).rstrip("\n")
+    assert cli("spawn", "hard_name-1@h2", "SLOW-1 " + HARD_TEXT)[0] == 0
+    code, out, err = cli("send", "hard_name-1@h2", "-", stdin=big)
+    assert code == 0, err
+    retry_until(lambda: len(hosts.env.messages()) == 2, 30)
+    assert hosts.env.messages() == ["SLOW-1 " + HARD_TEXT, big]
+    assert not os.path.exists(os.path.join(hosts.env.home, "pwned"))
+    assert not os.path.exists("pwned") and not os.path.exists("pwned2")
+    # A message that names an agent is still the message: only the name loses @HOST.
+    assert cli("send", "hard_name-1@h2", "hard_name-1@h2")[0] == 0
+    retry_until(lambda: hosts.env.messages()[-1:] == ["hard_name-1@h2"], 30)
+
+
+HARD_TEXT = "it's \"quoted\" $HOME `id` $(id) ; rm -rf / && echo * \\n \u00e9 \U0001F600 ~ # !x"
+
+
+def test_hosts_ship_once_reuse_and_replace_a_tampered_copy(hosts, capsys):
+    assert cli("--host", "h1", "list")[0] == 0
+    assert ssh_count(hosts) == 3            # try, ship, run
+    assert cli("--host", "h1", "list")[0] == 0
+    assert ssh_count(hosts) == 4            # one ssh when the copy is there
+    folder = os.path.join(hosts.env.home, ".orch.d", "bin")
+    shipped = [os.path.join(folder, n) for n in os.listdir(folder)]
+    assert len(shipped) == 1 and stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    with open(ORCH, "rb") as f:
+        assert open(shipped[0], "rb").read() == f.read()
+    with open(shipped[0], "a") as f:
+        f.write("\nimport os; os.system('touch %s/tampered')\n" % hosts.env.root)
+    code, out, _ = cli("--host", "h1", "list")
+    assert code == 0 and ssh_count(hosts) == 7          # found wrong, sent again, run
+    assert not os.path.exists(os.path.join(hosts.env.root, "tampered"))
+    with open(ORCH, "rb") as f:
+        assert open(shipped[0], "rb").read() == f.read()
+
+
+def test_hosts_refused_before_ssh_runs(hosts, capsys):
+    for host in ("-oProxyCommand=touch /tmp/pwned", "a b", "a\nb", "a\tb", "", "x\x7f"):
+        for args in (["--host", host, "list"], ["send", "a1@" + host, "hi"]):
+            code, out, err = run(capsys, *args)
+            assert code == 2 and one_error(err) and "invalid host" in err, (args, err)
+    monkeypatch_env = dict(os.environ, ORCH_HOST="-oProxyCommand=x")
+    code, _, err = cli("list", env=monkeypatch_env)
+    assert code == 2 and "invalid host" in err
+    assert ssh_count(hosts) == 0
+
+
+def test_hosts_unreachable_is_one_line_with_advice(hosts, capsys):
+    code, out, err = run(capsys, "--host", "nowhere", "list")
+    assert code == 1 and one_error(err), err
+    assert "cannot reach nowhere over ssh" in err and "ssh-copy-id" in err
+
+
+def test_hosts_list_all_hosts_with_one_down(hosts, capsys, monkeypatch):
+    for where, name in (("h1", "a1"), ("h2", "b1")):
+        assert cli("--host", where, "spawn", name, "task " + name)[0] == 0
+    assert run(capsys, "spawn", "l1", "local task")[0] == 0
+    monkeypatch.setenv("ORCH_HOSTS", "h1,h2")
+    code, out, err = run(capsys, "list", "-A")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split()[:2] == ["HOST", "NAME"], err
+    assert [line.split()[:2] for line in lines[1:]] == [["local", "l1"], ["h1", "a1"],
+                                                        ["h2", "b1"]]
+    code, out, _ = run(capsys, "list", "--all-hosts", "--json")
+    assert [(r["host"], r["name"]) for r in json.loads(out)] == [
+        (None, "l1"), ("h1", "a1"), ("h2", "b1")]
+    code, out, err = cli("wait", "a1@h1", "b1@h2", "l1", "--timeout", "30")
+    assert code == 0 and sorted(out.splitlines()) == ["a1: idle", "b1: idle", "l1: idle"], err
+    code, out, err = cli("send", "--to", "a1@h1,b1@h2,l1", "to all three")
+    assert code == 0 and sorted(out.splitlines()) == ["a1: submitted", "b1: submitted",
+                                                      "l1: submitted"], err
+    hosts.down("h2")
+    code, out, err = run(capsys, "list", "-A")
+    assert code == 1 and [line.split()[1] for line in out.splitlines()[1:]] == ["l1", "a1"]
+    assert one_error(err) and "cannot reach h2" in err
 
 
 # ###########################################################################
