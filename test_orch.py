@@ -3824,6 +3824,28 @@ def test_e2e_worktree_agent_writes_only_in_its_own_checkout(claude, repo, capsys
     assert not os.path.exists(row["worktree"]) and "orch/w1" not in git_out(repo.repo, "branch")
 
 
+def test_e2e_round_trip_on_a_remote_host(claude, monkeypatch):
+    world = Hosts(claude, ["h1"], {
+        "ORCH_CLAUDE": os.environ["ORCH_CLAUDE"], "ANTHROPIC_BASE_URL": claude.api.url,
+        "ANTHROPIC_API_KEY": E2E_KEY, "DISABLE_AUTOUPDATER": "1",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"})
+    monkeypatch.setenv("ORCH_SSH_CONFIG", world.config)
+    try:
+        code, out, err = cli("spawn", "r1@h1", "hello from afar", "--cwd", claude.work)
+        assert code == 0 and "started agent r1 (claude, tmux" in out, out + err
+        retry_until(lambda: "hello from afar" in claude.api.texts())
+        assert cli("wait", "r1@h1", "--timeout", "60")[:2] == (0, "r1: idle\n")
+        assert cli("send", "r1@h1", "SLOW-2 and more")[:2] == (0, "r1: submitted\n")
+        assert world.state("h1")["agents"]["r1"]["cwd"] == claude.work
+        assert cli("wait", "r1@h1", "--timeout", "60")[:2] == (0, "r1: idle\n")
+        assert claude.api.texts()[-1] == "SLOW-2 and more"
+        code, out, _ = cli("tail", "r1@h1")
+        assert code == 0 and "and more" in out
+        assert cli("rm", "r1@h1")[:2] == (0, "removed r1\n")
+    finally:
+        world.stop()
+
+
 def test_e2e_untrusted_folder_and_spawn_trust(claude, capsys, tmp_path):
     fresh = tmp_path / "untrusted"
     fresh.mkdir()
