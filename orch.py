@@ -2360,13 +2360,28 @@ SEVERITY = (EXIT_OK, EXIT_NOT_RUNNING, EXIT_NEEDS_INPUT, EXIT_UNCONFIRMED, EXIT_
             EXIT_ERROR)
 
 
+def worse(code, worst):
+    """The worse of two exit codes by SEVERITY; a code not in it counts as an error."""
+    code = code if code in SEVERITY else EXIT_ERROR
+    return code if SEVERITY.index(code) > SEVERITY.index(worst) else worst
+
+
+def in_parallel(func, items):
+    """Call func(item) for every item at once, each in a thread; return when all are done."""
+    import threading
+    threads = [threading.Thread(target=func, args=(item,)) for item in items]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def send_to_many(agents, text, raw, force, timeout):
     """Send text to each agent at once; print one line per agent; return the worst exit code.
 
     Each send is confirmed as a single send is; a refusal at one agent
     (a dialog, an exited agent) never stops the others.
     """
-    import threading
     outcomes = {}
 
     def send(agent):
@@ -2377,17 +2392,12 @@ def send_to_many(agents, text, raw, force, timeout):
         except Exception as e:      # one agent's surprise must not hide the others' outcomes
             outcomes[agent["name"]] = (EXIT_ERROR, "error: unexpected %s: %s"
                                        % (type(e).__name__, e))
-    threads = [threading.Thread(target=send, args=(agent,)) for agent in agents]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    in_parallel(send, agents)
     worst = EXIT_OK
     for agent in agents:
         code, words = outcomes[agent["name"]]
         print("%s: %s" % (agent["name"], words))
-        if SEVERITY.index(code if code in SEVERITY else EXIT_ERROR) > SEVERITY.index(worst):
-            worst = code if code in SEVERITY else EXIT_ERROR
+        worst = worse(code, worst)
     return worst
 
 
@@ -3175,7 +3185,6 @@ def for_group(argv, args, named, host):
 
 def run_by_host(argv, args, named):
     """A verb whose agents are NAME@HOST: once per host, in parallel; the worst exit code."""
-    import threading
     groups = sorted(set(host for _, host in named.values()))
     if any(n not in named for n in name_words(args)):
         groups.append(None)         # some agents are on this machine
@@ -3199,18 +3208,13 @@ def run_by_host(argv, args, named):
                 results[host] = on_host(host, group, data, capture=True)
         except OrchError as e:
             results[host] = (e.code, b"", "orch: error: %s\n" % e)
-    threads = [threading.Thread(target=run, args=(host,)) for host in groups]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    in_parallel(run, groups)
     worst = EXIT_OK
     for host in groups:
         code, out, err = results[host]
         sys.stdout.write(out.decode("utf-8", "replace"))
         sys.stderr.write(err)
-        if SEVERITY.index(code if code in SEVERITY else EXIT_ERROR) > SEVERITY.index(worst):
-            worst = code if code in SEVERITY else EXIT_ERROR
+        worst = worse(code, worst)
     return worst
 
 

@@ -1762,6 +1762,8 @@ class Hosts(object):
                         "HOME": env.home, "ORCH_CLAUDE": env.fake, "FAKE_LOG": env.logs,
                         "LANG": "C.UTF-8", "ORCH_KILL_GRACE": "3"}
             host_env.update(extra_env or {})
+            if name == "nopy":
+                host_env["PATH"] = "/nonexistent"
             sshd_config = os.path.join(self.dir, "sshd-%s" % name)
             with open(sshd_config, "w") as f:
                 f.write("\n".join([
@@ -1943,6 +1945,24 @@ def test_hosts_unreachable_is_one_line_with_advice(hosts, capsys):
     code, out, err = run(capsys, "--host", "nowhere", "list")
     assert code == 1 and one_error(err), err
     assert "cannot reach nowhere over ssh" in err and "ssh-copy-id" in err
+
+
+def test_hosts_file_and_a_host_without_python(env, capsys, monkeypatch):
+    world = Hosts(env, ["h1", "nopy"], {})
+    try:
+        # sshd's SetEnv comes before the shell reads its profile: a PATH without python3.
+        with open(world.config.replace("ssh_config", "sshd-nopy")) as f:
+            assert "SetEnv" in f.read()
+        monkeypatch.setenv("ORCH_SSH_CONFIG", world.config)
+        monkeypatch.setenv("XDG_CONFIG_HOME", os.path.join(env.root, "config"))
+        os.makedirs(os.path.join(env.root, "config", "orch"))
+        with open(orch.hosts_file(), "w") as f:
+            f.write("# build boxes\nh1   # the first\n\nnopy\n")
+        assert orch.known_hosts() == ["h1", "nopy"]
+        code, out, err = run(capsys, "list", "-A")
+        assert code == 1 and one_error(err) and "nopy has no python3" in err, err
+    finally:
+        world.stop()
 
 
 def test_hosts_list_all_hosts_with_one_down(hosts, capsys, monkeypatch):
@@ -4284,6 +4304,59 @@ def bench_rows(n, env, root, orch_cmd, installed, floor_import, floor_tmux, repe
     return rows
 
 
+def bench_hosts(repeat, agents=100):
+    """orch --host against `ssh HOST true` on the same connection; list -A against one host."""
+    class World(object):
+        pass
+    world = World()
+    world.root = tempfile.mkdtemp(prefix="obh", dir="/tmp")
+    world.tmpdir, world.home = world.root, world.root
+    world.fake = world.logs = world.root
+    env = dict(os.environ, HOME=world.root, ORCH_STATE=os.path.join(world.root, "local.json"),
+               TMUX_TMPDIR=world.root)
+    env.pop("TMUX", None)
+    saved = dict(os.environ)
+    os.environ.update(env)
+    hosts = Hosts(world, ["h1", "h2", "h3"])
+    env["ORCH_SSH_CONFIG"] = hosts.config
+    orch_cmd = [sys.executable, ORCH]
+    control = ["-F", hosts.config, "-o", "ControlPath=%s/%%C" % orch.control_dir()]
+    try:
+        for name in ("h1", "h2", "h3"):     # agents made on the host's own state, not over ssh
+            here = dict(env, ORCH_STATE=os.path.join(world.root, name, "state.json"),
+                        ORCH_TMUX_SOCKET=hosts.sockets[name])
+            for i in range(agents):
+                subprocess.run(orch_cmd + ["spawn", "r%03d" % i, "--cmd", "sleep 100000"],
+                               env=here, stdout=subprocess.DEVNULL, check=True)
+        first = bench_time(orch_cmd + ["--host", "h1", "list", "--json"], env, 1)
+        close = ["ssh"] + control + ["-O", "exit", "h1"]
+        cold = bench_interleaved([([close, ["ssh", "-F", hosts.config, "-o", "ControlPath=none",
+                                            "h1", "true"]], env),
+                                  ([close, orch_cmd + ["--host", "h1", "list", "--json"]], env)],
+                                 repeat)
+        warm = bench_interleaved([([["ssh"] + control + ["h1", "true"]], env),
+                                  ([orch_cmd + ["--host", "h1", "list", "--json"]], env)] +
+                                 [([orch_cmd + ["--host", h, "list", "--json"]], env)
+                                  for h in ("h2", "h3")] +
+                                 [([orch_cmd + ["list", "-A", "--json"]],
+                                   dict(env, ORCH_HOSTS="h1,h2,h3"))], repeat)
+        med = [statistics.median(t) for t in warm]
+        print("\nhosts: sshd on 127.0.0.1, %d --cmd agents per host" % agents)
+        print("  first use (connect, copy orch over, run): %.0f ms" % first[0])
+        print("  new connection:  ssh h1 true %.0f ms; orch --host h1 list --json %.0f ms "
+              "(%.2fx)" % (statistics.median(cold[0]), statistics.median(cold[1]),
+                           statistics.median(cold[1]) / statistics.median(cold[0])))
+        print("  kept connection: ssh h1 true %.0f ms; orch --host h1 list --json %.0f ms "
+              "(%.2fx)" % (med[0], med[1], med[1] / med[0]))
+        print("  list -A over 3 hosts x %d agents: %.0f ms; slowest single host %.0f ms (%.2fx)"
+              % (agents, med[4], max(med[1:4]), med[4] / max(med[1:4])))
+    finally:
+        hosts.stop()
+        os.environ.clear()
+        os.environ.update(saved)
+        shutil.rmtree(world.root, ignore_errors=True)
+
+
 def bench_table(rows):
     table = [["", "median", "min", "max", "tmux calls", ""]] + rows
     widths = [max(len(r[i]) for r in table) for i in range(6)]
@@ -4294,7 +4367,11 @@ def bench_table(rows):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["bench"]:
     import statistics
-    bench(tuple(int(n) for n in sys.argv[2:]) or (10, 100, 300))
+    if sys.argv[2:] == ["hosts"]:
+        bench_hosts(15)
+    else:
+        bench(tuple(int(n) for n in sys.argv[2:]) or (10, 100, 300))
+        bench_hosts(15)
 elif __name__ == "__main__":
     # Run the fake API by hand: python3 test_orch.py PORT
     api = FakeAPI()
