@@ -4329,7 +4329,8 @@ def bench_hosts(repeat, agents=100):
                 subprocess.run(orch_cmd + ["spawn", "r%03d" % i, "--cmd", "sleep 100000"],
                                env=here, stdout=subprocess.DEVNULL, check=True)
         first = bench_time(orch_cmd + ["--host", "h1", "list", "--json"], env, 1)
-        close = ["ssh"] + control + ["-O", "exit", "h1"]
+        close = ["sh", "-c", " ".join(shlex.quote(w) for w in ["ssh"] + control + [
+            "-O", "exit", "h1"]) + " 2>/dev/null; true"]       # no connection: nothing to close
         cold = bench_interleaved([([close, ["ssh", "-F", hosts.config, "-o", "ControlPath=none",
                                             "h1", "true"]], env),
                                   ([close, orch_cmd + ["--host", "h1", "list", "--json"]], env)],
