@@ -2934,7 +2934,7 @@ def cmd_diff(args):
 SHIP_EXIT = 111     # the bootstrap's "send me the file": no orch exit code is 111
 
 BOOTSTRAP = r'''
-import hashlib, json, os, signal, sys, threading
+import base64, hashlib, json, os, signal, sys, threading
 def take(n):
     data = b""
     while len(data) < n:
@@ -2944,7 +2944,10 @@ def take(n):
         data += chunk
     return data
 digest = sys.argv[1]
-head = json.loads(take(int(take(10) or b"0")).decode("utf-8"))
+if len(sys.argv) > 2:      # a terminal's session: the head came on the command line
+    head = json.loads(base64.b64decode(sys.argv[2]).decode("utf-8"))
+else:
+    head = json.loads(take(int(take(10) or b"0")).decode("utf-8"))
 folder = os.path.join(os.path.expanduser("~"), ".orch.d", "bin")
 path = os.path.join(folder, "orch-%s.py" % digest[:16])
 try:
@@ -3027,12 +3030,15 @@ def ssh_argv(host, tty=False):
     return argv + ["--", check_host(host)]
 
 
-def remote_command(digest):
+def remote_command(digest, head=None):
+    """The remote command line: python3 running the bootstrap; head only for a terminal."""
     import base64
     import shlex
     code = base64.b64encode(BOOTSTRAP.encode("utf-8")).decode("ascii")
     words = ["python3", "-I", "-S", "-c",
              "import base64;exec(base64.b64decode(\"%s\"))" % code, digest]
+    if head is not None:
+        words.append(base64.b64encode(json.dumps(head).encode("utf-8")).decode("ascii"))
     return " ".join(shlex.quote(w) for w in words)
 
 
@@ -3044,12 +3050,13 @@ def frame(head):
 def ssh_once(host, digest, head, data, tty=False, capture=False):
     """One ssh session; return (exit code, stdout bytes if captured, stderr not from orch)."""
     import threading
-    argv = ssh_argv(host, tty) + [remote_command(digest)]
+    # A terminal stays the terminal (stdin too), so its head goes on the command line.
+    argv = ssh_argv(host, tty) + [remote_command(digest, head if tty else None)]
     trace(argv[:-1] + ["<bootstrap>"])
     pipe = subprocess.PIPE
     try:
-        proc = subprocess.Popen(argv, stdin=pipe, stdout=pipe if capture else None,
-                                stderr=None if tty else pipe)
+        proc = subprocess.Popen(argv, stdin=None if tty else pipe,
+                                stdout=pipe if capture else None, stderr=None if tty else pipe)
     except OSError:
         raise OrchError("ssh is not installed or not on PATH: install the OpenSSH client")
     held, out = [], []
@@ -3070,9 +3077,10 @@ def ssh_once(host, digest, head, data, tty=False, capture=False):
                 sys.stderr.flush()
             else:
                 held.append(line.decode("utf-8", "replace"))
-    threads = [threading.Thread(target=feed, daemon=True)]
+    threads = []
     if not tty:
-        threads.append(threading.Thread(target=relay, daemon=True))
+        threads += [threading.Thread(target=feed, daemon=True),
+                    threading.Thread(target=relay, daemon=True)]
     if capture:
         threads.append(threading.Thread(target=lambda: out.append(proc.stdout.read()),
                                         daemon=True))
@@ -3083,7 +3091,7 @@ def ssh_once(host, digest, head, data, tty=False, capture=False):
     except KeyboardInterrupt:
         proc.kill()
         raise
-    for thread in threads[1:]:
+    for thread in threads[1:]:      # all but feed, which may wait on a closed pipe
         thread.join()
     return code, (out[0] if out else b""), "".join(held)
 

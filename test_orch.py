@@ -1893,6 +1893,24 @@ def test_hosts_every_verb_over_ssh(hosts, capsys):
                                     "ASK again", "back again"]
 
 
+def test_hosts_attach_gets_a_terminal(hosts, capsys):
+    assert cli("spawn", "a1@h1", "alpha task")[0] == 0
+    outer = outer_terminal(hosts.env, "t1", "attach", "a1@h1")
+
+    def screen():
+        return subprocess.run(["tmux", "-L", outer, "capture-pane", "-p", "-t", "=t1:"],
+                              stdout=subprocess.PIPE, universal_newlines=True).stdout
+    try:
+        retry_until(lambda: "reply: alpha task" in screen())
+        # The keyboard is the agent's: a line typed there is a message it gets.
+        subprocess.run(["tmux", "-L", outer, "send-keys", "-t", "=t1:", "-l", "typed by hand"],
+                       check=True)
+        subprocess.run(["tmux", "-L", outer, "send-keys", "-t", "=t1:", "Enter"], check=True)
+        retry_until(lambda: hosts.env.messages()[-1:] == ["typed by hand"])
+    finally:
+        subprocess.run(["tmux", "-L", outer, "kill-server"])
+
+
 def test_hosts_hard_messages_names_and_a_100_kb_stdin_arrive_exactly(hosts, capsys):
     unit = "q'uote \"dq\" $(touch pwned) `touch pwned2`; & | > x \\ \u00e9\u6f22 !! %s \n"
     big = (unit * (102400 // len(unit.encode("utf-8")) + 1)).rstrip("\n")
