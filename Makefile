@@ -2,7 +2,8 @@
 # make test-pythons  the command-line tests once per Python interpreter found (3.6+)
 # make e2e           end-to-end tests against every Claude Code version of the matrix
 #                    (make e2e CLAUDE_CODE_VERSIONS=x.y.z tests another one)
-# make bench         timings at 10, 100 and 300 stand-in agents (--cmd and claude-path) against the floor
+# make bench         timings at 10, 100 and 300 stand-in agents (--cmd and claude-path) against the floor,
+#                    and over ssh against `ssh HOST true`
 
 PYTHON ?= python3
 VENV := .venv

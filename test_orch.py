@@ -1935,14 +1935,22 @@ def test_hosts_ship_once_reuse_and_replace_a_tampered_copy(hosts, capsys):
     assert cli("--host", "h1", "list")[0] == 0
     assert ssh_count(hosts) == 4            # one ssh when the copy is there
     folder = os.path.join(hosts.env.home, ".orch.d", "bin")
-    shipped = [os.path.join(folder, n) for n in os.listdir(folder)]
+    shipped = [os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".py")]
+    cached = [os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".pyc")]
     assert len(shipped) == 1 and stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    assert len(cached) == 1 and cached[0].startswith(shipped[0][:-3] + ".")
     with open(ORCH, "rb") as f:
         assert open(shipped[0], "rb").read() == f.read()
+    # Damaged bytecode is compiled again, never run; no more ssh for that.
+    with open(cached[0], "r+b") as f:
+        f.seek(200)
+        f.write(b"\xff" * 64)
+    code, out, _ = cli("--host", "h1", "list", "--json")
+    assert (code, out, ssh_count(hosts)) == (0, "[]\n", 5)
     with open(shipped[0], "a") as f:
         f.write("\nimport os; os.system('touch %s/tampered')\n" % hosts.env.root)
     code, out, _ = cli("--host", "h1", "list")
-    assert code == 0 and ssh_count(hosts) == 7          # found wrong, sent again, run
+    assert code == 0 and ssh_count(hosts) == 8          # found wrong, sent again, run
     assert not os.path.exists(os.path.join(hosts.env.root, "tampered"))
     with open(ORCH, "rb") as f:
         assert open(shipped[0], "rb").read() == f.read()
@@ -4347,6 +4355,9 @@ def bench_hosts(repeat, agents=100):
                 subprocess.run(orch_cmd + ["spawn", "r%03d" % i, "--cmd", "sleep 100000"],
                                env=here, stdout=subprocess.DEVNULL, check=True)
         first = bench_time(orch_cmd + ["--host", "h1", "list", "--json"], env, 1)
+        subprocess.run(orch_cmd + ["install", "--prefix", os.path.join(world.root, "inst")],
+                       env=env, stdout=subprocess.DEVNULL, check=True)
+        installed = [os.path.join(world.root, "inst", "bin", "orch")]
         close = ["sh", "-c", " ".join(shlex.quote(w) for w in ["ssh"] + control + [
             "-O", "exit", "h1"]) + " 2>/dev/null; true"]       # no connection: nothing to close
         cold = bench_interleaved([([close, ["ssh", "-F", hosts.config, "-o", "ControlPath=none",
@@ -4358,7 +4369,9 @@ def bench_hosts(repeat, agents=100):
                                  [([orch_cmd + ["--host", h, "list", "--json"]], env)
                                   for h in ("h2", "h3")] +
                                  [([orch_cmd + ["list", "-A", "--json"]],
-                                   dict(env, ORCH_HOSTS="h1,h2,h3"))], repeat)
+                                   dict(env, ORCH_HOSTS="h1,h2,h3")),
+                                  ([installed + ["--host", "h1", "list", "--json"]], env)],
+                                 repeat)
         med = [statistics.median(t) for t in warm]
         print("\nhosts: sshd on 127.0.0.1, %d --cmd agents per host" % agents)
         print("  first use (connect, copy orch over, run): %.0f ms" % first[0])
@@ -4367,6 +4380,8 @@ def bench_hosts(repeat, agents=100):
                            statistics.median(cold[1]) / statistics.median(cold[0])))
         print("  kept connection: ssh h1 true %.0f ms; orch --host h1 list --json %.0f ms "
               "(%.2fx)" % (med[0], med[1], med[1] / med[0]))
+        print("  kept connection, installed orch --host h1 list --json %.0f ms (%.2fx)"
+              % (med[5], med[5] / med[0]))
         print("  list -A over 3 hosts x %d agents: %.0f ms; slowest single host %.0f ms (%.2fx)"
               % (agents, med[4], max(med[1:4]), med[4] / max(med[1:4])))
     finally:
