@@ -1446,8 +1446,11 @@ def send_message(agent, text, raw=False, force=False, timeout=None):
     """Type text into the agent and submit it; return 'submitted', 'queued' or 'sent (unconfirmed)'."""
     if timeout is None:
         timeout = env_seconds("ORCH_SEND_TIMEOUT", 10)
-    if agent.get("backend") == "headless":
-        return headless_send(agent, text, raw, timeout)
+    return backend_of(agent).send(agent, text, raw, force, timeout)
+
+
+def tmux_send(agent, text, raw, force, timeout):
+    """send_message into a tmux window: paste, Enter, then the hooks (or the screen) confirm."""
     st = status_of(agent)
     if st["status"] == "starting":
         st = wait_until_started(agent, timeout=max(timeout, 30))
@@ -1922,7 +1925,9 @@ def user_line(text):
     return json.dumps({"type": "user", "message": {"role": "user", "content": text}}) + "\n"
 
 
-def headless_send(agent, text, raw, timeout):
+def headless_send(agent, text, raw, force, timeout):
+    """send_message to claude -p: one stream-json line, confirmed by its echo (no input box,
+    so nothing for force to clear)."""
     name = agent["name"]
     if not raw:
         text = escape_leading(text)
@@ -1980,7 +1985,17 @@ def log_events(name, offset=0):
     return read_json_lines(hpath(name, "log"), offset)
 
 
-def headless_interrupt(agent):
+def headless_session_id(agent):
+    """The session id claude -p last reported in its output, else the one from spawn."""
+    sid = agent.get("session_id")
+    for event in log_events(agent["name"]):
+        if event.get("type") == "system" and event.get("session_id"):
+            sid = event["session_id"]
+    return sid
+
+
+def headless_interrupt(agent, st=None):
+    """Stop the current turn with claude's own control request; st is the tmux side's."""
     request = {"type": "control_request", "request_id": "orch-%s" % os.urandom(4).hex(),
                "request": {"subtype": "interrupt"}}
     with SendLock(agent["name"]):
@@ -2276,10 +2291,7 @@ def last_reply(agent):
         raise OrchError("agent %s runs a command of its own (--cmd), which reports no answers: "
                         "`orch tail %s` shows its screen" % (agent["name"], agent["name"]))
     launched = agent.get("created", 0)
-    if agent["backend"] == "headless":
-        found = headless_reply(agent["name"])
-    else:
-        found = read_json(os.path.join(agent_dir(agent["name"]), "reply.json"))
+    found = backend_of(agent).reply(agent)
     if not isinstance(found, dict) or not isinstance(found.get("text"), str) \
             or not isinstance(found.get("t"), (int, float)) or found["t"] < launched:
         return None
@@ -2296,14 +2308,18 @@ def headless_reply(name, tail=1048576):
 
 def conversation_path(agent):
     """The file that holds the agent's conversation: claude's transcript, or headless output."""
-    import re
     name = agent["name"]
     if agent.get("cmd"):
         raise OrchError("agent %s runs a command of its own (--cmd), which keeps no "
                         "conversation orch can read: `orch tail %s` shows its screen"
                         % (name, name))
-    if agent["backend"] == "headless":
-        return hpath(name, "log")
+    return backend_of(agent).conversation(agent)
+
+
+def transcript_path(agent):
+    """claude's own transcript of a tmux agent's session, as its SessionStart hook named it."""
+    import re
+    name = agent["name"]
     session = agent.get("session_id")
     for event in reversed(read_events(name)):
         if event.get("event") == "SessionStart":
@@ -3447,15 +3463,14 @@ def cmd_spawn(args):
     if (args.branch is not None or args.base is not None) and not args.worktree:
         raise OrchError("--branch and --base are for --worktree", EXIT_USAGE)
     if backend == "tmux":
-        check_tmux_version()
+        check_tmux_version()        # before a worktree is made for nothing
     started, worktree = [], None
     with undo_on_failure(started, new=True) as undo:
         if args.worktree:
             refuse_existing(load_state(), name)     # before git makes anything
             worktree, cwd = make_worktree(name, cwd, args.branch, args.base)
             undo.worktrees.append(worktree)
-        if backend == "tmux" and not args.cmd:
-            refuse_without_hooks(cwd)
+        BACKENDS[backend].preflight(cwd, args.cmd)
         # A worktree of a checkout claude trusts is as trustworthy as the checkout.
         if not args.cmd and (args.trust or worktree and claude_trusts(worktree["repo"])):
             trust_folder(worktree["path"] if worktree else cwd)
@@ -3478,13 +3493,7 @@ def spawn_recorded(args, name, backend, cwd, worktree, prompt, argv_program, sta
         first = prompt if prompt is None or args.raw else escape_leading(prompt)
         if backend == "headless":
             agent.pop("tmux")
-            start_headless(agent, headless_argv(agent, argv_program))
-        elif args.cmd:
-            start_in_tmux(agent, ["/bin/sh", "-c", args.cmd])
-        else:
-            on_argv = first if prompt_fits_argv(first) else None
-            agent["first_prompt_sha"] = prompt_sha(on_argv) if on_argv else None
-            start_in_tmux(agent, claude_argv(agent, argv_program, prompt=on_argv))
+        BACKENDS[backend].start(agent, argv_program, first)
         if worktree:
             agent["worktree"] = worktree
         started.append(agent)
@@ -3494,16 +3503,23 @@ def spawn_recorded(args, name, backend, cwd, worktree, prompt, argv_program, sta
 
 def finish_start(agent, first, verb):
     """Confirm a just-launched agent is running and has its first message; report it."""
+    return backend_of(agent).confirm_start(agent, first, verb)
+
+
+def headless_confirm_start(agent, first, verb):
     name = agent["name"]
-    if agent["backend"] == "headless":
-        if headless_status(agent)["status"] == "exited":
-            raise OrchError("agent %s exited at start, saying %s; see `orch tail %s`"
-                            % (name, headless_exit_words(name), name))
-        outcome = ", first message " + send_message(agent, first, raw=True) if first else ""
-        print("%s agent %s (claude, headless, session %s)%s"
-              % (verb, name, agent["session_id"], outcome))
-        print("  follow: orch tail %s -f    talk: orch attach %s" % (name, name))
-        return EXIT_OK
+    if headless_status(agent)["status"] == "exited":
+        raise OrchError("agent %s exited at start, saying %s; see `orch tail %s`"
+                        % (name, headless_exit_words(name), name))
+    outcome = ", first message " + send_message(agent, first, raw=True) if first else ""
+    print("%s agent %s (claude, headless, session %s)%s"
+          % (verb, name, agent["session_id"], outcome))
+    print("  follow: orch tail %s -f    talk: orch attach %s" % (name, name))
+    return EXIT_OK
+
+
+def tmux_confirm_start(agent, first, verb):
+    name = agent["name"]
     if agent.get("cmd"):
         st = status_of(agent)
         if st["status"] == "exited":
@@ -3616,8 +3632,7 @@ def cmd_send(args):
 def cmd_log(args):
     agent = find_agent(load_state(), check_name(args.name))
     path = conversation_path(agent)
-    if agent["backend"] == "tmux":
-        transcript_settled(agent, path)
+    backend_of(agent).settle(agent, path)
     entries, offset = read_conversation(agent, path)
     print_entries(entries[-(args.lines or 40):], args.json)
     while args.follow:
@@ -3739,9 +3754,11 @@ def new_rows(previous, rows):
 
 def cmd_tail(args):
     agent = find_agent(load_state(), check_name(args.name))
-    if agent["backend"] == "headless":
-        headless_tail(agent, args.lines, args.follow, args.raw)
-        return EXIT_OK
+    backend_of(agent).tail(agent, args.lines, args.follow, args.raw)
+    return EXIT_OK
+
+
+def tmux_tail(agent, lines, follow, raw=False):
     pane, socket = agent["tmux"]["pane"], agent["tmux"]["socket"]
     panes = pane_info(pane, socket)
     if pane_of(agent, panes) is None:
@@ -3750,22 +3767,21 @@ def cmd_tail(args):
                         EXIT_NOT_RUNNING)
     if panes[pane]["pane_dead"] == "1":
         # A dead pane's last output may have scrolled off when tmux drew its notice.
-        rows = [r for r in capture_pane(pane, socket, lines=args.lines or 200)
+        rows = [r for r in capture_pane(pane, socket, lines=lines or 200)
                 if not r.startswith("Pane is dead")]
         while rows and not rows[-1]:
             rows.pop()
-        write_rows(rows[-(args.lines or 50):])
-        return EXIT_OK
-    rows = capture_pane(pane, socket, lines=args.lines)
-    if args.lines:
-        rows = rows[-args.lines:]
+        write_rows(rows[-(lines or 50):])
+        return
+    rows = capture_pane(pane, socket, lines=lines)
+    if lines:
+        rows = rows[-lines:]
     write_rows(rows)
-    while args.follow and status_of(agent)["status"] != "exited":
+    while follow and status_of(agent)["status"] != "exited":
         time.sleep(0.5)
-        fresh = capture_pane(pane, socket, lines=args.lines)
+        fresh = capture_pane(pane, socket, lines=lines)
         write_rows(new_rows(rows, fresh))
         rows = fresh
-    return EXIT_OK
 
 
 def write_rows(rows):
@@ -3776,8 +3792,11 @@ def write_rows(rows):
 
 def cmd_attach(args):
     agent = find_agent(load_state(), check_name(args.name))
-    if agent["backend"] == "headless":
-        return headless_attach(agent)
+    return backend_of(agent).attach(agent)
+
+
+def tmux_attach(agent):
+    """Put this terminal on the agent's window (execs tmux: returns only by failing)."""
     info = agent["tmux"]
     if pane_of(agent, pane_info(info["pane"], info["socket"])) is None:
         raise OrchError("agent %s has no window any more: `orch resume %s` to start it again"
@@ -3987,10 +4006,12 @@ def shorten(text, n):
 
 def stop_agent(agent, grace=None):
     """Stop a running agent: SIGTERM to its process group, SIGKILL after a grace period."""
-    import signal
     grace = grace if grace is not None else env_seconds("ORCH_KILL_GRACE", 5)
-    if agent["backend"] == "headless":
-        return headless_stop(agent, grace)
+    return backend_of(agent).stop(agent, grace)
+
+
+def tmux_stop(agent, grace):
+    import signal
     if status_of(agent)["status"] == "exited":
         return False
     pid = agent["tmux"]["pid"]
@@ -4108,15 +4129,16 @@ def cmd_interrupt(args):
     st = status_of(agent)
     if st["status"] == "exited":
         raise OrchError("agent %s is not running" % agent["name"], EXIT_NOT_RUNNING)
-    if agent["backend"] == "headless":
-        headless_interrupt(agent)
-    else:
-        # Escape stops claude's turn, or cancels a dialog: never Enter, which approves.
-        tmux(["send-keys", "-t", agent["tmux"]["pane"], "Escape"], socket=agent["tmux"]["socket"])
-        if not agent.get("cmd") and st["status"] == "working" and st["last_prompt"]:
-            clear_restored_prompt(agent, st["last_prompt"])
+    backend_of(agent).interrupt(agent, st)
     print("%s: interrupt sent (was %s)" % (agent["name"], st["status"]))
     return EXIT_OK
+
+
+def tmux_interrupt(agent, st):
+    # Escape stops claude's turn, or cancels a dialog: never Enter, which approves.
+    tmux(["send-keys", "-t", agent["tmux"]["pane"], "Escape"], socket=agent["tmux"]["socket"])
+    if not agent.get("cmd") and st["status"] == "working" and st["last_prompt"]:
+        clear_restored_prompt(agent, st["last_prompt"])
 
 
 def clear_restored_prompt(agent, prompt):
@@ -4138,12 +4160,11 @@ def cmd_supervise(args):
 
 def latest_session_id(agent):
     """The session id claude last reported (it changes on /clear), else the one from spawn."""
+    return backend_of(agent).session_id(agent)
+
+
+def hooked_session_id(agent):
     sid = agent.get("session_id")
-    if agent["backend"] == "headless":
-        for event in log_events(agent["name"]):
-            if event.get("type") == "system" and event.get("session_id"):
-                sid = event["session_id"]
-        return sid
     for event in read_events(agent["name"]):
         if event.get("event") == "SessionStart" and event.get("session_id"):
             sid = event["session_id"]
@@ -4158,10 +4179,7 @@ def cmd_resume(args):
     started = []
     with undo_on_failure(started, new=False), LockedState() as state:
         agent = find_agent(state, name)
-        if agent["backend"] == "tmux":
-            check_tmux_version()
-            if not agent.get("cmd"):
-                refuse_without_hooks(agent["cwd"])
+        backend_of(agent).preflight(agent["cwd"], agent.get("cmd"))
         if status_of(agent)["status"] != "exited":
             raise OrchError("agent %s is still running: `orch send %s MESSAGE` to talk to it, "
                             "or `orch kill %s` first" % (name, name, name))
@@ -4171,25 +4189,14 @@ def cmd_resume(args):
             raise OrchError("agent %s's working folder %s is gone: create it again, or `orch rm "
                             "%s`" % (name, agent["cwd"], name))
         close_window(agent)
-        first = None
-        if agent["backend"] == "headless":
+        program = None
+        if not agent.get("cmd"):
             agent["session_id"] = latest_session_id(agent)
-            start_headless(agent, headless_argv(agent, find_program(
-                args.claude or default_program()), resume_id=agent["session_id"]))
-            first = message
-        elif agent.get("cmd"):
-            start_in_tmux(agent, ["/bin/sh", "-c", agent["cmd"]])
-            first = message
-        else:
-            agent["session_id"] = latest_session_id(agent)
-            on_argv = message if prompt_fits_argv(message) else None
-            agent["first_prompt_sha"] = prompt_sha(on_argv) if on_argv else None
-            first = None if on_argv else message
-            start_in_tmux(agent, claude_argv(agent, find_program(args.claude or default_program()),
-                                             resume_id=agent["session_id"], prompt=on_argv))
+            program = find_program(args.claude or default_program())
+        backend_of(agent).start(agent, program, message, resume_id=agent["session_id"])
         started.append(agent)
         agent["resumed"] = agent.get("resumed", 0) + 1
-    return finish_start(agent, first, "resumed")
+    return finish_start(agent, message, "resumed")
 
 
 # ###########################################################################
@@ -4403,6 +4410,88 @@ def uninstall(prefix, launcher, lib, module):
             pass
     print("removed %s" % ", ".join(removed) if removed else "nothing to remove under %s" % prefix)
     return EXIT_OK
+
+
+# ###########################################################################
+# Backends: what a verb asks of an agent, answered by the agent's kind
+# ###########################################################################
+#
+# Verbs ask backend_of(agent) to start, confirm, send, tail, attach,
+# interrupt or stop, and where its conversation and answers are; they never
+# test agent["backend"] themselves.  A tmux agent runs claude (or --cmd) in a
+# window; a headless one runs `claude -p` under orch's supervisor.  Only
+# statuses() looks inside, to ask tmux once for every tmux agent.
+
+class TmuxBackend(object):
+    name = "tmux"
+
+    @staticmethod
+    def preflight(cwd, cmd):
+        check_tmux_version()
+        if not cmd:
+            refuse_without_hooks(cwd)
+
+    @staticmethod
+    def start(agent, program, prompt, resume_id=None):
+        """Open the agent's window; a prompt that fits goes on claude's command line."""
+        if agent.get("cmd"):
+            return start_in_tmux(agent, ["/bin/sh", "-c", agent["cmd"]])
+        on_argv = prompt if prompt_fits_argv(prompt) else None
+        agent["first_prompt_sha"] = prompt_sha(on_argv) if on_argv else None
+        start_in_tmux(agent, claude_argv(agent, program, resume_id=resume_id, prompt=on_argv))
+
+    @staticmethod
+    def reply(agent):
+        return read_json(os.path.join(agent_dir(agent["name"]), "reply.json"))
+
+    confirm_start = staticmethod(tmux_confirm_start)
+    send = staticmethod(tmux_send)
+    tail = staticmethod(tmux_tail)
+    attach = staticmethod(tmux_attach)
+    interrupt = staticmethod(tmux_interrupt)
+    stop = staticmethod(tmux_stop)
+    conversation = staticmethod(transcript_path)
+    settle = staticmethod(transcript_settled)
+    session_id = staticmethod(hooked_session_id)
+
+
+class HeadlessBackend(object):
+    name = "headless"
+
+    @staticmethod
+    def preflight(cwd, cmd):
+        pass            # no tmux, and no hooks: claude's own output says it all
+
+    @staticmethod
+    def start(agent, program, prompt, resume_id=None):
+        start_headless(agent, headless_argv(agent, program, resume_id=resume_id))
+
+    @staticmethod
+    def conversation(agent):
+        return hpath(agent["name"], "log")
+
+    @staticmethod
+    def settle(agent, path):
+        pass            # orch writes that log itself, as claude prints
+
+    @staticmethod
+    def reply(agent):
+        return headless_reply(agent["name"])
+
+    confirm_start = staticmethod(headless_confirm_start)
+    send = staticmethod(headless_send)
+    tail = staticmethod(headless_tail)
+    attach = staticmethod(headless_attach)
+    interrupt = staticmethod(headless_interrupt)
+    stop = staticmethod(headless_stop)
+    session_id = staticmethod(headless_session_id)
+
+
+BACKENDS = {"tmux": TmuxBackend, "headless": HeadlessBackend}
+
+
+def backend_of(agent):
+    return BACKENDS[agent.get("backend", "tmux")]
 
 
 # ###########################################################################
