@@ -2501,7 +2501,7 @@ def open_dialog(agent, tool=None):
     Anything else is refused before a key is pressed: exit 4, or 3 if it exited.
     """
     name = agent["name"]
-    if agent["backend"] == "headless":
+    if not backend_of(agent).dialogs:
         raise OrchError("agent %s runs headless, where claude shows no dialogs: it denies a "
                         "tool that needs permission at once (`orch list` shows `denied: TOOL`). "
                         "To allow tools, spawn it with `-- --permission-mode acceptEdits` or "
@@ -4424,6 +4424,7 @@ def uninstall(prefix, launcher, lib, module):
 
 class TmuxBackend(object):
     name = "tmux"
+    dialogs = True      # claude's permission dialogs are on its screen, for approve and deny
 
     @staticmethod
     def preflight(cwd, cmd):
@@ -4457,6 +4458,7 @@ class TmuxBackend(object):
 
 class HeadlessBackend(object):
     name = "headless"
+    dialogs = False     # claude -p denies what needs permission: nothing to approve
 
     @staticmethod
     def preflight(cwd, cmd):
@@ -4509,6 +4511,8 @@ examples:
   orch events --json          # one line per status change, for scripts
   orch approve fix-tests --tool Bash              # Yes, once, to the dialog it shows
   orch attach fix-tests       # take the keyboard (detach: prefix d)
+  orch spawn api "add paging" --worktree          # its own git checkout, branch orch/api
+  orch diff api               # what it changed; `orch rm api` keeps uncommitted work
   orch --host build1 spawn fix "make it build"    # any verb on another machine, over ssh
   orch send fix@build1 "and run the tests"        # NAME@HOST wherever a name goes
   orch list --all-hosts       # every host's agents in one table
