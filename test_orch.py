@@ -1956,6 +1956,33 @@ def test_hosts_ship_once_reuse_and_replace_a_tampered_copy(hosts, capsys):
         assert open(shipped[0], "rb").read() == f.read()
 
 
+def remote_orchs():
+    """pids of the remote ends of orch --host (the bootstrap's python) on this machine."""
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                argv = f.read().split(b"\0")
+            # Not ssh here, nor the shell there, whose command lines hold it too.
+            if argv[0].endswith(b"python3") and argv[4:5] and argv[4].startswith(
+                    b"import base64;exec(base64.b64decode("):
+                found.append(int(pid))
+        except (OSError, ValueError):
+            pass
+    return found
+
+
+def test_hosts_remote_verb_ends_with_the_local_one(hosts, capsys):
+    assert cli("spawn", "a1@h1", "SLOW-60 a long turn")[0] == 0
+    assert remote_orchs() == []
+    local = subprocess.Popen([sys.executable, ORCH, "wait", "a1@h1"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    retry_until(lambda: len(remote_orchs()) == 1, 30)
+    local.kill()        # no goodbye: the remote end sees its stdin end
+    local.wait()
+    retry_until(lambda: remote_orchs() == [], 30)
+
+
 def test_hosts_refused_before_ssh_runs(hosts, capsys):
     for host in ("-oProxyCommand=touch /tmp/pwned", "a b", "a\nb", "a\tb", "", "x\x7f"):
         for args in (["--host", host, "list"], ["send", "a1@" + host, "hi"]):
