@@ -4164,6 +4164,7 @@ def latest_session_id(agent):
 
 
 def hooked_session_id(agent):
+    """The session id of the latest SessionStart hook (a tmux claude), else the one from spawn."""
     sid = agent.get("session_id")
     for event in read_events(agent["name"]):
         if event.get("event") == "SessionStart" and event.get("session_id"):
