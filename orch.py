@@ -2621,12 +2621,17 @@ def cmd_deny(args):
 MIN_GIT = (2, 17)           # `git worktree remove` came in 2.17
 
 
+def git_env(extra=None):
+    env = dict(os.environ, GIT_TERMINAL_PROMPT="0", GIT_OPTIONAL_LOCKS="0")
+    env.update(extra or {})
+    return env
+
+
 def git_run(args, cwd, env_extra=None, capture=True):
     """Run `git -C cwd ARGS`; return the finished process, whatever git's exit code."""
     argv = ["git", "-C", cwd] + list(args)
     trace(argv)
-    env = dict(os.environ, GIT_TERMINAL_PROMPT="0", GIT_OPTIONAL_LOCKS="0")
-    env.update(env_extra or {})
+    env = git_env(env_extra)
     pipe = subprocess.PIPE if capture else None
     try:
         return subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe, env=env)
@@ -2873,7 +2878,7 @@ def remove_if_empty(folder):
 def worktree_dirty(agents):
     """{name: True/False/None} for the worktree agents, their `git status` calls run at once."""
     procs = {}
-    env = dict(os.environ, GIT_TERMINAL_PROMPT="0", GIT_OPTIONAL_LOCKS="0")
+    env = git_env()
     for agent in agents:
         path = agent["worktree"]["path"]
         if not os.path.isdir(path):

@@ -1464,10 +1464,6 @@ def repo(env, monkeypatch):
     return env
 
 
-def wt_row(capsys, name):
-    return status(capsys, name)
-
-
 # A --cmd agent that writes a file in its folder and stays.
 WRITER = "printf 'from the agent\\n' > new.txt; exec sleep 1000"
 
@@ -1476,13 +1472,13 @@ def test_worktree_spawn_list_diff_and_rm_keep_work(repo, capsys):
     sub = os.path.join(repo.repo, "src")
     code, out, err = run(capsys, "spawn", "w1", "--worktree", "--cwd", sub, "--cmd", WRITER)
     assert code == 0, err
-    row = wt_row(capsys, "w1")
+    row = status(capsys, "w1")
     path = row["worktree"]
     assert (row["branch"], row["base"]) == ("orch/w1", "main")
     assert row["cwd"] == os.path.join(path, "src")        # the same subfolder as --cwd
     assert path.startswith(orch.data_dir() + "/worktrees/repo-")
     retry_until(lambda: os.path.exists(os.path.join(path, "src", "new.txt")))
-    assert wt_row(capsys, "w1")["dirty"] is True
+    assert status(capsys, "w1")["dirty"] is True
     # The user's checkout: no new file, nothing untracked, still on main.
     assert not os.path.exists(os.path.join(sub, "new.txt"))
     assert git_out(repo.repo, "status", "--porcelain", "--untracked-files=all") == ""
@@ -1507,10 +1503,10 @@ def test_worktree_spawn_list_diff_and_rm_keep_work(repo, capsys):
     assert code == 1 and one_error(err), err
     assert "src/app.py" in err and "src/new.txt" in err and "--force" in err
     assert os.path.exists(os.path.join(path, "src", "new.txt"))
-    assert wt_row(capsys, "w1")["status"] == "working"
+    assert status(capsys, "w1")["status"] == "working"
     git_out(path, "add", "-A")
     git_out(path, "commit", "-q", "-m", "the rest")
-    assert wt_row(capsys, "w1")["dirty"] is False
+    assert status(capsys, "w1")["dirty"] is False
     code, out, err = run(capsys, "rm", "w1")
     assert (code, out) == (0, "removed w1 (kept branch orch/w1)\n"), err
     assert not os.path.exists(path) and not os.path.exists(os.path.dirname(path))
@@ -1522,7 +1518,7 @@ def test_worktree_rm_force_delete_branch_and_exited(repo, capsys):
     for name in ("c1", "d1", "u1"):
         assert run(capsys, "spawn", name, "--worktree", "--cwd", repo.repo,
                    "--cmd", "exec sleep 1000")[0] == 0
-    paths = dict((n, wt_row(capsys, n)["worktree"]) for n in ("c1", "d1", "u1"))
+    paths = dict((n, status(capsys, n)["worktree"]) for n in ("c1", "d1", "u1"))
     with open(os.path.join(paths["d1"], "README"), "w") as f:
         f.write("changed, not committed\n")
     git_out(paths["u1"], "commit", "-q", "--allow-empty", "-m", "not in main")
@@ -1556,7 +1552,7 @@ def test_worktree_branches_bases_and_refusals(repo, capsys):
     code, out, err = run(capsys, "spawn", "f1", "--worktree", "--cwd", r, "--branch", "feature",
                          "--cmd", "exec sleep 1000")
     assert code == 0, err
-    path = wt_row(capsys, "f1")["worktree"]
+    path = status(capsys, "f1")["worktree"]
     assert git_out(path, "rev-parse", "HEAD") == git_out(r, "rev-parse", "feature")
     # The branch is checked out in f1's worktree: git refuses a second, nothing is left.
     before = set(os.listdir(os.path.dirname(path)))
@@ -1567,7 +1563,7 @@ def test_worktree_branches_bases_and_refusals(repo, capsys):
     code, out, err = run(capsys, "spawn", "t1", "--worktree", "--cwd", r, "--base", "v1",
                          "--cmd", "exec sleep 1000")
     assert code == 0, err
-    row = wt_row(capsys, "t1")
+    row = status(capsys, "t1")
     assert (row["branch"], row["base"]) == ("orch/t1", "v1")
     assert git_out(row["worktree"], "rev-parse", "HEAD") == git_out(r, "rev-parse", "v1^{commit}")
     for args, wanted in ((["--branch", "bad..name"], "invalid branch name"),
@@ -1605,7 +1601,7 @@ def test_worktree_from_odd_repositories(repo, capsys, tmp_path):
     head = git_out(r, "rev-parse", "HEAD").strip()
     git_out(r, "checkout", "-q", "--detach", "HEAD~1")
     assert run(capsys, "spawn", "d1", "--worktree", "--cwd", r, "--cmd", "exec sleep 1000")[0] == 0
-    row = wt_row(capsys, "d1")
+    row = status(capsys, "d1")
     assert row["base"] == git_out(r, "rev-parse", "HEAD").strip() != head
     # A dirty checkout: the worktree starts from the last commit, and says so.
     git_out(r, "checkout", "-q", "main")
@@ -1614,7 +1610,7 @@ def test_worktree_from_odd_repositories(repo, capsys, tmp_path):
     code, out, err = run(capsys, "spawn", "e1", "--worktree", "--cwd", r, "--cmd",
                          "exec sleep 1000")
     assert code == 0 and "uncommitted changes in" in err and "not in agent e1's worktree" in err
-    with open(os.path.join(wt_row(capsys, "e1")["worktree"], "README")) as f:
+    with open(os.path.join(status(capsys, "e1")["worktree"], "README")) as f:
         assert f.read() == "hello\n"
     with open(os.path.join(r, "README")) as f:
         assert f.read() == "the user's edit\n"
@@ -1623,7 +1619,7 @@ def test_worktree_from_odd_repositories(repo, capsys, tmp_path):
 def test_worktree_resume_and_a_worktree_removed_by_hand(repo, capsys):
     assert run(capsys, "spawn", "w1", "--worktree", "--cwd", repo.repo, "--cmd",
                "pwd > where.txt; exec sleep 1000")[0] == 0
-    path = wt_row(capsys, "w1")["worktree"]
+    path = status(capsys, "w1")["worktree"]
     retry_until(lambda: os.path.exists(os.path.join(path, "where.txt")))
     os.unlink(os.path.join(path, "where.txt"))
     assert run(capsys, "kill", "w1")[0] == 0
@@ -1645,11 +1641,11 @@ def test_worktree_resume_and_a_worktree_removed_by_hand(repo, capsys):
 
 def test_worktree_of_a_moved_repository(repo, capsys, tmp_path):
     assert run(capsys, "spawn", "w1", "--worktree", "--cwd", repo.repo, "--cmd", WRITER)[0] == 0
-    path = wt_row(capsys, "w1")["worktree"]
+    path = status(capsys, "w1")["worktree"]
     retry_until(lambda: os.path.exists(os.path.join(path, "new.txt")))
     moved = str(tmp_path / "moved")
     os.rename(repo.repo, moved)
-    assert wt_row(capsys, "w1")["dirty"] is None        # unknown, not "clean"
+    assert status(capsys, "w1")["dirty"] is None        # unknown, not "clean"
     code, _, err = run(capsys, "diff", "w1")
     assert code == 1 and one_error(err) and "git worktree repair" in err, err
     code, _, err = run(capsys, "rm", "w1")
