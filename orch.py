@@ -3237,8 +3237,10 @@ def run_by_host(argv, args, named):
         groups.append(None)         # some agents are on this machine
     if len(groups) == 1:
         return run_remote(groups[0], for_group(argv, args, named, groups[0]), args)
-    if args.verb not in ("wait", "send", "rm", "kill", "events"):
-        raise OrchError("%s takes agents on one host at a time" % args.verb, EXIT_USAGE)
+    # Each host's output is printed when it is done: fine for these, not for a feed.
+    if args.verb not in ("wait", "send", "rm"):
+        raise OrchError("%s takes agents on one host at a time: run one `orch %s` per host"
+                        % (args.verb, args.verb), EXIT_USAGE)
     data = sys.stdin.buffer.read() if reads_stdin(args) else None
     results = {}
 

@@ -2029,6 +2029,8 @@ def test_hosts_list_all_hosts_with_one_down(hosts, capsys, monkeypatch):
         (None, "l1"), ("h1", "a1"), ("h2", "b1")]
     code, out, err = cli("wait", "a1@h1", "b1@h2", "l1", "--timeout", "30")
     assert code == 0 and sorted(out.splitlines()) == ["a1: idle", "b1: idle", "l1: idle"], err
+    code, _, err = run(capsys, "events", "a1@h1", "b1@h2")
+    assert code == 2 and one_error(err) and "one host at a time" in err
     code, out, err = cli("send", "--to", "a1@h1,b1@h2,l1", "to all three")
     assert code == 0 and sorted(out.splitlines()) == ["a1: submitted", "b1: submitted",
                                                       "l1: submitted"], err
