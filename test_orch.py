@@ -1825,7 +1825,11 @@ class Hosts(object):
 
 @pytest.fixture
 def hosts(env, monkeypatch):
-    world = Hosts(env, ["h1", "h2"])
+    # The far end runs the Python under test too (make test-pythons): first on its PATH.
+    far = os.path.join(env.root, "farbin")
+    os.makedirs(far)
+    os.symlink(cli_python(), os.path.join(far, "python3"))
+    world = Hosts(env, ["h1", "h2"], {"PATH": far + ":/usr/local/bin:/usr/bin:/bin"})
     monkeypatch.setenv("ORCH_SSH_CONFIG", world.config)
     # A wrapper on PATH counts each ssh orch runs.
     shim = os.path.join(env.root, "sshshim")
@@ -1848,9 +1852,13 @@ def ssh_count(hosts):
         return 0
 
 
-def test_hosts_every_verb_over_ssh(hosts, capsys):
+def test_cli_hosts_every_verb_over_ssh(hosts, capsys):
     def orch_cli(*args, **kw):
         return cli(*args, python=cli_python(), **kw)
+    version = orch_cli("--host", "h1", "doctor", "--json")[1]
+    assert json.loads(version)[0]["message"].startswith("Python %s" % subprocess.run(
+        [cli_python(), "-c", "import platform; print(platform.python_version())"],
+        stdout=subprocess.PIPE, universal_newlines=True).stdout.strip())
     code, out, err = orch_cli("--host", "h1", "spawn", "a1", "first task")
     assert code == 0 and "started agent a1" in out, err
     assert list(hosts.state("h1")["agents"]) == ["a1"]
