@@ -2655,6 +2655,17 @@ def git_says(stderr):
     return "git says: " + shorten("; ".join(words) or "nothing (exit code only)", 300)
 
 
+def git_has(ref, where):
+    """True if ref (refs/heads/BRANCH, or REF^{commit}) names something in the repository."""
+    return git_run(["rev-parse", "--verify", "--quiet", ref], where).returncode == 0
+
+
+def worktree_works(wt):
+    """True if the worktree is there and git still finds its repository from it."""
+    return os.path.isdir(wt["path"]) and git_run(["rev-parse", "--git-dir"],
+                                                 wt["path"]).returncode == 0
+
+
 _git_checked = []
 
 
@@ -2747,8 +2758,7 @@ def make_worktree(name, cwd, branch=None, base=None):
         raise OrchError("%s already exists (left by an earlier agent %s?): look in it, then "
                         "`git worktree remove %s`, or choose another name" % (path, name, path))
     make_private_dir(os.path.dirname(path))
-    exists = git_run(["rev-parse", "--verify", "--quiet", "refs/heads/" + branch], top)
-    new_branch = exists.returncode != 0
+    new_branch = not git_has("refs/heads/" + branch, top)
     add = ["-b", branch, path, base_commit] if new_branch else [path, branch]
     git(["worktree", "add", "--quiet"] + add, top, "cannot make a worktree for agent %s" % name)
     if base is None and git_run(["diff", "--quiet", "HEAD", "--"], top).returncode == 1:
@@ -2786,7 +2796,7 @@ def worktree_git_dir(agent):
                         "`orch rm %s` forgets the agent" % (agent["name"], wt["path"],
                                                              agent["name"]))
     check_git()
-    if git_run(["rev-parse", "--git-dir"], wt["path"]).returncode != 0:
+    if not worktree_works(wt):
         raise OrchError("the worktree %s of agent %s has lost its repository (was %s moved or "
                         "deleted? after a move, run `git worktree repair %s` in its new place)"
                         % (wt["path"], agent["name"], wt["repo"], wt["path"]))
@@ -2813,11 +2823,9 @@ def base_point(wt):
 
 def branch_merged(repo, wt):
     """True when every commit of the agent's branch is in its base (or the branch is gone)."""
-    if git_run(["rev-parse", "--verify", "--quiet", "refs/heads/" + wt["branch"]],
-               repo).returncode != 0:
+    if not git_has("refs/heads/" + wt["branch"], repo):
         return True
-    base = wt["base"] if git_run(["rev-parse", "--verify", "--quiet", wt["base"] + "^{commit}"],
-                                 repo).returncode == 0 else wt["base_commit"]
+    base = wt["base"] if git_has(wt["base"] + "^{commit}", repo) else wt["base_commit"]
     return git_run(["merge-base", "--is-ancestor", "refs/heads/" + wt["branch"], base],
                    repo).returncode == 0
 
@@ -2828,7 +2836,7 @@ def rm_refusal(agent, force, delete_branch):
     check_git()
     repo = repository_dir(wt)
     if os.path.isdir(wt["path"]) and not force:
-        if repo is None or git_run(["rev-parse", "--git-dir"], wt["path"]).returncode != 0:
+        if repo is None or not worktree_works(wt):
             return ("cannot check the worktree %s of agent %s for uncommitted work: its "
                     "repository is gone from %s; `orch rm %s --force` deletes the folder anyway"
                     % (wt["path"], name, wt["repo"], name))
@@ -2859,8 +2867,7 @@ def remove_worktree(agent, force, delete_branch):
     git(["worktree", "remove"] + (["--force"] if force else []) + [wt["path"]], repo,
         "cannot remove the worktree of agent %s" % agent["name"])
     remove_if_empty(os.path.dirname(wt["path"]))
-    branch = "refs/heads/" + wt["branch"]
-    if git_run(["rev-parse", "--verify", "--quiet", branch], repo).returncode != 0:
+    if not git_has("refs/heads/" + wt["branch"], repo):
         return None
     if delete_branch:
         git(["branch", "-D", wt["branch"]], repo, "cannot delete branch %s" % wt["branch"])
@@ -3034,9 +3041,17 @@ def check_host(host):
     return host
 
 
-def own_source():
-    with open(os.path.abspath(__file__), "rb") as f:
-        return f.read()
+_shipped = []
+
+
+def shipped():
+    """(this file's bytes, their sha256): what goes to a host, read once per command."""
+    if not _shipped:
+        import hashlib
+        with open(os.path.abspath(__file__), "rb") as f:
+            source = f.read()
+        _shipped.append((source, hashlib.sha256(source).hexdigest()))
+    return _shipped[0]
 
 
 def control_dir():
@@ -3137,9 +3152,7 @@ def ssh_once(host, digest, head, data, tty=False, capture=False):
 
 def on_host(host, argv, data=None, tty=False, capture=False):
     """Run `orch ARGV` on host, shipping orch there first if it is not; return as ssh_once."""
-    import hashlib
-    source = own_source()
-    digest = hashlib.sha256(source).hexdigest()
+    source, digest = shipped()
     head = {"argv": argv, "ship": 0, "watch": data is None and not tty}
     code, out, err = ssh_once(host, digest, head, data, tty, capture)
     if code == SHIP_EXIT:
@@ -3713,7 +3726,8 @@ def status_change(name, old, new, when=None):
         return None
     when = when or time.time()
     return {"t": round(when, 3),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(when)), "name": name, "from": old["status"] if old else None,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(when)), "name": name,
+            "from": old["status"] if old else None,
             "to": new["status"] if new else "removed",
             "needs": new["needs"] if new else None, "detail": new["detail"] if new else None}
 
