@@ -2469,12 +2469,23 @@ def dialog_on_screen(rows):
     return None
 
 
+# Events after a PermissionRequest that show its dialog was answered already.
+ANSWERED_BY = ("PreToolUse", "PostToolUse", "UserPromptSubmit", "Stop", "SessionStart")
+
+
 def permission_request(agent):
-    """The latest PermissionRequest hook event of this run of the agent, or None."""
+    """The PermissionRequest hook event of the dialog up now, or None.
+
+    Only one that nothing has answered since: claude's own status file can
+    say "waiting" a moment before the hook of a new dialog lands, and the
+    request before it (approved, denied) must not stand in for it.
+    """
     launched = agent.get("launched", agent.get("created", 0))
     for event in reversed(read_events(agent["name"], since=launched, tail_bytes=65536)):
         if event.get("event") == "PermissionRequest":
             return event
+        if event.get("event") in ANSWERED_BY:
+            return None
     return None
 
 
@@ -2518,7 +2529,7 @@ def open_dialog(agent, tool=None):
             st["needs"], "is %s, not at a permission dialog" % st["status"])
         raise OrchError("agent %s %s; nothing was pressed: look with `orch tail %s`"
                         % (name, what, name), EXIT_NEEDS_INPUT)
-    request = permission_request(agent)
+    request = retry_until(lambda: permission_request(agent), 3.0)
     if request is None:
         raise OrchError("agent %s shows a dialog its hooks did not describe; nothing was "
                         "pressed: answer with `orch attach %s`" % (name, name), EXIT_NEEDS_INPUT)

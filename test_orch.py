@@ -1093,6 +1093,25 @@ def test_deny_cancels_with_escape_and_never_approves(versioned, capsys):
     assert run(capsys, "send", "a1", "do something else")[0] == 0
 
 
+def test_only_an_unanswered_permission_request_describes_the_dialog(env):
+    agent = {"name": "p1", "created": 0}
+    os.makedirs(orch.agent_dir("p1"))
+
+    def events(*names):
+        with open(orch.events_path("p1"), "w") as f:
+            for i, name in enumerate(names):
+                f.write(json.dumps({"t": 1.0 + i, "event": name, "tool_name": "Bash",
+                                    "n": i}) + "\n")
+        request = orch.permission_request(agent)
+        return request and request["n"]
+    assert events("UserPromptSubmit", "PreToolUse", "PermissionRequest", "Notification") == 2
+    # The next dialog's status came first, its hook not yet: the old request is no answer.
+    assert events("PreToolUse", "PermissionRequest", "PostToolUse", "Stop",
+                  "UserPromptSubmit", "PreToolUse") is None
+    assert events("PreToolUse", "PermissionRequest", "PostToolUse", "PreToolUse",
+                  "PermissionRequest") == 4
+
+
 def test_approve_refuses_whatever_it_cannot_vouch_for(env, capsys):
     assert run(capsys, "spawn", "a1", "ASK OTHERTOOL to run a tool")[0] == 0
     assert run(capsys, "spawn", "a2", "ASK to run a tool")[0] == 0
