@@ -17,6 +17,7 @@ Standard library only; runs on Python 3.6+ and tmux 3.0+.  See README.md.
 import argparse
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -47,7 +48,6 @@ HOOK_EVENTS = ("SessionStart", "UserPromptSubmit", "PreToolUse", "PostToolUse",
                "PermissionRequest", "Notification", "Stop", "SessionEnd")
 
 SEP = "\x1e"                # ASCII record separator: never appears in tmux names/paths we use
-PROMPT_ARGV_MAX = 100000    # bytes; Linux refuses one argument over 128 KiB
 
 
 # ###########################################################################
@@ -114,17 +114,20 @@ def agent_dir(name):
 
 def make_private_dir(path):
     """Create path and its parents up to the data folder, each 0700 (makedirs sets only the leaf)."""
+    if path == data_dir():
+        make_folders(os.path.dirname(path))     # ORCH_STATE may name a folder not made yet
+        check_places()
     if os.path.isdir(path):
         return path
-    parent = os.path.dirname(path)
-    if path != data_dir() and not os.path.isdir(parent):
-        make_private_dir(parent)
-    elif path == data_dir():
-        os.makedirs(parent, exist_ok=True)      # ORCH_STATE may name a folder not made yet
+    if path != data_dir():
+        make_private_dir(os.path.dirname(path))
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
-        pass            # another orch made it first
+        pass            # another orch made it first; it is checked below as any would be
+    problem = own_folder_problem(path)
+    if problem:
+        raise OrchError(problem)
     return path
 
 
@@ -159,6 +162,173 @@ def check_name(name):
 
 
 # ###########################################################################
+# Private places: nothing another local user can read, plant or replace
+# ###########################################################################
+#
+# Servers are shared.  Another account may have made, or may be able to
+# change, a folder orch is pointed at (ORCH_STATE=/tmp/... in a script): it
+# could then replace the hook program claude runs, or plant a state file
+# whose agents orch would start as you.  So, as OpenSSH's StrictModes asks of
+# ~/.ssh: every folder on the way to what orch keeps belongs to you or root
+# and nobody else can write to it (a sticky folder such as /tmp may be passed
+# through, never kept in), what orch keeps is yours alone, and every file is
+# created under a random name with O_EXCL|O_NOFOLLOW, so nothing is written
+# through a link.
+
+def user_name(uid):
+    import pwd
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return "uid %d" % uid
+
+
+def group_is_mine(gid):
+    """True when the group holds this user alone (a user-private group, as Debian makes)."""
+    import grp
+    import pwd
+    try:
+        members = grp.getgrgid(gid).gr_mem
+    except KeyError:
+        return False
+    if any(member != user_name(os.getuid()) for member in members):
+        return False
+    return all(p.pw_uid == os.getuid() for p in pwd.getpwall() if p.pw_gid == gid)
+
+
+def others_can_write(info):
+    if info.st_mode & stat.S_IWOTH:
+        return True
+    return bool(info.st_mode & stat.S_IWGRP) and not group_is_mine(info.st_gid)
+
+
+def place_problem(path, keep=True):
+    """Why another user could change what is at path (links followed), or None.
+
+    keep: orch keeps files in the last folder, so nobody else may write to
+    it; on the way, a sticky folder (/tmp) is fine, as others can neither
+    rename nor remove what is yours in it.  What does not exist yet is fine:
+    orch makes it 0700 and checks again.
+    """
+    me, todo, current, links = os.getuid(), os.path.abspath(path).split("/"), "/", 0
+    while todo:
+        part = todo.pop(0)
+        if part in ("", "."):
+            continue
+        here = os.path.dirname(current) if part == ".." else os.path.join(current, part)
+        try:
+            info = os.lstat(here)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            return "cannot check %s (%s)" % (here, e.strerror or e)
+        if info.st_uid not in (me, 0):
+            return "%s belongs to %s" % (here, user_name(info.st_uid))
+        if stat.S_ISLNK(info.st_mode):
+            links += 1
+            if links > 40:
+                return "%s: too many symbolic links" % here
+            target = os.readlink(here)
+            todo = target.split("/") + todo
+            current = "/" if target.startswith("/") else current
+            continue
+        if stat.S_ISDIR(info.st_mode) and others_can_write(info) and (
+                keep and not [p for p in todo if p not in ("", ".")]
+                or not info.st_mode & stat.S_ISVTX):
+            return "other users can write to %s" % here
+        current = here
+    return None
+
+
+def own_folder_problem(path):
+    """Why orch must not keep files in the folder path, or None."""
+    try:
+        info = os.lstat(path)
+    except OSError as e:
+        return "cannot use %s: %s" % (path, e.strerror or e)
+    if stat.S_ISLNK(info.st_mode):
+        problem = place_problem(path)
+        if problem:
+            return "refusing %s, a link: %s" % (path, problem)
+        info = os.stat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        return "%s is not a folder: move it away" % path
+    if info.st_uid != os.getuid():
+        return ("refusing %s: it belongs to %s, who could replace the programs orch runs "
+                "there as you: move it away" % (path, user_name(info.st_uid)))
+    if others_can_write(info):
+        return ("refusing %s: other users can write to it (mode %03o): chmod 700 %s"
+                % (path, info.st_mode & 0o777, path))
+    return None
+
+
+def file_problem(path, info):
+    """Why the file orch opened at path (its fstat is info) may not be trusted, or None."""
+    if info.st_uid != os.getuid():
+        return ("refusing %s: it belongs to %s, not you; its agents could run their "
+                "commands as you: move it away" % (path, user_name(info.st_uid)))
+    if others_can_write(info):
+        return ("refusing %s: other users can write to it (mode %03o): chmod 600 %s"
+                % (path, info.st_mode & 0o777, path))
+    return None
+
+
+_checked = set()
+
+
+def check_places():
+    """Refuse a state file or data folder that another user could change (once per process)."""
+    path = state_path()
+    if path in _checked:
+        return
+    folder = os.path.dirname(path)
+    problem = place_problem(folder) or place_problem(path) or (
+        os.path.lexists(data_dir()) and own_folder_problem(data_dir()))
+    if problem:
+        raise OrchError("%s; orch keeps agents' prompts and the programs they run beside its "
+                        "state, so it must be a place only you can change: point ORCH_STATE "
+                        "at one (the default ~/.orch.json is)" % problem)
+    _checked.add(path)
+
+
+def make_folders(path):
+    """Make path's missing folders 0700 (whatever the umask), refusing one someone else made."""
+    missing = []
+    while not os.path.lexists(path) and path != os.path.dirname(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise OrchError("cannot create folder %s: %s" % (folder, e.strerror or e))
+        problem = own_folder_problem(folder)
+        if problem:
+            raise OrchError(problem)
+
+
+def check_socket(socket):
+    """Refuse a tmux socket path that another user's server listens on."""
+    if not socket or "/" not in socket or socket in _checked:
+        return
+    path = os.path.abspath(socket)
+    problem = place_problem(os.path.dirname(path), keep=False)
+    try:
+        info = os.lstat(path)
+        if info.st_uid != os.getuid():
+            problem = problem or "%s belongs to %s" % (path, user_name(info.st_uid))
+    except OSError:
+        pass
+    if problem:
+        raise OrchError("refusing tmux socket %s: %s, whose tmux server would see every "
+                        "prompt and run every agent: use a socket of your own (a name such as "
+                        "ORCH_TMUX_SOCKET=orch is kept in tmux's private folder)" % (socket, problem))
+    _checked.add(socket)
+
+
+# ###########################################################################
 # tmux runner: every tmux call goes through tmux()
 # ###########################################################################
 
@@ -169,7 +339,8 @@ def tmux_argv(socket, args, utf8=True):
     # user's terminal as their locale says (utf8=False).
     argv = ["tmux", "-u"] if utf8 else ["tmux"]
     if socket:
-        # A socket given as a path is used as is; a bare name is tmux's -L.
+        # A socket given as a path is used as is (if it is yours); a bare name is tmux's -L.
+        check_socket(socket)
         argv += ["-S" if "/" in socket else "-L", socket]
     return argv + list(args)
 
@@ -385,9 +556,9 @@ def fields_problem(record, fields, prefix):
 
 def load_state():
     path = state_path()
+    check_places()
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         if os.path.islink(path):
             raise OrchError("state file %s is a symbolic link to %s, which does not exist: "
@@ -396,6 +567,11 @@ def load_state():
         return empty_state()
     except OSError as e:
         raise OrchError("cannot read state file %s: %s" % (path, e.strerror or e))
+    with os.fdopen(fd, "rb") as f:
+        problem = file_problem(path, os.fstat(fd))
+        if problem:
+            raise OrchError(problem)
+        data = f.read()
     return parse_state(decode_utf8(data, "state file %s" % path, EXIT_ERROR), path)
 
 
@@ -403,13 +579,19 @@ def write_file_atomic(path, text, mode=0o600):
     """Write text to path via a fsynced temp file in the same folder, then rename.
 
     Readers see the old file or the new one, never a part: a full disk or a
-    kill half-way leaves the old one.  A symbolic link is written through.
+    kill half-way leaves the old one.  A symbolic link is written through
+    (the folders on the way are checked: it is the user's own).  The temp
+    file has a random name and is made with O_EXCL|O_NOFOLLOW, so a link
+    planted in advance is never followed.
     """
     path = os.path.realpath(path)
-    tmp = "%s.tmp.%d" % (path, os.getpid())
+    folder, base = os.path.split(path)
+    tmp = os.path.join(folder, ".%s.%s.tmp" % (base, os.urandom(8).hex()))
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     mode)
         try:
+            os.fchmod(fd, mode)     # exactly mode: a umask can take bits away, never add
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
                 f.flush()
@@ -425,6 +607,19 @@ def write_file_atomic(path, text, mode=0o600):
         raise OrchError("cannot write %s: %s; the file is as it was" % (path, e.strerror or e))
 
 
+def open_private(path, flags=os.O_RDWR):
+    """Open (creating, 0600) a file of orch's own, never through a link; refuse another's."""
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise OrchError("cannot open %s: %s" % (path, e.strerror or e))
+    problem = file_problem(path, os.fstat(fd))
+    if problem:
+        os.close(fd)
+        raise OrchError(problem)
+    return fd
+
+
 class LockedState(object):
     """`with LockedState() as state:` loads under an exclusive lock, saves on success."""
 
@@ -436,12 +631,9 @@ class LockedState(object):
 
     def __enter__(self):
         import fcntl
-        folder = os.path.dirname(self.path)
-        try:
-            os.makedirs(folder, exist_ok=True)
-            self.lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as e:
-            raise OrchError("cannot lock state file %s: %s" % (self.path, e))
+        make_folders(os.path.dirname(self.path))
+        check_places()
+        self.lock_fd = open_private(self.path + ".lock")
         fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
         try:
             self.state = load_state()
@@ -525,10 +717,12 @@ def main():
         # The whole answer, for `orch reply`; kept before the Stop line is, so
         # whoever sees the turn end finds its answer.
         keep = os.path.join(os.path.dirname(path), "reply.json")
-        with open(keep + ".%d" % os.getpid(), "w", encoding="utf-8") as f:
+        tmp = "%s.%s.tmp" % (keep, os.urandom(8).hex())
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        with os.fdopen(os.open(tmp, flags, 0o600), "w", encoding="utf-8") as f:
             json.dump({"t": line["t"], "text": reply, "session_id": line["session_id"]}, f)
-        os.replace(keep + ".%d" % os.getpid(), keep)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.replace(tmp, keep)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         os.write(fd, (json.dumps(line) + "\n").encode("utf-8"))
     finally:
@@ -1083,26 +1277,39 @@ def is_shell_word(word):
     return word in ("exec", "cd", "env", "set", "export", "exit", "true", "false", ":", ".", "{", "(")
 
 
-def launch_script(argv, cwd, env):
-    """Return a /bin/sh script that runs argv in cwd with exactly env.
+# Run by the launch script: the agent's environment comes from a private file,
+# so no value of it (API keys!) is ever on a command line, which every local
+# user can read in /proc/PID/cmdline.  Any name and byte survive, as with env -i.
+EXEC_AGENT = r"""import json, os, sys
+with open(sys.argv[1], encoding="utf-8") as f:
+    spec = json.load(f)
+env = dict(spec["env"], TERM=os.environ.get("TERM") or "screen")
+try:
+    os.execve(spec["argv"][0], spec["argv"], env)
+except OSError as e:
+    sys.stderr.write("orch: cannot start %s: %s\n" % (spec["argv"][0], e.strerror))
+    sys.exit(127)
+"""
 
-    Every value is shell-quoted, so prompts, names and environment values are
-    data, never code.  The pane gets remain-on-exit from inside, before the
-    agent starts: set from outside, it races with an agent that exits at once.
+
+def launch_script(spec_path, cwd):
+    """Return the /bin/sh script that starts the agent described in spec_path, in cwd.
+
+    The pane gets remain-on-exit from inside, before the agent starts: set
+    from outside, it races with an agent that exits at once.  tmux's TERM is
+    the right one inside the pane, not the caller's.
     """
     import shlex
     import shutil
     q = shlex.quote
     tmux_bin = shutil.which("tmux") or "tmux"
-    assignments = " ".join(q("%s=%s" % (k, v)) for k, v in sorted(env.items()) if k != "TERM")
     return "\n".join([
         "#!/bin/sh",
         "# Written by orch: starts one agent. Safe to delete once it runs.",
         '%s -S "${TMUX%%%%,*}" set-option -w -t "$TMUX_PANE" remain-on-exit on >/dev/null 2>&1'
         % q(tmux_bin),
         "cd %s || exit 126" % q(cwd),
-        # tmux's TERM is the right one inside the pane, not the caller's.
-        'exec env -i "TERM=$TERM" %s %s' % (assignments, " ".join(q(a) for a in argv)),
+        "exec %s -I -S -c %s %s" % (q(sys.executable), q(EXEC_AGENT), q(spec_path)),
         ""])
 
 
@@ -1155,22 +1362,22 @@ def keep_alive(socket, session):
     return chain + [";", "show-options", "-sv", "exit-unattached"]
 
 
-def claude_argv(agent, program, resume_id=None, prompt=None):
+def claude_argv(agent, program, resume_id=None):
+    """claude's command line: never a prompt (every local user can read it); that is pasted."""
     argv = [program]
     argv += ["--resume", resume_id] if resume_id else ["--session-id", agent["session_id"]]
     argv += ["--name", agent["name"], "--settings", hook_settings(agent["name"])]
-    argv += agent.get("extra_args") or []
-    if prompt is not None:
-        argv += ["--", prompt]      # "--": a prompt starting with "-" is not an option
-    return argv
+    return argv + (agent.get("extra_args") or [])
 
 
 def start_in_tmux(agent, argv):
-    """Write the agent's launch script and start it in a new window of the session."""
+    """Write the agent's launch files and start it in a new window of the session."""
     folder = agent_dir(agent["name"])
     make_private_dir(folder)
+    spec = os.path.join(folder, "launch.json")
+    write_file_atomic(spec, json.dumps({"argv": argv, "env": agent_environment()}))
     script = os.path.join(folder, "launch.sh")
-    write_file_atomic(script, launch_script(argv, agent["cwd"], agent_environment()), 0o700)
+    write_file_atomic(script, launch_script(spec, agent["cwd"]), 0o700)
     agent["launched"] = time.time()
     agent["tmux"] = new_window(agent["tmux"]["socket"], agent["tmux"]["session"],
                                agent["name"], agent["cwd"], ["/bin/sh", script])
@@ -1238,7 +1445,7 @@ def trust_folder(cwd):
     import fcntl
     path = os.path.join(os.path.expanduser("~"), ".claude.json")
     make_private_dir(data_dir())
-    lock = os.open(os.path.join(data_dir(), "claude-json.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    lock = open_private(os.path.join(data_dir(), "claude-json.lock"))
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -1272,10 +1479,6 @@ def escape_leading(text):
     if text.lstrip()[:1] in ("/", "!", "#", "&", "@"):
         return "\\" + text
     return text
-
-
-def prompt_fits_argv(prompt):
-    return prompt is not None and len(prompt.encode("utf-8")) <= PROMPT_ARGV_MAX
 
 
 def wait_until_started(agent, timeout):
@@ -1367,7 +1570,7 @@ class SendLock(object):
     def __enter__(self):
         import fcntl
         make_private_dir(os.path.dirname(self.path))
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.fd = open_private(self.path)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
 
@@ -1497,15 +1700,51 @@ def prepare_pane(agent, st, force):
     leave_tmux_mode(agent)
     if agent.get("cmd") or st["status"] == "needs-input":
         return      # no input box orch knows of (a dialog replaces claude's)
-    typed = typed_text(agent)
+    typed, own = typed_by_someone(agent)
     if typed and not force:
-        raise OrchError("agent %s has text in its input box that orch did not type (%r); it "
-                        "would go with your message as one prompt. Nothing was typed: finish "
-                        "or clear it with `orch attach %s`, or send with --force to clear it"
-                        % (name, shorten(typed, 40), name), EXIT_NEEDS_INPUT)
+        who = "it still holds orch's last message, put back by an interrupt?" if own else \
+            "orch did not type it"
+        raise OrchError("agent %s has text in its input box (%r; %s); it would go with your "
+                        "message as one prompt. Nothing was typed: finish or clear it with "
+                        "`orch attach %s`, or send with --force to clear it"
+                        % (name, shorten(typed, 40), who, name), EXIT_NEEDS_INPUT)
     if typed and not clear_input_box(agent):
         raise OrchError("agent %s's input box would not clear; nothing was typed: look with "
                         "`orch attach %s`" % (name, name), EXIT_NEEDS_INPUT)
+
+
+REDRAW_WAIT = 10.0   # seconds a busy machine may take to redraw the box after a hook fired
+
+
+def typed_by_someone(agent):
+    """(text in claude's input box, whether it is orch's own last message), ('', False) if empty.
+
+    Claude fires the hook that confirms a message a moment before it redraws
+    its input box: on a busy machine the next send can find orch's own
+    message still drawn there.  A screen that has not caught up is not a
+    person: while the box shows the message orch typed last, wait for the redraw.
+    """
+    typed = typed_text(agent)
+    last = (read_json_lines(hpath(agent["name"], "sent"), tail_bytes=65536) or [{}])[-1]
+    if not typed or not is_drawn_as(typed, last.get("prompt") or ""):
+        return typed, False
+
+    def redrawn():
+        now = typed_text(agent)
+        return (now,) if not is_drawn_as(now, last["prompt"]) else None
+    found = retry_until(redrawn, REDRAW_WAIT)
+    return (found[0], False) if found else (typed, True)
+
+
+def is_drawn_as(box, message):
+    """True when claude's input box line box shows (the start of) message."""
+    import re
+    box = normalize_prompt(box).rstrip("…").strip()
+    if not box or not message:
+        return False
+    if re.match(r"\[Pasted text #\d+", box):
+        return True         # how claude shows a long paste: orch's, as the last text it typed
+    return normalize_prompt(message).startswith(box)
 
 
 def leave_tmux_mode(agent):
@@ -1722,8 +1961,7 @@ def supervise(folder):
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     writer = os.open(fifo, os.O_WRONLY)     # held open: claude sees no EOF until kill
     set_blocking(reader)
-    log = os.open(os.path.join(folder, "output.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-                  0o600)
+    log = open_private(os.path.join(folder, "output.jsonl"), os.O_WRONLY | os.O_APPEND)
     try:
         proc = subprocess.Popen(spec["argv"], stdin=reader, stdout=log, stderr=log,
                                 cwd=spec["cwd"], env=spec["env"])
@@ -1958,7 +2196,7 @@ def log_size(name):
 
 
 def append_line(path, line):
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = open_private(path, os.O_WRONLY | os.O_APPEND)
     try:
         os.write(fd, (line + "\n").encode("utf-8"))
     finally:
@@ -3566,13 +3804,14 @@ def tmux_confirm_start(agent, first, verb):
         outcome = ""
         if st["status"] == "needs-input" and st["needs"] == "trust":
             print("%s agent %s, but it is waiting at a %s dialog: answer it with "
-                  "`orch attach %s`%s" % (verb, name, st["needs"], name,
-                                            " (or start it with --trust)"))
+                  "`orch attach %s` (or start it with --trust)%s" % (
+                      verb, name, st["needs"], name, "; its first message was not typed: "
+                      "`orch send %s` it once the dialog is answered" % name if first else ""))
             return EXIT_NEEDS_INPUT
         if st["status"] == "starting":
             raise OrchError("agent %s is running but did not report ready within %gs; "
                             "look with `orch tail %s`" % (name, timeout, name), EXIT_UNCONFIRMED)
-        if first is not None and not agent.get("first_prompt_sha"):
+        if first is not None:
             outcome = ", first message " + send_message(agent, first, raw=True)
         print("%s agent %s (claude, tmux, session %s)%s" % (verb, name, agent["session_id"],
                                                             outcome))
@@ -4467,12 +4706,13 @@ class TmuxBackend(object):
 
     @staticmethod
     def start(agent, program, prompt, resume_id=None):
-        """Open the agent's window; a prompt that fits goes on claude's command line."""
+        """Open the agent's window; confirm_start pastes the prompt once it is ready."""
         if agent.get("cmd"):
-            return start_in_tmux(agent, ["/bin/sh", "-c", agent["cmd"]])
-        on_argv = prompt if prompt_fits_argv(prompt) else None
-        agent["first_prompt_sha"] = prompt_sha(on_argv) if on_argv else None
-        start_in_tmux(agent, claude_argv(agent, program, resume_id=resume_id, prompt=on_argv))
+            # From a file, not `sh -c CMD`: a command may carry a key, and argv is public.
+            script = os.path.join(make_private_dir(agent_dir(agent["name"])), "cmd.sh")
+            write_file_atomic(script, agent["cmd"] + "\n")
+            return start_in_tmux(agent, ["/bin/sh", script])
+        start_in_tmux(agent, claude_argv(agent, program, resume_id=resume_id))
 
     @staticmethod
     def reply(agent):

@@ -63,7 +63,8 @@ FAKE_AGENT = r"""#!PYTHON
 # answers it), ASKSLOW-N (the approved tool runs N s), OTHERTOOL (the dialog
 # shows another command than its hook names; FAKE_DIALOG_GUARD=S ignores a
 # digit in the dialog's first S seconds), EXIT-N (exit N),
-# SWALLOW (the first Enter after it is lost).  Logs to $FAKE_LOG/<pid>.jsonl.
+# SWALLOW (the first Enter after it is lost); FAKE_REDRAW_LATE=S (the input box
+# empties S seconds after the hook, as on a busy machine).  Logs to $FAKE_LOG/<pid>.jsonl.
 # Versions differ; by default it acts like Claude Code 2.1.197.  Like 2.1.330:
 # FAKE_QUEUE=immediate (a message typed during a turn fires UserPromptSubmit at
 # once, with the running turn's prompt_id; its turn fires none), FAKE_PASTE_WRAP=1
@@ -212,6 +213,7 @@ def submit(text, hooked=False):
         if w.startswith("SLOW-"):
             state.update(mode="busy", until=time.time() + float(w[5:]))
             say("* Working... (esc to interrupt)")
+            redraw_box()
             return
     for w in words:
         if w.startswith("ASKSLOW-"):    # a dialog, then the approved tool runs N s
@@ -242,6 +244,15 @@ def submit(text, hooked=False):
         return
     finish("reply: " + " ".join(words)[:60])
 
+def redraw_box():
+    # Like claude: the input box empties once a message is taken; FAKE_REDRAW_LATE=S
+    # draws it S seconds late, after the hook, as a busy machine does.
+    late = float(os.environ.get("FAKE_REDRAW_LATE") or 0)
+    if late:
+        state["redraw_at"] = time.time() + late
+    else:
+        say("\u276f ")
+
 def finish(reply):
     if state.pop("after_tool", False):
         hook("PostToolUse", tool_name="Bash")
@@ -268,7 +279,7 @@ def finish(reply):
                 hook("UserPromptSubmit", prompt=text.strip())
         submit("\n\n".join(queued), hooked=True)
     else:
-        say("\u276f ")
+        redraw_box()
 
 def enter(text):
     mode = state["mode"]
@@ -349,8 +360,13 @@ else:
 data, pasted, pasting = b"", b"", False
 typed = ""
 while True:
-    timeout = max(0.0, state["until"] - time.time()) if state["mode"] == "busy" else None
+    due = [state["until"]] if state["mode"] == "busy" else []
+    due += [state["redraw_at"]] if state.get("redraw_at") else []
+    timeout = max(0.0, min(due) - time.time()) if due else None
     ready, _, _ = select.select([fd], [], [], timeout)
+    if state.get("redraw_at") and time.time() >= state["redraw_at"]:
+        state["redraw_at"] = None
+        say("\u276f ")
     if state["mode"] == "busy" and time.time() >= state["until"]:
         finish("slow reply done")
     if not ready:
@@ -442,7 +458,7 @@ class Env(object):
                     "ORCH_SESSION", "ORCH_TRACE", "ORCH_BACKEND", "FAKE_TRUST",
                     "FAKE_DIE_AT_START", "FAKE_START_DELAY", "FAKE_QUEUE", "FAKE_PASTE_WRAP",
                     "FAKE_DEFAULT_MODE", "FAKE_SLASH_AFTER_BLANKS", "FAKE_VERSION",
-                    "FAKE_NO_HOOKS", "FAKE_NO_OPTION", "FAKE_DIALOG_GUARD"):
+                    "FAKE_NO_HOOKS", "FAKE_NO_OPTION", "FAKE_DIALOG_GUARD", "FAKE_REDRAW_LATE"):
             monkeypatch.delenv(var, raising=False)
         env = {"HOME": self.home, "ORCH_STATE": os.path.join(root, "state.json"),
                "ORCH_TMUX_SOCKET": self.socket, "TMUX_TMPDIR": self.tmpdir,
@@ -623,6 +639,7 @@ def test_spawn_delivers_prompt_and_records_agent(env, capsys):
     assert argv[argv.index("--session-id") + 1] == agent["session_id"]
     assert argv[argv.index("--name") + 1] == "a1"
     assert start["cwd"] == env.work
+    assert not [a for a in argv if "fix the tests" in a]     # pasted: argv is public
     assert env.messages() == ["fix the tests"]
     assert wait_status(capsys, "a1", "idle")["last_prompt"] == "fix the tests"
 
@@ -644,7 +661,6 @@ def test_spawn_gives_agent_the_callers_environment(env, capsys, monkeypatch):
 def test_spawn_huge_prompt_with_shell_metacharacters_arrives_exactly(env, capsys):
     unit = "q'uote \"dq\" $(touch pwned) `touch pwned2` ; & | > x < y \\ \u00e9\u6f22\U0001F600\n"
     prompt = (unit * (105000 // len(unit.encode("utf-8")) + 1)).rstrip("\n")
-    assert len(prompt.encode("utf-8")) > orch.PROMPT_ARGV_MAX    # goes by paste, not argv
     code, out, err = run(capsys, "spawn", "big", "-", stdin=prompt)
     assert code == 0, err
     assert "submitted" in out
@@ -653,11 +669,12 @@ def test_spawn_huge_prompt_with_shell_metacharacters_arrives_exactly(env, capsys
         assert not [n for n in os.listdir(path) if n.startswith("pwned")]
 
 
-def test_spawn_prompt_on_argv_with_metacharacters(env, capsys):
+def test_spawn_prompt_with_metacharacters_arrives_exactly(env, capsys):
     prompt = "-leading dash; $(touch pwned) `id` 'single' \"double\"\nsecond line \u2713"
     code, _, err = run(capsys, "spawn", "a1", prompt)
     assert code == 0, err
     assert env.messages() == [prompt]
+    assert "--" not in env.records("start")[0]["argv"]
     assert not os.path.exists(os.path.join(env.work, "pwned"))
 
 
@@ -676,8 +693,8 @@ def test_spawn_passes_extra_args_after_double_dash(env, capsys):
     code, _, err = run(capsys, "spawn", "a1", "go", "--", "--model", "x", "--allowedTools", "Bash")
     assert code == 0, err
     argv = env.records("start")[0]["argv"]
-    assert argv[-2:] == ["--", "go"]
-    assert ["--model", "x", "--allowedTools", "Bash"] == argv[-6:-2]
+    assert ["--model", "x", "--allowedTools", "Bash"] == argv[-4:]
+    assert env.messages() == ["go"]
 
 
 def test_spawn_refuses_duplicates(env, capsys):
@@ -745,6 +762,27 @@ def test_send_hard_messages_arrive_exactly_once_in_order(env, capsys):
     assert received[:-1] == HARD_MESSAGES[:-2] + [HARD_MESSAGES[-2] + " "]
     assert received[-1] == HARD_MESSAGES[-1]
     assert not [n for n in os.listdir(env.work) if n.startswith("pwned")]
+
+
+def test_send_back_to_back_while_the_screen_redraws_late(env, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_REDRAW_LATE", "1.5")
+    assert run(capsys, "spawn", "a1", "first")[0] == 0
+    for message in ("second", "SLOW-2 third", "fourth"):
+        code, out, err = run(capsys, "send", "a1", message)
+        assert code == 0, err
+    assert run(capsys, "wait", "a1")[0] == 0
+    assert env.messages() == ["first", "second", "SLOW-2 third", "fourth"]
+
+
+def test_send_refuses_its_own_message_put_back_by_an_interrupt(env, capsys, monkeypatch):
+    monkeypatch.setattr(orch, "REDRAW_WAIT", 1.0)
+    assert run(capsys, "spawn", "a1", "SLOW-30 long job")[0] == 0
+    tmux_cmd("send-keys", "-t", env.state()["agents"]["a1"]["tmux"]["pane"], "Escape")
+    wait_status(capsys, "a1", "idle")
+    code, out, err = run(capsys, "send", "a1", "next")
+    assert code == orch.EXIT_NEEDS_INPUT and one_error(err)
+    assert "'SLOW-30 long job'; it still holds orch's last message" in err
+    assert env.messages() == ["SLOW-30 long job"]
 
 
 def test_send_from_stdin(env, capsys):
@@ -2065,6 +2103,297 @@ def test_hosts_list_all_hosts_with_one_down(hosts, capsys, monkeypatch):
     code, out, err = run(capsys, "list", "-A")
     assert code == 1 and [line.split()[1] for line in out.splitlines()[1:]] == ["l1", "a1"]
     assert one_error(err) and "cannot reach h2" in err
+
+
+# ###########################################################################
+# Shared servers: what another local user can see and do
+# ###########################################################################
+
+@pytest.fixture(scope="session")
+def other_user():
+    """A second, unprivileged Unix user: made here when the tests run as root, removed after."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to create a second Unix user with useradd (CI runs as root)")
+    if not shutil.which("useradd"):
+        pytest.skip("useradd is not installed")
+    name = "orcht%s" % uuid.uuid4().hex[:8]
+    subprocess.run(["useradd", "--no-create-home", "--user-group", "--shell", "/bin/sh", name],
+                   check=True)
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def as_user(user, *argv, **kw):
+    """Run argv as user (the attacker's moves); return the CompletedProcess."""
+    def drop():
+        os.setgroups([])
+        os.setgid(user.pw_gid)
+        os.setuid(user.pw_uid)
+    env = {"PATH": os.environ["PATH"], "HOME": "/nonexistent", "LANG": "C.UTF-8"}
+    return subprocess.run(list(argv), preexec_fn=drop, env=env, cwd="/", stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=60, **kw)
+
+
+def user_can_run(user, program):
+    try:
+        return as_user(user, program, "-c", "pass").returncode == 0
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def shared(env):
+    """A folder like /tmp: everyone may write, the sticky bit keeps entries to their owners."""
+    folder = tempfile.mkdtemp(prefix="oshared", dir="/tmp")
+    os.chmod(folder, 0o1777)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def tmux_windows():
+    """The sessions of the test's tmux server, one per window: ["keep"] before any agent."""
+    try:
+        return tmux_cmd("list-windows", "-a", "-F", "#{session_name}").split()
+    except subprocess.CalledProcessError:
+        return []
+
+
+def test_shared_state_where_others_can_write_is_refused(env, capsys, monkeypatch, shared,
+                                                        other_user):
+    mine = os.path.join(env.root, "mine.txt")
+    with open(mine, "w") as f:
+        f.write("the victim's own file\n")
+    planted = os.path.join(shared, "planted.json")
+    as_user(other_user, "ln", "-s", mine, planted, check=True)
+    group = os.path.join(env.root, "team")
+    os.mkdir(group)
+    os.chown(group, 0, other_user.pw_gid)
+    os.chmod(group, 0o770)
+    for path, why in ((os.path.join(shared, "state.json"), "other users can write to " + shared),
+                      (planted, "other users can write to " + shared),
+                      (os.path.join(group, "state.json"), "other users can write to " + group)):
+        monkeypatch.setenv("ORCH_STATE", path)
+        code, out, err = run(capsys, "spawn", "a1", "secret plan")
+        assert (code, out) == (1, ""), err
+        assert one_error(err) and why in err and "ORCH_STATE" in err
+        assert run(capsys, "list")[0] == 1
+    assert tmux_windows() == ["keep"] and env.messages() == []
+    with open(mine) as f:
+        assert f.read() == "the victim's own file\n"
+    assert sorted(os.listdir(shared)) == ["planted.json"] and os.listdir(group) == []
+    # A folder of its own inside a sticky one is private, made 0700: orch makes and uses it.
+    monkeypatch.setenv("ORCH_STATE", os.path.join(shared, "own", "state.json"))
+    assert run(capsys, "spawn", "a1")[0] == 0
+    assert stat.S_IMODE(os.stat(os.path.join(shared, "own")).st_mode) == 0o700
+    # The same name made first by the other user is theirs: refused.
+    as_user(other_user, "mkdir", "-m", "777", os.path.join(shared, "theirs"), check=True)
+    monkeypatch.setenv("ORCH_STATE", os.path.join(shared, "theirs", "state.json"))
+    code, _, err = run(capsys, "spawn", "a2")
+    assert code == 1 and "belongs to " + other_user.pw_name in err
+    assert os.listdir(os.path.join(shared, "theirs")) == []
+
+
+def test_shared_a_planted_state_file_is_refused_and_its_command_never_runs(env, capsys,
+                                                                         other_user):
+    marker = os.path.join(env.root, "ran")
+    assert run(capsys, "spawn", "x", "--cmd", "sleep 1000")[0] == 0
+    assert run(capsys, "kill", "x")[0] == 0
+    path = os.environ["ORCH_STATE"]
+    state = env.state()
+    state["agents"]["x"]["cmd"] = "touch %s" % shlex.quote(marker)
+    with open(path, "w") as f:
+        json.dump(state, f)
+    os.chown(path, other_user.pw_uid, other_user.pw_gid)
+    os.chmod(path, 0o666)
+    for verb in (["list"], ["resume", "x"], ["send", "x", "hi"], ["rm", "x"]):
+        code, out, err = run(capsys, *verb)
+        assert code == 1 and one_error(err), (verb, err)
+        assert "belongs to %s" % other_user.pw_name in err
+    os.chown(path, 0, 0)    # the user's own, but anyone may write it
+    code, _, err = run(capsys, "resume", "x")
+    assert code == 1 and "other users can write to it (mode 666): chmod 600" in err
+    assert not os.path.exists(marker)
+
+
+def test_shared_a_data_folder_made_by_another_user_is_refused(env, capsys, other_user):
+    data = orch.data_dir()
+    os.mkdir(data, 0o777)
+    os.chmod(data, 0o777)
+    os.chown(data, other_user.pw_uid, other_user.pw_gid)
+    code, out, err = run(capsys, "spawn", "a1", "task")
+    assert code == 1 and one_error(err)
+    assert "belongs to %s" % other_user.pw_name in err
+    assert os.listdir(data) == [] and tmux_windows() == ["keep"]
+    os.chown(data, 0, 0)    # the user's own, but anyone may write to it
+    code, out, err = run(capsys, "spawn", "a1", "task")
+    assert code == 1 and "chmod 700 " + data in err and os.listdir(data) == []
+
+
+def test_shared_tmux_socket_of_another_user_is_refused(env, capsys, monkeypatch, shared,
+                                                       other_user):
+    sock = os.path.join(shared, "sock")
+    as_user(other_user, "tmux", "-S", sock, "new-session", "-d", "sleep 100000", check=True)
+    try:
+        monkeypatch.setenv("ORCH_TMUX_SOCKET", sock)
+        code, out, err = run(capsys, "spawn", "a1", "task")
+        assert code == 1 and one_error(err)
+        assert "refusing tmux socket %s: %s belongs to %s" % (sock, sock, other_user.pw_name) \
+            in err
+        windows = as_user(other_user, "tmux", "-S", sock, "list-windows", "-a").stdout
+        assert len(windows.splitlines()) == 1
+    finally:
+        as_user(other_user, "tmux", "-S", sock, "kill-server")
+    assert env.messages() == []
+
+
+def test_shared_temp_files_never_follow_a_planted_link(env, capsys, monkeypatch):
+    mine = os.path.join(env.root, "bashrc")
+    with open(mine, "w") as f:
+        f.write("export PS1='$ '\n")
+    state = os.environ["ORCH_STATE"]
+    # The temp names an older orch used (STATE.tmp.PID), for pids around this one.
+    for pid in range(max(1, os.getpid() - 50), os.getpid() + 50):
+        os.symlink(mine, "%s.tmp.%d" % (state, pid))
+    assert run(capsys, "spawn", "a1", "task")[0] == 0
+    assert run(capsys, "send", "a1", "more")[0] == 0
+    with open(mine) as f:
+        assert f.read() == "export PS1='$ '\n"
+    left = [n for n in os.listdir(os.path.dirname(state)) if n.endswith(".tmp")]
+    assert left == []
+
+
+def test_shared_umask_002_still_makes_everything_private(env, capsys, monkeypatch):
+    monkeypatch.setenv("ORCH_STATE", os.path.join(env.root, "new", "deeper", "state.json"))
+    old = os.umask(0o002)
+    try:
+        assert run(capsys, "spawn", "a1", "task")[0] == 0
+        assert run(capsys, "send", "a1", "more")[0] == 0
+        assert run(capsys, "wait", "a1")[0] == 0
+        assert run(capsys, "reply", "a1")[0] == 0
+    finally:
+        os.umask(old)
+    top = os.path.join(env.root, "new")
+    found = []
+    for folder, dirs, files in os.walk(top):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            mode = stat.S_IMODE(os.lstat(path).st_mode)
+            found.append(name)
+            assert not mode & 0o077, "%s is %03o" % (path, mode)
+    assert stat.S_IMODE(os.stat(top).st_mode) == 0o700
+    assert {"state.json", "hook.py", "events.jsonl", "reply.json", "launch.json"} <= set(found)
+
+
+SNOOPER = r"""
+import json, os, sys
+told = json.load(sys.stdin)        # not on its own command line
+out, secrets, watch = sys.argv[1], [s.encode() for s in told["secrets"]], told["watch"].encode()
+found, watched = set(), set()
+while not os.path.exists(out + ".stop"):
+    for pid in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                line = f.read()
+        except (OSError, ValueError):
+            continue
+        if watch in line:
+            watched.add(pid)
+        for secret in secrets:
+            if secret in line:
+                found.add(line.replace(b"\0", b" ")[:300].decode("utf-8", "replace"))
+with open(out, "w") as f:
+    json.dump({"found": sorted(found), "watched": len(watched)}, f)
+"""
+
+
+class Snooper(object):
+    """Another local user reading every process's command line, as `ps -eww` does."""
+
+    def __init__(self, folder, secrets, user=None, watch="fake-claude"):
+        self.out = os.path.join(folder, "snooped.json")
+        python = sys.executable
+        if user is not None:    # the tests' Python may sit in a folder only root can enter
+            python = next(p for p in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3")
+                          if user_can_run(user, p))
+        def drop():
+            if user is not None:
+                os.setgroups([])
+                os.setgid(user.pw_gid)
+                os.setuid(user.pw_uid)
+        self.proc = subprocess.Popen([python, "-c", SNOOPER, self.out], preexec_fn=drop, cwd="/",
+                                     stdin=subprocess.PIPE)
+        self.proc.stdin.write(json.dumps({"secrets": list(secrets), "watch": watch}).encode())
+        self.proc.stdin.close()
+
+    def stop(self):
+        open(self.out + ".stop", "w").close()
+        self.proc.wait(30)
+        with open(self.out) as f:
+            return json.load(f)
+
+
+def secret_words():
+    return dict((what, "S3CRET%s%s" % (what, uuid.uuid4().hex[:12]))
+                for what in ("prompt", "message", "resume", "key", "cmd", "headless", "remote"))
+
+
+def snooper_for(env, secrets, request, watch="fake-claude"):
+    """Read command lines as the second user where there can be one, else as this one."""
+    folder = tempfile.mkdtemp(prefix="osnoop", dir="/tmp")
+    os.chmod(folder, 0o1777)
+    request.addfinalizer(lambda: shutil.rmtree(folder, ignore_errors=True))
+    user = request.getfixturevalue("other_user") if os.getuid() == 0 else None
+    snooper = Snooper(folder, sorted(secrets.values()), user, watch)
+    request.addfinalizer(lambda: snooper.proc.poll() is None and snooper.proc.kill())
+    return snooper
+
+
+def test_shared_no_secret_on_any_command_line(env, capsys, monkeypatch, request):
+    secrets = secret_words()
+    monkeypatch.setenv("SOME_API_KEY", secrets["key"])
+    snooper = snooper_for(env, secrets, request)
+    assert run(capsys, "spawn", "a1", "do " + secrets["prompt"])[0] == 0
+    assert run(capsys, "send", "a1", "and " + secrets["message"])[0] == 0
+    assert run(capsys, "kill", "a1")[0] == 0
+    assert run(capsys, "resume", "a1", "then " + secrets["resume"])[0] == 0
+    # A key given to a --cmd program the shell's way stays off every command line too.
+    assert run(capsys, "spawn", "c1", "--cmd", "CMD_KEY=%s exec %s" % (secrets["cmd"], env.fake),
+               "hi")[0] == 0
+    seen = snooper.stop()
+    assert seen["found"] == []
+    assert seen["watched"] >= 2     # it did see the agents start
+    # And what each agent was started with says nothing either.
+    for record in env.records("start"):
+        assert not [s for s in secrets.values() if s in " ".join(record["argv"])]
+    assert env.messages("a1") == ["do " + secrets["prompt"], "and " + secrets["message"],
+                                  "then " + secrets["resume"]]
+    assert env.records("start")[0]["env"]["SOME_API_KEY"] == secrets["key"]
+
+
+def test_shared_no_secret_on_a_headless_command_line(headless, capsys, monkeypatch, request):
+    secrets = secret_words()
+    monkeypatch.setenv("SOME_API_KEY", secrets["key"])
+    snooper = snooper_for(headless, secrets, request)
+    assert run(capsys, "spawn", "h1", "do " + secrets["prompt"])[0] == 0
+    assert run(capsys, "send", "h1", "and " + secrets["message"])[0] == 0
+    assert run(capsys, "wait", "h1")[0] == 0
+    seen = snooper.stop()
+    assert seen["found"] == [] and seen["watched"] >= 1
+
+
+def test_shared_no_secret_on_a_command_line_over_ssh(hosts, capsys, request):
+    secrets = secret_words()
+    snooper = snooper_for(hosts.env, secrets, request)
+    code, _, err = run(capsys, "--host", "h1", "spawn", "r1", "do " + secrets["prompt"])
+    assert code == 0, err
+    assert run(capsys, "send", "r1@h1", "and " + secrets["message"])[0] == 0
+    assert cli("send", "r1@h1", "-", stdin="piped " + secrets["remote"])[0] == 0
+    seen = snooper.stop()
+    assert seen["found"] == [] and seen["watched"] >= 1
+    assert hosts.env.messages("r1") == ["do " + secrets["prompt"], "and " + secrets["message"],
+                                        "piped " + secrets["remote"]]
 
 
 # ###########################################################################
@@ -3981,6 +4310,25 @@ def test_e2e_kill_then_resume_after_kill_server_keeps_conversation(claude, capsy
     assert last["session"] == sid
     assert "remember the word avocado" in last["history"]
     assert wait_status(capsys, "a1", "idle")["session_id"] == sid
+
+
+def test_e2e_no_prompt_or_key_on_claudes_command_line(claude, capsys, request):
+    secrets = secret_words()
+    snooper = snooper_for(claude, dict(secrets, api_key=E2E_KEY), request, watch="claude-code")
+    assert run(capsys, "spawn", "a1", "remember " + secrets["prompt"])[0] == 0
+    sid = sid_of("a1")
+    pid = wait_status(capsys, "a1", "idle")["pid"]
+    with open("/proc/%d/cmdline" % pid, "rb") as f:
+        argv = f.read().decode("utf-8").split("\0")
+    assert argv[argv.index("--session-id") + 1] == sid
+    assert run(capsys, "send", "a1", "and " + secrets["message"])[0] == 0
+    assert run(capsys, "kill", "a1")[0] == 0
+    assert run(capsys, "resume", "a1", "then " + secrets["resume"])[0] == 0
+    retry_until(lambda: "then " + secrets["resume"] in claude.api.texts(sid))
+    seen = snooper.stop()
+    assert seen["found"] == [] and seen["watched"] >= 2
+    assert claude.api.texts(sid) == ["remember " + secrets["prompt"], "and " + secrets["message"],
+                                     "then " + secrets["resume"]]
 
 
 def test_e2e_round_trip_under_lc_all_c(claude, capsys):
