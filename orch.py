@@ -3221,8 +3221,8 @@ def take(n):
         data += chunk
     return data
 def save(path, data):
-    tmp = "%s.tmp.%d" % (path, os.getpid())
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+    tmp = "%s.%s.tmp" % (path, os.urandom(8).hex())
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -3262,10 +3262,16 @@ if sha(source) != digest.encode():
         sys.stderr.write("orch: error: the copy of orch sent to this host arrived damaged\n")
         sys.exit(1)
     for d in (os.path.dirname(folder), folder):
-        if not os.path.isdir(d):
+        if not os.path.lexists(d):
             os.mkdir(d, 0o700)
     os.chmod(folder, 0o700)
     save(path, source)
+for d in (os.path.dirname(folder), folder):     # what runs as you must be yours alone
+    st = os.lstat(d)
+    if st.st_uid != os.getuid() or not os.path.isdir(d) or os.path.islink(d) or st.st_mode & 0o022:
+        sys.stderr.write("orch: error: %s on this host is not a private folder of yours: "
+                         "remove it\n" % d)
+        sys.exit(1)
 if head["argv"] is None:
     sys.exit(0)
 code = compiled(source, "%s.%s.pyc" % (path[:-3], sys.implementation.cache_tag))
@@ -3314,7 +3320,7 @@ def control_dir():
             os.mkdir(folder, 0o700)
         except FileExistsError:
             st = os.lstat(folder)
-            if st.st_uid != os.getuid() or not os.path.isdir(folder) or os.path.islink(folder):
+            if st.st_uid != os.getuid() or not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o077:
                 raise OrchError("%s is not a private folder of yours: remove it" % folder)
         return folder
     return make_private_dir(folder)

@@ -2383,6 +2383,16 @@ def test_shared_no_secret_on_a_headless_command_line(headless, capsys, monkeypat
     assert seen["found"] == [] and seen["watched"] >= 1
 
 
+def test_shared_the_far_end_runs_orch_only_from_a_private_folder(hosts, capsys):
+    assert run(capsys, "--host", "h1", "list")[0] == 0
+    folder = os.path.join(hosts.env.home, ".orch.d", "bin")
+    os.chmod(folder, 0o777)
+    code, out, err = run(capsys, "--host", "h1", "list")
+    assert code == 1 and one_error(err) and "%s on this host is not a private folder" % folder in err
+    os.chmod(folder, 0o700)
+    assert run(capsys, "--host", "h1", "list")[0] == 0
+
+
 def test_shared_no_secret_on_a_command_line_over_ssh(hosts, capsys, request):
     secrets = secret_words()
     snooper = snooper_for(hosts.env, secrets, request)
