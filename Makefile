@@ -43,6 +43,7 @@ e2e: $(VENV)/bin/pytest $(CLAUDE_BINS)
 	@failed=""; for v in $(CLAUDE_CODE_VERSIONS); do \
 	  echo "== end-to-end tests with Claude Code $$v"; \
 	  ORCH_E2E_CLAUDE=$(abspath $(call claude_bin,$$v)) \
+	  ORCH_E2E_CLAUDE_OLDEST=$(abspath $(call claude_bin,$(firstword $(CLAUDE_CODE_VERSIONS)))) \
 	    $(VENV)/bin/pytest -q -k test_e2e_ test_orch.py || failed="$$failed $$v"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "make e2e: failed with Claude Code$$failed"; exit 1; fi; \

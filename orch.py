@@ -253,23 +253,24 @@ def own_folder_problem(path):
         info = os.stat(path)
     if not stat.S_ISDIR(info.st_mode):
         return "%s is not a folder: move it away" % path
-    if info.st_uid != os.getuid():
-        return ("refusing %s: it belongs to %s, who could replace the programs orch runs "
-                "there as you: move it away" % (path, user_name(info.st_uid)))
-    if others_can_write(info):
-        return ("refusing %s: other users can write to it (mode %03o): chmod 700 %s"
-                % (path, info.st_mode & 0o777, path))
-    return None
+    return owner_problem(path, info, "who could replace the programs orch runs there as you",
+                         "700")
 
 
 def file_problem(path, info):
     """Why the file orch opened at path (its fstat is info) may not be trusted, or None."""
+    return owner_problem(path, info, "not you; its agents could run their commands as you",
+                         "600")
+
+
+def owner_problem(path, info, risk, mode):
+    """Why path (its stat is info) is not this user's alone, or None."""
     if info.st_uid != os.getuid():
-        return ("refusing %s: it belongs to %s, not you; its agents could run their "
-                "commands as you: move it away" % (path, user_name(info.st_uid)))
+        return "refusing %s: it belongs to %s, %s: move it away" % (
+            path, user_name(info.st_uid), risk)
     if others_can_write(info):
-        return ("refusing %s: other users can write to it (mode %03o): chmod 600 %s"
-                % (path, info.st_mode & 0o777, path))
+        return "refusing %s: other users can write to it (mode %03o): chmod %s %s" % (
+            path, info.st_mode & 0o777, mode, path)
     return None
 
 
@@ -767,8 +768,13 @@ def install_hook_script():
     return path
 
 
-def hook_settings(name):
-    """Return the --settings JSON that makes claude report every event to orch."""
+def agent_settings(name):
+    """Return the --settings JSON for one agent: orch's hooks, and the classic renderer.
+
+    "tui": "default" (a documented setting) keeps the screen orch reads, and
+    keeps claude 2.1.332 from offering its fullscreen renderer to a session an
+    older claude started, in a dialog any Enter would accept.
+    """
     import shlex
     hook = install_hook_script()
     # -I -S: skip site-packages and user environment: faster, and immune to PYTHON* vars.
@@ -776,7 +782,7 @@ def hook_settings(name):
     hooks = {}
     for event in HOOK_EVENTS:
         hooks[event] = [{"hooks": [{"type": "command", "command": base + " " + event}]}]
-    return json.dumps({"hooks": hooks}, separators=(",", ":"))
+    return json.dumps({"hooks": hooks, "tui": "default"}, separators=(",", ":"))
 
 
 def read_json_lines(path, offset=0, tail_bytes=None):
@@ -894,6 +900,67 @@ def screen_needs(rows):
     if any(marker in text for marker in TRUST_MARKERS):
         return "trust"
     return None
+
+
+# A choice in a claude dialog ("❯ 1. Yes, try it", "  2. Not now"), the keys
+# line under the choices ("Enter to confirm · Esc to cancel"), and the rules
+# around claude's input box.
+CHOICE_ROW = r"^\s*(\u276f\s*)?(\d{1,2})\.\s+(\S.*?)\s*$"
+KEYS_ROW = r"\b(Enter|Esc) to \w"
+RULE_CHARS = "\u2500\u2501\u2594\u2581\u2550"
+
+
+def is_rule(row):
+    return len(row.strip()) >= 10 and row.strip()[:10].strip(RULE_CHARS) == ""
+
+
+def has_input_box(rows):
+    """True when claude's input box (a ❯ line under a rule) is among rows."""
+    return any(row.startswith(PROMPT_MARK) and i and is_rule(rows[i - 1])
+               for i, row in enumerate(rows))
+
+
+def choice_dialog(rows, said=False):
+    """A dialog of numbered choices on a claude screen, recognised by its shape, or None.
+
+    Not by its words, so a dialog a new claude release brings is one too:
+    numbered choices, one behind claude's cursor, a keys line under them, and
+    no input box below (the dialog takes its place).  A reply that quotes a
+    dialog sits above the input box, so it is not one.  said: claude itself
+    says a dialog is open, and then one may be drawn over an empty input box
+    (2.1.332's /model, the second time).  Returns {question, choices:
+    {number: text}, cursor, keys}.
+    """
+    import re
+    rows = [row.rstrip() for row in rows]
+    keys = next((i for i in range(len(rows) - 1, -1, -1) if re.search(KEYS_ROW, rows[i])), None)
+    if keys is None or not said and has_input_box(rows[keys:]):
+        return None
+    choices, cursor, first = {}, None, None
+    for i in range(keys - 1, max(-1, keys - 25), -1):
+        found = re.match(CHOICE_ROW, rows[i])
+        if found:
+            choices[int(found.group(2))] = found.group(3)
+            cursor = int(found.group(2)) if found.group(1) else cursor
+            first = i
+        elif choices and (not rows[i].strip() or is_rule(rows[i])):
+            break
+    if not choices or cursor is None or sorted(choices) != list(range(1, len(choices) + 1)):
+        return None
+    return {"question": dialog_question(rows, first), "choices": choices, "cursor": cursor,
+            "keys": rows[keys].strip()}
+
+
+def dialog_question(rows, first):
+    """The question over a dialog's choices: its last line ending in '?', else its title."""
+    block = []
+    for row in reversed(rows[max(0, first - 15):first]):
+        if is_rule(row) or row.startswith(PROMPT_MARK):    # the conversation is above
+            break
+        if row.strip():
+            block.insert(0, row.strip())
+    asked = [row for row in block if row.endswith("?")]
+    return (asked[-1] if asked else block[0] if block else "a dialog")[:200]
 
 
 def pane_of(agent, panes):
@@ -1097,6 +1164,9 @@ def agent_status(agent, panes, read_screen=None, cache=None):
             result.update(status="needs-input", needs=needs, source="screen")
     if result["source"] == "hooks" and result["status"] != "starting":
         cross_check(agent, pane, result)
+    if result["needs"] == "dialog" and read_screen:
+        dialog = choice_dialog(read_screen(), said=True)
+        result["detail"] = dialog and dialog["question"]
     return result
 
 
@@ -1138,6 +1208,12 @@ def cross_check(agent, pane, result):
         if result["pending"] and time.time() - changed < SETTLE:
             return      # between a turn and the one claude starts for queued messages
         result.update(status="idle", needs=None, detail=None, since=changed,
+                      source="claude-status")
+    elif result["status"] in ("idle", "working") and status == "waiting" and newer \
+            and "dialog" in (waiting_for or ""):
+        # A modal screen no hook reports: a picker a person opened (/model), a
+        # prompt a newer claude shows.  Claude says "dialog open" (2.1.197-2.1.332).
+        result.update(status="needs-input", needs="dialog", detail=None, since=changed,
                       source="claude-status")
     elif result["status"] == "working" and status == "waiting" and newer:
         # Claude writes this ~0.1 s before its PermissionRequest hook fires.
@@ -1366,7 +1442,7 @@ def claude_argv(agent, program, resume_id=None):
     """claude's command line: never a prompt (every local user can read it); that is pasted."""
     argv = [program]
     argv += ["--resume", resume_id] if resume_id else ["--session-id", agent["session_id"]]
-    argv += ["--name", agent["name"], "--settings", hook_settings(agent["name"])]
+    argv += ["--name", agent["name"], "--settings", agent_settings(agent["name"])]
     return argv + (agent.get("extra_args") or [])
 
 
@@ -1635,6 +1711,8 @@ def refuse_unless_ready(agent, st, force):
     if st["status"] == "exited":
         raise OrchError("agent %s is not running (exit code %s): `orch resume %s` to continue it"
                         % (name, st["exit_code"], name), EXIT_NOT_RUNNING)
+    if st["needs"] == "dialog":
+        raise at_choice_dialog(agent, st["detail"])
     if st["status"] == "needs-input" and not force:
         asking = {"permission": "permission to use %s" % (st["detail"] or "a tool"),
                   "trust": "whether to trust its folder"}.get(st["needs"], "a question")
@@ -1700,6 +1778,9 @@ def prepare_pane(agent, st, force):
     leave_tmux_mode(agent)
     if agent.get("cmd") or st["status"] == "needs-input":
         return      # no input box orch knows of (a dialog replaces claude's)
+    dialog = choice_dialog(agent_screen(agent))
+    if dialog:      # even with --force: an Enter would pick a choice nobody chose
+        raise at_choice_dialog(agent, dialog["question"])
     typed, own = typed_by_someone(agent)
     if typed and not force:
         who = "it still holds orch's last message, put back by an interrupt?" if own else \
@@ -1745,6 +1826,16 @@ def is_drawn_as(box, message):
     if re.match(r"\[Pasted text #\d+", box):
         return True         # how claude shows a long paste: orch's, as the last text it typed
     return normalize_prompt(message).startswith(box)
+
+
+def at_choice_dialog(agent, question):
+    """The refusal for an agent that shows a dialog no hook describes: how to answer it."""
+    name = agent["name"]
+    return OrchError("agent %s shows a dialog (%s) and any Enter would pick a choice; nothing "
+                     "was typed: `orch deny %s` cancels it, `orch approve %s --choice N` picks "
+                     "choice N (`orch tail %s` shows them), or `orch attach %s`"
+                     % (name, json.dumps(question or "unreadable", ensure_ascii=False),
+                        name, name, name, name), EXIT_NEEDS_INPUT)
 
 
 def leave_tmux_mode(agent):
@@ -2793,15 +2884,16 @@ def open_dialog(agent, tool=None):
 DIALOG_SETTLE = 0.5
 
 
-def answer_dialog(agent, key, question):
+def answer_dialog(agent, key, question, find=None):
     """Press key; True once the dialog that asked question is gone from the screen.
 
     A key claude ignored is pressed again, but only while nothing shows it
     was taken (no hook event, no change of claude's own status since): a
-    second press must never answer the next dialog.
+    second press must never answer the next dialog.  find reads the dialog
+    off the screen (default: the permission dialog).
     """
     def gone():
-        dialog = dialog_on_screen(agent_screen(agent))
+        dialog = (find or dialog_on_screen)(agent_screen(agent))
         return dialog is None or dialog["question"] != question
     time.sleep(DIALOG_SETTLE)
     for _ in range(3):
@@ -2822,10 +2914,111 @@ def key_was_taken(agent, since):
     return bool(own) and own[2] > since
 
 
+def unhooked_dialog(agent):
+    """The dialog of choices the agent shows that no hook describes, or None.
+
+    Claude's own status says "dialog open" for these (a picker, a prompt of
+    a new release); the screen, read by shape, says what they ask.
+    """
+    if not backend_of(agent).dialogs or agent.get("cmd"):
+        return None
+    st = status_of(agent)
+    if st["status"] in ("exited", "starting") or st["needs"] in ("permission", "question",
+                                                                  "trust"):
+        return None
+    leave_tmux_mode(agent)
+    said = st["needs"] == "dialog"
+    wait = 3.0 if said else 0     # claude says so a moment before it draws it
+    return retry_until(lambda: choice_dialog(agent_screen(agent), said), wait)
+
+
+def shown_dialog(rows):
+    """A dialog of choices still on the screen, even over an input box: gone means gone."""
+    return choice_dialog(rows, said=True)
+
+
+def choices_text(dialog):
+    return ", ".join("%d. %s" % (n, shorten(text, 30)) for n, text in
+                     sorted(dialog["choices"].items()))
+
+
+def pick_choice(agent, dialog, number):
+    """Move claude's cursor to choice number, then Enter; True once the dialog is gone."""
+    pane, socket = agent["tmux"]["pane"], agent["tmux"]["socket"]
+    moves = number - dialog["cursor"]
+    if moves:
+        tmux(["send-keys", "-t", pane] + ["Down" if moves > 0 else "Up"] * abs(moves),
+             socket=socket)
+
+    def at_choice():
+        now = choice_dialog(agent_screen(agent), said=True)
+        return now and now["question"] == dialog["question"] and now["cursor"] == number
+    if not retry_until(at_choice, 3.0):
+        raise OrchError("agent %s's cursor did not reach choice %d; nothing was picked: look "
+                        "with `orch attach %s`" % (agent["name"], number, agent["name"]),
+                        EXIT_UNCONFIRMED)
+    return answer_dialog(agent, ["Enter"], dialog["question"], find=shown_dialog)
+
+
+# A choice that says no: what deny picks where the dialog offers no Esc to cancel.
+NEGATIVE_CHOICE = r"^(No|Not now|Cancel|Skip|Later|Dismiss|Don't)\b"
+
+
+def deny_unhooked(agent, dialog):
+    """Cancel a dialog no hook describes: Esc where it offers that, else its "no" choice."""
+    import re
+    name = agent["name"]
+    if re.search(r"Esc to (cancel|close|dismiss|go back)", dialog["keys"]):
+        answered = answer_dialog(agent, ["Escape"], dialog["question"], find=shown_dialog)
+        how = "Escape"
+    else:
+        nos = [n for n, text in sorted(dialog["choices"].items())
+               if re.match(NEGATIVE_CHOICE, text) and "exit" not in text.lower()]
+        if not nos:
+            raise OrchError("agent %s's dialog (%s) offers no way to cancel that orch can tell "
+                            "(%s); nothing was pressed: `orch approve %s --choice N`, or `orch "
+                            "attach %s`" % (name, json.dumps(dialog["question"], ensure_ascii=False),
+                                            choices_text(dialog), name, name), EXIT_NEEDS_INPUT)
+        answered = pick_choice(agent, dialog, nos[0])
+        how = "%d. %s" % (nos[0], dialog["choices"][nos[0]])
+    if not answered:
+        raise OrchError("agent %s still shows its dialog after orch pressed %s: look with `orch "
+                        "tail %s`" % (name, how, name), EXIT_UNCONFIRMED)
+    print("%s: cancelled the dialog %s (%s)" % (name, json.dumps(dialog["question"],
+                                                             ensure_ascii=False), how))
+    return EXIT_OK
+
+
+def approve_unhooked(agent, dialog, choice):
+    """Pick the choice the user named in a dialog no hook describes; never guess one."""
+    name, question = agent["name"], json.dumps(dialog["question"], ensure_ascii=False)
+    if choice is None:
+        raise OrchError("agent %s shows a dialog orch does not know (%s: %s); orch picks a "
+                        "choice there only when you name it: `orch approve %s --choice N`, or "
+                        "`orch deny %s`" % (name, question, choices_text(dialog), name, name),
+                        EXIT_NEEDS_INPUT)
+    if choice not in dialog["choices"]:
+        raise OrchError("agent %s's dialog (%s) has no choice %d (it offers %s); nothing was "
+                        "pressed" % (name, question, choice, choices_text(dialog)), EXIT_USAGE)
+    if not pick_choice(agent, dialog, choice):
+        raise OrchError("agent %s still shows its dialog after orch picked %d: look with `orch "
+                        "tail %s`" % (name, choice, name), EXIT_UNCONFIRMED)
+    print("%s: picked %d. %s in the dialog %s" % (name, choice, dialog["choices"][choice],
+                                                  question))
+    return EXIT_OK
+
+
 def cmd_approve(args):
     agent = find_agent(load_state(), check_name(args.name))
     name = agent["name"]
     with SendLock(name):
+        dialog = unhooked_dialog(agent)
+        if dialog and not args.tool:
+            return approve_unhooked(agent, dialog, args.choice)
+        if args.choice is not None:
+            raise OrchError("--choice is for dialogs no hook describes; agent %s is not at one "
+                            "(`orch approve %s` answers a permission dialog Yes, once)"
+                            % (name, name), EXIT_NEEDS_INPUT)
         request, dialog = open_dialog(agent, args.tool)
         yes = dialog["options"].get("Yes")
         if yes is None:
@@ -2844,6 +3037,9 @@ def cmd_deny(args):
     agent = find_agent(load_state(), check_name(args.name))
     name = agent["name"]
     with SendLock(name):
+        dialog = unhooked_dialog(agent)
+        if dialog and not args.tool:
+            return deny_unhooked(agent, dialog)
         request, dialog = open_dialog(agent, args.tool)
         # Escape cancels: claude refuses the tool and ends the turn (never an approval).
         if not answer_dialog(agent, ["Escape"], dialog["question"]):
@@ -4245,7 +4441,9 @@ def report_problems(state):
 
 def status_label(row):
     label = row["status"]
-    if row["needs"]:
+    if row["needs"] == "dialog" and row.get("detail"):
+        label += " (dialog: %s)" % shorten(row["detail"], 40)
+    elif row["needs"]:
         label += " (%s)" % row["needs"]
     if row["status"] == "exited" and row["exit_code"] is not None:
         label += " (%s)" % row["exit_code"]
@@ -4394,6 +4592,7 @@ def cmd_wait(args):
         st = found[name]
         print("%s: %s" % (name, status_label({"status": st["status"], "needs": st["needs"],
                                                "exit_code": st["exit_code"],
+                                               "detail": st["detail"],
                                                "status_source": st["source"]})))
     if not done:
         raise OrchError("timed out after %gs waiting for %s" % (args.timeout, " ".join(names)),
@@ -4493,6 +4692,15 @@ def check_tmux():
     import shutil
     path = shutil.which("tmux")
     if not path:
+        try:
+            in_tmux = [a for a in load_state()["agents"].values() if a["backend"] == "tmux"]
+        except OrchError:
+            in_tmux = []    # check_state says why
+        if in_tmux:
+            return [finding("problem", "tmux", "tmux not found, but agents run in it (%s): "
+                            "orch cannot see, reach or resume them; install tmux (e.g. apt-get "
+                            "install tmux) or put it on PATH"
+                            % ", ".join(sorted(a["name"] for a in in_tmux)[:5]))]
         return [finding("warning", "tmux", "tmux not found: only the headless backend works; "
                         "install tmux (e.g. apt-get install tmux) for windows you can attach to")]
     try:
@@ -4555,7 +4763,12 @@ def check_state():
     if not os.path.exists(path):
         return [finding("ok", "state", "%s does not exist yet (the first spawn creates it)" % path)]
     agents = list(state["agents"].values())
-    found = statuses(agents, save=False)
+    try:
+        found = statuses(agents, save=False)
+    except OrchError as e:
+        return [finding("ok", "state", "%s: format %d, %d agents" % (path, state["version"],
+                                                                     len(agents))),
+                finding("problem", "agents", "cannot tell what they are doing: %s" % e)]
     gone = sorted(a["name"] for a in agents if found[a["name"]]["status"] == "exited"
                   and found[a["name"]]["exit_code"] is None)
     running = len([n for n, st in found.items() if st["status"] != "exited"])
@@ -4604,7 +4817,10 @@ DOCTOR_CHECKS = (check_python, check_tmux, check_claude, check_claude_settings,
 def cmd_doctor(args):
     findings = []
     for check in DOCTOR_CHECKS:
-        findings += check()
+        try:        # one broken thing must not hide the report on the others
+            findings += check()
+        except OrchError as e:
+            findings.append(finding("problem", check.__name__[len("check_"):], str(e)))
     if args.json:
         print_json_array(findings)
     else:
@@ -4917,6 +5133,10 @@ def add_dialog(help_text, func):
         p.add_argument("name")
         p.add_argument("--tool", metavar="TOOL",
                        help="refuse unless the dialog is about this tool (e.g. Bash)")
+        if verb == "approve":
+            p.add_argument("--choice", metavar="N", type=number_type(int, 1, 99, "a choice number"),
+                           help="pick choice N of a dialog no hook describes (a picker, "
+                           "a prompt of a new claude): orch never guesses one")
         p.set_defaults(func=func)
     return add
 
@@ -5020,9 +5240,11 @@ VERBS = (
     ("events", add_events),
     ("status-line", add_status_line),
     ("wait", add_wait),
-    ("approve", add_dialog("answer Yes (once) to the permission dialog the agent shows",
+    ("approve", add_dialog("answer Yes (once) to the permission dialog the agent shows, or "
+                           "pick --choice N of another dialog",
                            cmd_approve)),
-    ("deny", add_dialog("cancel the agent's permission dialog (Escape): the tool does not run",
+    ("deny", add_dialog("cancel the agent's dialog (Escape, or its \"no\"): a tool asked "
+                        "about does not run",
                         cmd_deny)),
     ("interrupt", add_named("stop the agent's current turn (it stays alive)", cmd_interrupt)),
     ("kill", add_named("stop an agent, keep its record", cmd_kill)),

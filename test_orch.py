@@ -64,7 +64,9 @@ FAKE_AGENT = r"""#!PYTHON
 # shows another command than its hook names; FAKE_DIALOG_GUARD=S ignores a
 # digit in the dialog's first S seconds), EXIT-N (exit N),
 # SWALLOW (the first Enter after it is lost); FAKE_REDRAW_LATE=S (the input box
-# empties S seconds after the hook, as on a busy machine).  Logs to $FAKE_LOG/<pid>.jsonl.
+# empties S seconds after the hook, as on a busy machine); /model (a picker, no
+# hook, own status "dialog open"); FAKE_UPSELL=1 (a turn ends in 2.1.332's renderer
+# prompt unless --settings names "tui").  Logs to $FAKE_LOG/<pid>.jsonl.
 # Versions differ; by default it acts like Claude Code 2.1.197.  Like 2.1.330:
 # FAKE_QUEUE=immediate (a message typed during a turn fires UserPromptSubmit at
 # once, with the running turn's prompt_id; its turn fires none), FAKE_PASTE_WRAP=1
@@ -88,7 +90,8 @@ while i < len(args):
     else:
         i += 1
 session = opts.get("--resume") or opts.get("--session-id") or "none"
-hooks = json.loads(opts.get("--settings", "{}")).get("hooks", {})
+SETTINGS = json.loads(opts.get("--settings", "{}"))
+hooks = SETTINGS.get("hooks", {})
 # Like claude (measured): disableAllHooks silences --settings hooks too; a
 # project's setting wins over the user's.
 for path in (os.path.join(os.getcwd(), ".claude", "settings.local.json"),
@@ -191,6 +194,10 @@ def start():
         submit(prompt)
 
 def submit(text, hooked=False):
+    if text.strip() == "/model":    # a person opened a picker: no hook, claude says "dialog open"
+        open_picker("Select model", ["Default (recommended)", "Opus", "Haiku"],
+                    "Enter to save \u00b7 Esc to cancel")
+        return
     if (text.lstrip() if os.environ.get("FAKE_SLASH_AFTER_BLANKS") else text)[:1] in ("/", "!"):
         log("command", text=text)       # claude would run it: tests assert this never happens
         say("ran command " + text)
@@ -244,6 +251,37 @@ def submit(text, hooked=False):
         return
     finish("reply: " + " ".join(words)[:60])
 
+def open_picker(question, choices, keys):
+    state.update(mode="picker", picker={"question": question, "choices": choices, "cursor": 1,
+                                        "keys": keys})
+    time.sleep(0.01)    # claude writes its status well after the last hook (ms in the file)
+    set_status("waiting", "dialog open")
+    draw_picker()
+
+def draw_picker():
+    picker = state["picker"]
+    say("\x1b[2J\x1b[H" + "\u2500" * 40)
+    say("  " + picker["question"] + "\n")
+    for n, choice in enumerate(picker["choices"], 1):
+        say(("  \u276f %d. %s" if n == picker["cursor"] else "    %d. %s") % (n, choice))
+    say("\n  " + picker["keys"])
+
+def picker_key(key):
+    picker = state["picker"]
+    if key in ("up", "down"):
+        picker["cursor"] = max(1, min(len(picker["choices"]),
+                                      picker["cursor"] + (1 if key == "down" else -1)))
+        draw_picker()
+        return
+    if key == "enter":
+        log("picked", question=picker["question"],
+            choice=picker["choices"][picker["cursor"] - 1])
+    else:
+        log("dialog cancelled", question=picker["question"])
+    state["mode"] = "idle"
+    set_status("idle")
+    say("\x1b[2J\x1b[H" + "\u2500" * 40 + "\n\u276f \n" + "\u2500" * 40)
+
 def redraw_box():
     # Like claude: the input box empties once a message is taken; FAKE_REDRAW_LATE=S
     # draws it S seconds late, after the hook, as a busy machine does.
@@ -266,6 +304,11 @@ def finish(reply):
     state["mode"] = "idle"
     hook("Stop", last_assistant_message=reply)
     transcript("system", subtype="turn_duration", durationMs=1500)     # claude: ~50 ms after Stop
+    if os.environ.get("FAKE_UPSELL") and "tui" not in SETTINGS and not state["queue"]:
+        # Like 2.1.332 resuming an older claude's session, unless a setting names the renderer.
+        open_picker("Try the new fullscreen renderer?", ["Yes, try it", "Not now"],
+                    "Enter to confirm \u00b7 Esc to cancel")
+        return
     if IMMEDIATE or not state["queue"]:
         set_status("idle")      # 2.1.330 shows idle for a moment even with a queued turn next
     if state["queue"]:
@@ -292,6 +335,9 @@ def enter(text):
         return
     if mode == "dialog":
         approve()
+        return
+    if mode == "picker":
+        picker_key("enter")     # typed text is lost: the dialog has no input box
         return
     if not text:
         return
@@ -334,6 +380,9 @@ def dialog_key(key):
 
 def escape():
     global typed
+    if state["mode"] == "picker":
+        picker_key("escape")
+        return
     if state["mode"] in ("busy", "dialog"):
         log("interrupted")
         restore = state["mode"] == "busy"
@@ -397,6 +446,10 @@ while True:
                 continue
             text, typed = typed, ""
             enter(text)
+        elif data[:3] in (b"\x1b[A", b"\x1bOA", b"\x1b[B", b"\x1bOB"):
+            key, data = ("up" if data[2:3] == b"A" else "down"), data[3:]
+            if state["mode"] == "picker":
+                picker_key(key)
         elif data[:1] == b"\x1b":
             data = data[1:]
             escape()
@@ -458,7 +511,8 @@ class Env(object):
                     "ORCH_SESSION", "ORCH_TRACE", "ORCH_BACKEND", "FAKE_TRUST",
                     "FAKE_DIE_AT_START", "FAKE_START_DELAY", "FAKE_QUEUE", "FAKE_PASTE_WRAP",
                     "FAKE_DEFAULT_MODE", "FAKE_SLASH_AFTER_BLANKS", "FAKE_VERSION",
-                    "FAKE_NO_HOOKS", "FAKE_NO_OPTION", "FAKE_DIALOG_GUARD", "FAKE_REDRAW_LATE"):
+                    "FAKE_NO_HOOKS", "FAKE_NO_OPTION", "FAKE_DIALOG_GUARD", "FAKE_REDRAW_LATE",
+                    "FAKE_UPSELL"):
             monkeypatch.delenv(var, raising=False)
         env = {"HOME": self.home, "ORCH_STATE": os.path.join(root, "state.json"),
                "ORCH_TMUX_SOCKET": self.socket, "TMUX_TMPDIR": self.tmpdir,
@@ -610,6 +664,64 @@ def test_escape_leading_command_characters():
     assert orch.escape_leading("!rm -rf x") == "\\!rm -rf x"
     assert orch.escape_leading("  /compact") == "\\  /compact"
     assert orch.escape_leading("plain / text") == "plain / text"
+
+
+# Screens measured on the real Claude Code (trimmed to their last rows).
+RULE = "\u2500" * 60
+SCREEN_UPSELL_2_1_332 = [
+    "\u276f hello there", "", "\u25cf reply 1: ok", "", "\u273b Brewed for 0s", "", RULE,
+    "  Try the new fullscreen renderer?",
+    "  \u00b7 Flicker-free output: no more flashing during long responses",
+    "  \u00b7 Mouse support: click to move your cursor or expand results", "",
+    "  \u276f 1. Yes, try it", "    2. Not now", "", "  Enter to confirm \u00b7 Esc to cancel", "", ""]
+SCREEN_MODEL_2_1_197 = [
+    "\u276f hello", "\u25cf reply 1: ok", "\u276f /model", RULE, "  Select model",
+    "  Switch between Claude models. Your pick becomes the default for new sessions.", "",
+    "  \u276f 1. Default (recommended) \u2714  Use the default model \u00b7 $5/$25 per Mtok",
+    "    2. Opus                     Opus 4.8 with 1M context \u00b7 $5/$25 per Mtok",
+    "    3. Sonnet                   Sonnet 5 \u00b7 Efficient for routine tasks", "",
+    "  \u25cf High effort (default) \u2190/\u2192 to adjust", "",
+    "  Enter to set as default \u00b7 s to use this session only \u00b7 Esc to cancel",
+    RULE + " b1 \u2500\u2500"]
+SCREEN_MODEL_2_1_330 = [
+    "\u276f hello", "\u25cf reply 1: ok", "\u2594" * 60, "  Select model",
+    "  Your pick is the default for new sessions. For other models, use --model.", "",
+    "  \u276f 1. Default (recommended) \u2714  Use the default model (currently Opus 5.5)",
+    "    2. Opus                     Opus 5.5 \u00b7 Best for everyday, complex tasks", "",
+    "  \u25d0 Medium effort (default) \u2190/\u2192 to adjust", "",
+    "  s to use this session only \u00b7 Enter to save \u00b7 Esc to cancel"]
+SCREEN_IDLE_QUOTING_A_DIALOG = [
+    "\u276f show me the dialog", "", "\u25cf Here it is:", "  Try the new renderer?",
+    "  \u276f 1. Yes, try it", "    2. Not now", "  Enter to confirm \u00b7 Esc to cancel", "",
+    RULE + " a1 \u2500", "\u276f ", RULE, "  \u23f8 manual mode on \u00b7 ? for shortcuts"]
+
+
+SCREEN_MODEL_OVER_THE_BOX_2_1_332 = SCREEN_MODEL_2_1_330[1:] + [
+    "", RULE + " a1 \u2500", "\u276f", RULE]
+
+
+def test_a_dialog_over_the_input_box_counts_only_when_claude_says_one_is_open():
+    assert orch.choice_dialog(SCREEN_MODEL_OVER_THE_BOX_2_1_332) is None
+    dialog = orch.choice_dialog(SCREEN_MODEL_OVER_THE_BOX_2_1_332, said=True)
+    assert (dialog["question"], dialog["cursor"]) == ("Select model", 1)
+
+
+@pytest.mark.parametrize("rows, question, first, count", [
+    (SCREEN_UPSELL_2_1_332, "Try the new fullscreen renderer?", "Yes, try it", 2),
+    (SCREEN_MODEL_2_1_197, "Select model", "Default (recommended)", 3),
+    (SCREEN_MODEL_2_1_330, "Select model", "Default (recommended)", 2),
+])
+def test_a_dialog_is_recognised_by_its_shape(rows, question, first, count):
+    dialog = orch.choice_dialog(rows)
+    assert (dialog["question"], dialog["cursor"], len(dialog["choices"])) == (question, 1, count)
+    assert dialog["choices"][1].startswith(first) and "Esc to cancel" in dialog["keys"]
+
+
+def test_a_reply_that_quotes_a_dialog_is_no_dialog():
+    assert orch.choice_dialog(SCREEN_IDLE_QUOTING_A_DIALOG) is None
+    assert orch.choice_dialog(SCREEN_UPSELL_2_1_332[:-5]) is None     # no keys line
+    moved = [r.replace("\u276f 1.", "  1.") for r in SCREEN_UPSELL_2_1_332]
+    assert orch.choice_dialog(moved) is None                        # no cursor
 
 
 @pytest.mark.parametrize("name", ["", "a b", "a.b", "a:b", "a/b", "-a", "_a", "é", "a" * 41,
@@ -841,6 +953,70 @@ def test_interrupt_without_hook_shows_idle(env, capsys):
     assert row["status_source"] == "claude-status"
     assert run(capsys, "send", "a1", "after the interrupt")[0] == 0
     assert env.messages()[-1] == "after the interrupt"
+
+
+def person_types(name, *keys):
+    """Keys typed into the agent's window by a person, as `orch attach` would let them."""
+    pane = read_state_or_empty()["agents"][name]["tmux"]["pane"]
+    for key in keys:
+        tmux_cmd("send-keys", "-t", pane, *(["-l", key[2:]] if key.startswith("l:") else [key]))
+
+
+def test_a_dialog_nobody_has_seen_is_needs_input_and_answered_only_on_purpose(env, capsys):
+    assert run(capsys, "spawn", "a1", "first")[0] == 0
+    wait_status(capsys, "a1", "idle")
+    person_types("a1", "l:/model", "Enter")     # and leaves without choosing
+    row = wait_status(capsys, "a1", "needs-input")
+    assert (row["needs"], row["detail"]) == ("dialog", "Select model")
+    assert "needs-input (dialog: Select model)" in run(capsys, "list")[1]
+    assert run(capsys, "status-line")[1] == "orch: 1 needs input\n"
+    assert run(capsys, "wait", "a1")[1] == "a1: needs-input (dialog: Select model)\n"
+    for args in (["send", "a1", "hi"], ["send", "a1", "hi", "--force"], ["send", "--all", "hi"]):
+        code, out, err = run(capsys, *args)
+        assert code == orch.EXIT_NEEDS_INPUT, args
+        assert '"Select model"' in out + err and "orch deny a1" in out + err
+    code, _, err = run(capsys, "approve", "a1")
+    assert code == orch.EXIT_NEEDS_INPUT and one_error(err)
+    assert "1. Default (recommended), 2. Opus, 3. Haiku" in err and "--choice N" in err
+    assert run(capsys, "approve", "a1", "--choice", "7")[0] == orch.EXIT_USAGE
+    assert run(capsys, "approve", "a1", "--choice", "0")[0] == orch.EXIT_USAGE
+    assert not env.records("picked") and not env.records("dialog cancelled")
+    assert env.messages() == ["first"]
+    code, out, err = run(capsys, "approve", "a1", "--choice", "3")
+    assert (code, out) == (0, 'a1: picked 3. Haiku in the dialog "Select model"\n'), err
+    assert [r["choice"] for r in env.records("picked")] == ["Haiku"]
+    wait_status(capsys, "a1", "idle")
+    person_types("a1", "l:/model", "Enter")
+    wait_status(capsys, "a1", "needs-input")
+    code, out, err = run(capsys, "deny", "a1")
+    assert (code, out) == (0, 'a1: cancelled the dialog "Select model" (Escape)\n'), err
+    assert len(env.records("dialog cancelled")) == 1 and len(env.records("picked")) == 1
+    wait_status(capsys, "a1", "idle")
+    assert run(capsys, "send", "a1", "after")[0] == 0
+    assert env.messages() == ["first", "after"]
+
+
+def test_send_reads_a_dialog_off_the_screen_when_claude_does_not_say(env, capsys, monkeypatch):
+    assert run(capsys, "spawn", "a1", "first")[0] == 0
+    wait_status(capsys, "a1", "idle")
+    person_types("a1", "l:/model", "Enter")
+    retry_until(lambda: orch.choice_dialog(orch.agent_screen(env.state()["agents"]["a1"])))
+    monkeypatch.setattr(orch, "claude_session_file_status", lambda *a, **k: None)
+    assert status(capsys, "a1")["status"] == "idle"     # hooks alone cannot tell
+    code, _, err = run(capsys, "send", "a1", "hi", "--force")
+    assert code == orch.EXIT_NEEDS_INPUT and '"Select model"' in err
+    assert run(capsys, "deny", "a1")[0] == 0
+    assert env.messages() == ["first"] and len(env.records("dialog cancelled")) == 1
+
+
+def test_the_upgrade_prompt_is_kept_away_by_the_renderer_setting(env, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_UPSELL", "1")      # shows it unless --settings names "tui"
+    assert run(capsys, "spawn", "a1", "first")[0] == 0
+    assert run(capsys, "send", "a1", "second")[0] == 0
+    assert wait_status(capsys, "a1", "idle")["needs"] is None
+    settings = env.records("start")[0]["argv"]
+    assert json.loads(settings[settings.index("--settings") + 1])["tui"] == "default"
+    assert env.messages() == ["first", "second"]
 
 
 def test_question_dialog_is_needs_input_question(env, capsys):
@@ -2536,6 +2712,20 @@ def test_cli_doctor_without_tmux(env, tmp_path_factory, monkeypatch):
     assert [l for l in out.splitlines() if l.startswith("warning  tmux")]
 
 
+def test_cli_doctor_without_tmux_reports_everything_about_agents_in_tmux(env, capsys,
+                                                                         tmp_path_factory,
+                                                                         monkeypatch):
+    assert run(capsys, "spawn", "a1", "task")[0] == 0
+    hide_tmux(monkeypatch, tmp_path_factory)
+    code, out, err = cli("doctor", python=cli_python())
+    assert code == 1 and err == "", err
+    checks = [line.split()[:2] for line in out.splitlines()]
+    for check in ("python", "tmux", "claude", "state", "data"):
+        assert [c for c in checks if c[1] == check], (check, out)
+    assert "problem  tmux    tmux not found, but agents run in it (a1)" in out
+    assert "problem  agents  cannot tell what they are doing: tmux is not installed" in out
+
+
 def test_tested_claude_versions_match_the_makefile():
     with open(os.path.join(HERE, "Makefile")) as f:
         line = [l for l in f if l.startswith("CLAUDE_CODE_VERSIONS")][0]
@@ -3794,6 +3984,11 @@ def sse(event, data):
     return ("event: %s\ndata: %s\n\n" % (event, json.dumps(data))).encode("utf-8")
 
 
+# Text blocks claude adds to a user message that the user did not write: reminders,
+# the refusal of an interrupted tool, a slash command run in between (/model).
+NOT_THE_USERS = ("<system-reminder>", "[Request interrupted", "<command-", "<local-command-")
+
+
 class FakeAPI(object):
     """Serve /v1/messages on 127.0.0.1; record what each agent really received.
 
@@ -3872,7 +4067,7 @@ class FakeAPI(object):
                 if block.get("type") == "tool_result":
                     tool_result = True
                 elif block.get("type") == "text" and not block.get("text", "").startswith(
-                        ("<system-reminder>", "[Request interrupted")):
+                        NOT_THE_USERS):
                     texts.append(block["text"])
             # After an interrupted tool call, the user's next words ride along
             # with the tool's refusal: that request is theirs, not a tool result.
@@ -3964,7 +4159,7 @@ class FakeAPI(object):
             blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
             for block in blocks or []:
                 text = block.get("text", "") if block.get("type") == "text" else ""
-                if text and not text.startswith(("<system-reminder>", "[Request interrupted")):
+                if text and not text.startswith(NOT_THE_USERS):
                     texts.append(text)
         return texts
 
@@ -4339,6 +4534,54 @@ def test_e2e_no_prompt_or_key_on_claudes_command_line(claude, capsys, request):
     assert seen["found"] == [] and seen["watched"] >= 2
     assert claude.api.texts(sid) == ["remember " + secrets["prompt"], "and " + secrets["message"],
                                      "then " + secrets["resume"]]
+
+
+def test_e2e_upgrade_from_the_oldest_claude_brings_no_renderer_prompt(claude, capsys,
+                                                                      monkeypatch):
+    oldest = os.environ.get("ORCH_E2E_CLAUDE_OLDEST")
+    if not oldest or claude_version(oldest) >= claude.version:
+        pytest.skip("needs an older claude to start the session: make e2e sets "
+                    "ORCH_E2E_CLAUDE_OLDEST to the oldest of the matrix")
+    monkeypatch.setenv("ORCH_CLAUDE", oldest)
+    assert run(capsys, "spawn", "a1", "remember the word avocado")[0] == 0
+    sid = sid_of("a1")
+    wait_status(capsys, "a1", "idle")
+    assert run(capsys, "kill", "a1")[0] == 0
+    monkeypatch.setenv("ORCH_CLAUDE", os.environ["ORCH_E2E_CLAUDE"])
+    code, out, err = run(capsys, "resume", "a1", "which word?")
+    assert code == 0, err
+    retry_until(lambda: "which word?" in claude.api.texts(sid))
+    row = wait_status(capsys, "a1", "idle")
+    # 2.1.332 offers its fullscreen renderer here, in a dialog any Enter accepts,
+    # unless the "tui" setting orch gives each agent names one.
+    assert row["needs"] is None and row["session_id"] == sid
+    assert orch.choice_dialog(orch.agent_screen(claude.state()["agents"]["a1"])) is None
+    assert run(capsys, "send", "a1", "and now?")[0] == 0
+    retry_until(lambda: "and now?" in claude.api.texts(sid))
+
+
+def test_e2e_a_picker_a_person_left_open_is_answered_only_on_purpose(claude, capsys):
+    assert run(capsys, "spawn", "a1", "hello")[0] == 0
+    sid = sid_of("a1")
+    wait_status(capsys, "a1", "idle")
+    person_types("a1", "l:/model", "Enter")     # and detaches without choosing
+    row = wait_status(capsys, "a1", "needs-input")
+    assert (row["needs"], row["detail"]) == ("dialog", "Select model")
+    code, out, err = run(capsys, "send", "a1", "are you there?")
+    assert code == orch.EXIT_NEEDS_INPUT and '"Select model"' in err
+    code, out, err = run(capsys, "approve", "a1")
+    assert code == orch.EXIT_NEEDS_INPUT and "1. Default" in err
+    code, out, err = run(capsys, "deny", "a1")
+    assert (code, out) == (0, 'a1: cancelled the dialog "Select model" (Escape)\n'), err
+    wait_status(capsys, "a1", "idle")
+    assert run(capsys, "send", "a1", "are you there?")[0] == 0
+    retry_until(lambda: "are you there?" in claude.api.texts(sid))
+    assert claude.api.texts(sid) == ["hello", "are you there?"]
+    person_types("a1", "l:/model", "Enter")
+    wait_status(capsys, "a1", "needs-input")
+    code, out, err = run(capsys, "approve", "a1", "--choice", "1")
+    assert code == 0 and out.startswith("a1: picked 1. Default"), err
+    wait_status(capsys, "a1", "idle")
 
 
 def test_e2e_round_trip_under_lc_all_c(claude, capsys):
