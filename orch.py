@@ -533,6 +533,8 @@ def record_problem(name, agent):
     backend = agent["backend"]
     if backend not in ("tmux", "headless"):
         return "unknown backend %r" % backend
+    if agent.get("agent", "claude") not in KINDS:
+        return "unknown agent kind %r" % agent["agent"]
     if not isinstance(agent.get(backend), dict):
         return "missing %r" % backend
     if "worktree" in agent:
@@ -1135,7 +1137,8 @@ def agent_status(agent, panes, read_screen=None, cache=None):
     result = {"status": "exited", "since": None, "needs": None, "detail": None,
               "exit_code": None, "source": "tmux", "last_prompt": None, "pid": None,
               "permission_mode": None, "pending": False}
-    seen = replay_events([]) if agent.get("cmd") else (cache or StatusCache()).summary(agent)
+    hooked = kind_of(agent).hooks
+    seen = (cache or StatusCache()).summary(agent) if hooked else replay_events([])
     result.update(last_prompt=seen["last_prompt"], since=seen["last_event"],
                   permission_mode=seen["permission_mode"] or permission_mode_arg(agent))
     if seen["session_id"]:
@@ -1147,7 +1150,7 @@ def agent_status(agent, panes, read_screen=None, cache=None):
         result["exit_code"] = exit_code_of(pane)
         return result
     result.update(status="starting", since=launched, pid=int(pane["pane_pid"]))
-    if agent.get("cmd"):
+    if not hooked:
         return screen_status(result, pane)
     result["source"] = "hooks"
     if seen["status"]:
@@ -1754,7 +1757,7 @@ def tmux_send(agent, text, raw, force, timeout):
             paste_text(pane, socket, text)
             time.sleep(0.1)     # Enter in the same read as the paste can be swallowed by it
             send_enter(pane, socket)
-            if agent.get("cmd"):
+            if not kind_of(agent).hooks:
                 return "sent (unconfirmed)"
             if raw and text.startswith("/"):
                 return confirm_command(agent)
@@ -1776,7 +1779,7 @@ def prepare_pane(agent, st, force):
     """
     name = agent["name"]
     leave_tmux_mode(agent)
-    if agent.get("cmd") or st["status"] == "needs-input":
+    if not kind_of(agent).dialogs or st["status"] == "needs-input":
         return      # no input box orch knows of (a dialog replaces claude's)
     dialog = choice_dialog(agent_screen(agent))
     if dialog:      # even with --force: an Enter would pick a choice nobody chose
@@ -2616,9 +2619,8 @@ def last_reply(agent):
     Stop, which the hook keeps in reply.json.  Headless: the `result` of its
     latest turn that ended well.
     """
-    if agent.get("cmd"):
-        raise OrchError("agent %s runs a command of its own (--cmd), which reports no answers: "
-                        "`orch tail %s` shows its screen" % (agent["name"], agent["name"]))
+    if not kind_of(agent).hooks:
+        raise kind_of(agent).unsupported(agent, "reports no answers")
     launched = agent.get("created", 0)
     found = backend_of(agent).reply(agent)
     if not isinstance(found, dict) or not isinstance(found.get("text"), str) \
@@ -2637,11 +2639,8 @@ def headless_reply(name, tail=1048576):
 
 def conversation_path(agent):
     """The file that holds the agent's conversation: claude's transcript, or headless output."""
-    name = agent["name"]
-    if agent.get("cmd"):
-        raise OrchError("agent %s runs a command of its own (--cmd), which keeps no "
-                        "conversation orch can read: `orch tail %s` shows its screen"
-                        % (name, name))
+    if not kind_of(agent).hooks:
+        raise kind_of(agent).unsupported(agent, "keeps no conversation orch can read")
     return backend_of(agent).conversation(agent)
 
 
@@ -2846,9 +2845,8 @@ def open_dialog(agent, tool=None):
                         "tool that needs permission at once (`orch list` shows `denied: TOOL`). "
                         "To allow tools, spawn it with `-- --permission-mode acceptEdits` or "
                         "`-- --allowedTools 'Bash(make *)'`" % name)
-    if agent.get("cmd"):
-        raise OrchError("agent %s runs a command of its own (--cmd), whose dialogs orch cannot "
-                        "read: answer with `orch attach %s`" % (name, name))
+    if not kind_of(agent).dialogs:
+        raise kind_of(agent).unsupported(agent, "shows dialogs orch cannot read")
     st = status_of(agent)
     if st["status"] == "exited":
         raise OrchError("agent %s is not running (exit code %s)" % (name, st["exit_code"]),
@@ -2920,7 +2918,7 @@ def unhooked_dialog(agent):
     Claude's own status says "dialog open" for these (a picker, a prompt of
     a new release); the screen, read by shape, says what they ask.
     """
-    if not backend_of(agent).dialogs or agent.get("cmd"):
+    if not backend_of(agent).dialogs or not kind_of(agent).dialogs:
         return None
     st = status_of(agent)
     if st["status"] in ("exited", "starting") or st["needs"] in ("permission", "question",
@@ -3921,16 +3919,13 @@ def cmd_spawn(args):
     if prompt is not None and not prompt.strip():
         prompt = None
     cwd = resolve_cwd(args.cwd)
+    kind = CommandKind if args.cmd else ClaudeKind
     # Any program but claude needs a terminal: --cmd means tmux unless told otherwise.
-    backend = choose_backend(args.backend or ("tmux" if args.cmd else None))
-    if args.cmd and backend == "headless":
-        raise OrchError("--cmd needs the tmux backend: the headless backend speaks claude's "
-                        "stream-json protocol only", EXIT_USAGE)
-    if args.cmd:
-        check_command(args.cmd)
-        argv_program = None
-    else:
-        argv_program = find_program(args.claude or default_program())
+    backend = choose_backend(args.backend or (None if kind.headless else "tmux"))
+    if backend == "headless" and not kind.headless:
+        raise OrchError("%s needs the tmux backend: the headless backend speaks claude's "
+                        "stream-json protocol only" % kind.option, EXIT_USAGE)
+    argv_program = kind.program(args)
     if (args.branch is not None or args.base is not None) and not args.worktree:
         raise OrchError("--branch and --base are for --worktree", EXIT_USAGE)
     if backend == "tmux":
@@ -3941,22 +3936,21 @@ def cmd_spawn(args):
             refuse_existing(load_state(), name)     # before git makes anything
             worktree, cwd = make_worktree(name, cwd, args.branch, args.base)
             undo.worktrees.append(worktree)
-        BACKENDS[backend].preflight(cwd, args.cmd)
-        # A worktree of a checkout claude trusts is as trustworthy as the checkout.
-        if not args.cmd and (args.trust or worktree and claude_trusts(worktree["repo"])):
-            trust_folder(worktree["path"] if worktree else cwd)
-        agent, first = spawn_recorded(args, name, backend, cwd, worktree, prompt, argv_program,
+        BACKENDS[backend].preflight(cwd)
+        kind.preflight(cwd, backend)
+        kind.trust(cwd, args.trust, worktree)
+        agent, first = spawn_recorded(args, kind, backend, cwd, worktree, prompt, argv_program,
                                       started)
     return finish_start(agent, first, "started")
 
 
-def spawn_recorded(args, name, backend, cwd, worktree, prompt, argv_program, started):
+def spawn_recorded(args, kind, backend, cwd, worktree, prompt, argv_program, started):
     """Start the agent and save its record, in one hold of the state lock."""
-    import uuid
+    name = args.name
     with LockedState() as state:
         refuse_existing(state, name)
-        agent = {"name": name, "backend": backend, "cwd": cwd, "created": time.time(),
-                 "cmd": args.cmd, "session_id": None if args.cmd else str(uuid.uuid4()),
+        agent = {"name": name, "agent": kind.name, "backend": backend, "cwd": cwd,
+                 "created": time.time(), "cmd": args.cmd, "session_id": kind.new_session_id(),
                  "extra_args": args.extra, "home": os.path.expanduser("~"),
                  "tmux": {"socket": args.socket or default_socket(),
                           "session": args.session or default_session()}}
@@ -3991,7 +3985,7 @@ def headless_confirm_start(agent, first, verb):
 
 def tmux_confirm_start(agent, first, verb):
     name = agent["name"]
-    if agent.get("cmd"):
+    if not kind_of(agent).hooks:
         st = status_of(agent)
         if st["status"] == "exited":
             raise exited_at_start(agent, st)
@@ -3999,7 +3993,7 @@ def tmux_confirm_start(agent, first, verb):
         if first is not None:
             wait_for_screen(agent)
             outcome = ", first message " + send_message(agent, first, raw=True)
-        print("%s agent %s (%s, tmux)%s" % (verb, name, agent["cmd"], outcome))
+        print("%s agent %s (%s, tmux)%s" % (verb, name, kind_of(agent).label(agent), outcome))
     else:
         timeout = env_seconds("ORCH_START_TIMEOUT", 60)
         st = wait_until_started(agent, timeout)
@@ -4320,7 +4314,7 @@ def agent_row(agent, st):
             "session_id": st.get("session_id") or agent.get("session_id"),
             "created": agent.get("created"),
             "exit_code": st["exit_code"], "last_prompt": st["last_prompt"],
-            "command": agent.get("cmd") or "claude", "detail": st.get("detail"),
+            "command": kind_of(agent).label(agent), "detail": st.get("detail"),
             "silent_for": st.get("silent"), "pid": st.get("pid"),
             "permission_mode": st.get("permission_mode"),
             "pane": (agent.get("tmux") or {}).get("pane"),
@@ -4613,7 +4607,7 @@ def cmd_interrupt(args):
 def tmux_interrupt(agent, st):
     # Escape stops claude's turn, or cancels a dialog: never Enter, which approves.
     tmux(["send-keys", "-t", agent["tmux"]["pane"], "Escape"], socket=agent["tmux"]["socket"])
-    if not agent.get("cmd") and st["status"] == "working" and st["last_prompt"]:
+    if kind_of(agent).hooks and st["status"] == "working" and st["last_prompt"]:
         clear_restored_prompt(agent, st["last_prompt"])
 
 
@@ -4656,7 +4650,8 @@ def cmd_resume(args):
     started = []
     with undo_on_failure(started, new=False), LockedState() as state:
         agent = find_agent(state, name)
-        backend_of(agent).preflight(agent["cwd"], agent.get("cmd"))
+        backend_of(agent).preflight(agent["cwd"])
+        kind_of(agent).preflight(agent["cwd"], agent["backend"])
         if status_of(agent)["status"] != "exited":
             raise OrchError("agent %s is still running: `orch send %s MESSAGE` to talk to it, "
                             "or `orch kill %s` first" % (name, name, name))
@@ -4666,10 +4661,9 @@ def cmd_resume(args):
             raise OrchError("agent %s's working folder %s is gone: create it again, or `orch rm "
                             "%s`" % (name, agent["cwd"], name))
         close_window(agent)
-        program = None
-        if not agent.get("cmd"):
-            agent["session_id"] = latest_session_id(agent)
-            program = find_program(args.claude or default_program())
+        kind = kind_of(agent)
+        agent["session_id"] = kind.session_id(agent)
+        program = kind.program(args, agent)
         backend_of(agent).start(agent, program, message, resume_id=agent["session_id"])
         started.append(agent)
         agent["resumed"] = agent.get("resumed", 0) + 1
@@ -4907,7 +4901,113 @@ def uninstall(prefix, launcher, lib, module):
 
 
 # ###########################################################################
-# Backends: what a verb asks of an agent, answered by the agent's kind
+# Agent kinds: everything that differs between agent programs
+# ###########################################################################
+#
+# A kind owns what one agent CLI does its own way: how to find and start it,
+# whether its hooks report its status (and so confirm messages), whether
+# orch can read and answer its dialogs, and what to say where it cannot.
+# Verbs ask kind_of(agent); none tests which kind it is.
+
+class ClaudeKind(object):
+    name = "claude"
+    option = "--agent claude"
+    hooks = True        # status, confirmations, replies and transcripts from its hooks
+    dialogs = True      # permission dialogs orch reads off the screen and answers
+    headless = True     # `claude -p` runs under orch's supervisor too
+
+    @staticmethod
+    def program(args, agent=None):
+        return find_program(args.claude or default_program())
+
+    @staticmethod
+    def new_session_id():
+        import uuid
+        return str(uuid.uuid4())    # claude takes it with --session-id
+
+    @staticmethod
+    def preflight(cwd, backend):
+        if backend == "tmux":
+            refuse_without_hooks(cwd)
+
+    @staticmethod
+    def trust(cwd, asked, worktree):
+        # A worktree of a checkout claude trusts is as trustworthy as the checkout.
+        if asked or worktree and claude_trusts(worktree["repo"]):
+            trust_folder(worktree["path"] if worktree else cwd)
+
+    @staticmethod
+    def argv(agent, program, resume_id=None):
+        return claude_argv(agent, program, resume_id)
+
+    @staticmethod
+    def session_id(agent):
+        return backend_of(agent).session_id(agent)
+
+    @staticmethod
+    def label(agent):
+        return "claude"
+
+    unsupported = staticmethod(lambda agent, what: None)
+
+
+class CommandKind(object):
+    """Any other program (--cmd): a terminal and a screen, nothing more to read."""
+    name = "command"
+    option = "--cmd"
+    hooks = False
+    dialogs = False
+    headless = False
+
+    @staticmethod
+    def program(args, agent=None):
+        check_command(agent["cmd"] if agent else args.cmd)
+        return None
+
+    @staticmethod
+    def new_session_id():
+        return None
+
+    @staticmethod
+    def preflight(cwd, backend):
+        pass
+
+    @staticmethod
+    def trust(cwd, asked, worktree):
+        pass
+
+    @staticmethod
+    def argv(agent, program, resume_id=None):
+        # From a file, not `sh -c CMD`: a command may carry a key, and argv is public.
+        script = os.path.join(make_private_dir(agent_dir(agent["name"])), "cmd.sh")
+        write_file_atomic(script, agent["cmd"] + "\n")
+        return ["/bin/sh", script]
+
+    @staticmethod
+    def session_id(agent):
+        return None
+
+    @staticmethod
+    def label(agent):
+        return agent["cmd"]
+
+    @staticmethod
+    def unsupported(agent, what):
+        """The refusal for a verb this kind cannot serve: what it is, and what still works."""
+        return OrchError("agent %s runs a command of its own (--cmd), which %s: `orch tail %s` "
+                         "shows its screen, `orch attach %s` takes its keyboard"
+                         % (agent["name"], what, agent["name"], agent["name"]))
+
+
+KINDS = {"claude": ClaudeKind, "command": CommandKind}
+
+
+def kind_of(agent):
+    return KINDS[agent.get("agent") or ("command" if agent.get("cmd") else "claude")]
+
+
+# ###########################################################################
+# Backends: tmux windows or orch's own supervisor
 # ###########################################################################
 #
 # Verbs ask backend_of(agent) to start, confirm, send, tail, attach,
@@ -4921,20 +5021,13 @@ class TmuxBackend(object):
     dialogs = True      # claude's permission dialogs are on its screen, for approve and deny
 
     @staticmethod
-    def preflight(cwd, cmd):
+    def preflight(cwd):
         check_tmux_version()
-        if not cmd:
-            refuse_without_hooks(cwd)
 
     @staticmethod
     def start(agent, program, prompt, resume_id=None):
         """Open the agent's window; confirm_start pastes the prompt once it is ready."""
-        if agent.get("cmd"):
-            # From a file, not `sh -c CMD`: a command may carry a key, and argv is public.
-            script = os.path.join(make_private_dir(agent_dir(agent["name"])), "cmd.sh")
-            write_file_atomic(script, agent["cmd"] + "\n")
-            return start_in_tmux(agent, ["/bin/sh", script])
-        start_in_tmux(agent, claude_argv(agent, program, resume_id=resume_id))
+        start_in_tmux(agent, kind_of(agent).argv(agent, program, resume_id=resume_id))
 
     @staticmethod
     def reply(agent):
@@ -4956,7 +5049,7 @@ class HeadlessBackend(object):
     dialogs = False     # claude -p denies what needs permission: nothing to approve
 
     @staticmethod
-    def preflight(cwd, cmd):
+    def preflight(cwd):
         pass            # no tmux, and no hooks: claude's own output says it all
 
     @staticmethod
