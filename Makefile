@@ -13,6 +13,10 @@ CLAUDE_CODE_VERSIONS ?= 2.1.197 2.1.330 2.1.332
 E2E_DIR := .e2e
 claude_bin = $(E2E_DIR)/$(1)/node_modules/@anthropic-ai/claude-code/bin/claude.exe
 CLAUDE_BINS := $(foreach v,$(CLAUDE_CODE_VERSIONS),$(call claude_bin,$(v)))
+# The Codex CLI versions orch is tested against.
+CODEX_VERSIONS ?= 0.169.0
+codex_bin = $(E2E_DIR)/codex-$(1)/node_modules/.bin/codex
+CODEX_BINS := $(foreach v,$(CODEX_VERSIONS),$(call codex_bin,$(v)))
 
 .PHONY: test test-pythons e2e bench clean
 
@@ -39,15 +43,27 @@ $(E2E_DIR)/%/node_modules/@anthropic-ai/claude-code/bin/claude.exe:
 	  || { echo "make e2e: could not install @anthropic-ai/claude-code@$*"; exit 1; }
 	@test -x $@ || { echo "make e2e: $@ missing after install"; exit 1; }
 
-e2e: $(VENV)/bin/pytest $(CLAUDE_BINS)
-	@failed=""; for v in $(CLAUDE_CODE_VERSIONS); do \
+$(E2E_DIR)/codex-%/node_modules/.bin/codex:
+	@command -v npm >/dev/null || { echo "make e2e: npm is needed to install the Codex CLI"; exit 1; }
+	npm install --silent --no-audit --no-fund --prefix $(E2E_DIR)/codex-$* @openai/codex@$* \
+	  || { echo "make e2e: could not install @openai/codex@$*"; exit 1; }
+	@test -x $@ || { echo "make e2e: $@ missing after install"; exit 1; }
+
+e2e: $(VENV)/bin/pytest $(CLAUDE_BINS) $(CODEX_BINS)
+	@failed=""; for v in $(CODEX_VERSIONS); do \
+	  echo "== end-to-end tests with Codex CLI $$v"; \
+	  ORCH_E2E_CODEX=$(abspath $(call codex_bin,$$v)) \
+	    $(VENV)/bin/pytest -q -k test_e2e_codex_ test_orch.py || failed="$$failed codex-$$v"; \
+	done; \
+	for v in $(CLAUDE_CODE_VERSIONS); do \
 	  echo "== end-to-end tests with Claude Code $$v"; \
 	  ORCH_E2E_CLAUDE=$(abspath $(call claude_bin,$$v)) \
 	  ORCH_E2E_CLAUDE_OLDEST=$(abspath $(call claude_bin,$(firstword $(CLAUDE_CODE_VERSIONS)))) \
-	    $(VENV)/bin/pytest -q -k test_e2e_ test_orch.py || failed="$$failed $$v"; \
+	    $(VENV)/bin/pytest -q -k "test_e2e_ and not test_e2e_codex_" test_orch.py \
+	    || failed="$$failed $$v"; \
 	done; \
-	if [ -n "$$failed" ]; then echo "make e2e: failed with Claude Code$$failed"; exit 1; fi; \
-	echo "make e2e: passed with Claude Code $(CLAUDE_CODE_VERSIONS)"
+	if [ -n "$$failed" ]; then echo "make e2e: failed with$$failed"; exit 1; fi; \
+	echo "make e2e: passed with Codex CLI $(CODEX_VERSIONS), Claude Code $(CLAUDE_CODE_VERSIONS)"
 
 bench: $(VENV)/bin/pytest
 	$(VENV)/bin/python test_orch.py bench

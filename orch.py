@@ -17,6 +17,7 @@ Standard library only; runs on Python 3.6+ and tmux 3.0+.  See README.md.
 import argparse
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -28,6 +29,8 @@ STATE_VERSION = 1           # bump when the state file changes incompatibly
 MIN_TMUX = (3, 0)
 # The range of Claude Code versions `make e2e` tests: the oldest supported and the newest.
 TESTED_CLAUDE = ((2, 1, 197), (2, 1, 332))
+# The Codex CLI versions `make e2e` tests (CODEX_VERSIONS in the Makefile).
+TESTED_CODEX = ((0, 169, 0),)
 
 # Exit codes: scripts branch on these, so they are part of the interface.
 EXIT_OK = 0
@@ -325,7 +328,8 @@ def check_socket(socket):
     if problem:
         raise OrchError("refusing tmux socket %s: %s, whose tmux server would see every "
                         "prompt and run every agent: use a socket of your own (a name such as "
-                        "ORCH_TMUX_SOCKET=orch is kept in tmux's private folder)" % (socket, problem))
+                        "ORCH_TMUX_SOCKET=orch is kept in tmux's private folder)"
+                        % (socket, problem))
     _checked.add(socket)
 
 
@@ -439,9 +443,9 @@ def pane_info(pane, socket):
         raise
 
 
-def capture_pane(pane, socket, lines=None):
-    """Return the pane's screen as plain text, wrapped lines joined."""
-    args = ["capture-pane", "-p", "-J", "-t", pane]
+def capture_pane(pane, socket, lines=None, colors=False):
+    """Return the pane's screen as plain text (colors: with its SGR codes), wrapped lines joined."""
+    args = ["capture-pane", "-p", "-J", "-t", pane] + (["-e"] if colors else [])
     if lines:
         args += ["-S", "-%d" % lines]
     text = tmux(args, socket=socket)
@@ -693,8 +697,8 @@ def main():
         data = json.loads(sys.stdin.buffer.read().decode("utf-8", "replace") or "{}")
     except ValueError:
         data = {}
-    line = {"t": time.time(), "event": data.get("hook_event_name") or event,
-            "session_id": data.get("session_id")}
+    # orch's name for the event (each CLI's names are mapped to orch's on its command line)
+    line = {"t": time.time(), "event": event, "session_id": data.get("session_id")}
     for key in ("source", "reason", "notification_type", "tool_name", "prompt_id",
                 "permission_mode"):
         if isinstance(data.get(key), str):
@@ -771,20 +775,25 @@ def install_hook_script():
 
 
 def agent_settings(name):
-    """Return the --settings JSON for one agent: orch's hooks, and the classic renderer.
+    """Return claude's --settings JSON for one agent: orch's hooks, and the classic renderer.
 
     "tui": "default" (a documented setting) keeps the screen orch reads, and
     keeps claude 2.1.332 from offering its fullscreen renderer to a session an
     older claude started, in a dialog any Enter would accept.
     """
+    hooks = {}
+    for event, ours in sorted(ClaudeKind.EVENTS.items()):
+        hooks[event] = [{"hooks": [{"type": "command", "command": hook_command(name, ours)}]}]
+    return json.dumps({"hooks": hooks, "tui": "default"}, separators=(",", ":"))
+
+
+def hook_command(name, event):
+    """The command an agent CLI runs for one hook event: orch's hook, told orch's name for it."""
     import shlex
     hook = install_hook_script()
     # -I -S: skip site-packages and user environment: faster, and immune to PYTHON* vars.
-    base = " ".join(shlex.quote(p) for p in (sys.executable, "-I", "-S", hook, events_path(name)))
-    hooks = {}
-    for event in HOOK_EVENTS:
-        hooks[event] = [{"hooks": [{"type": "command", "command": base + " " + event}]}]
-    return json.dumps({"hooks": hooks, "tui": "default"}, separators=(",", ":"))
+    return " ".join(shlex.quote(p) for p in (sys.executable, "-I", "-S", hook, events_path(name),
+                                              event))
 
 
 def read_json_lines(path, offset=0, tail_bytes=None):
@@ -844,7 +853,7 @@ def event_status(event):
     kind = event.get("event")
     if kind in ("UserPromptSubmit", "PreToolUse", "PostToolUse"):
         return ("working", None)
-    if kind in ("SessionStart", "Stop"):
+    if kind in ("SessionStart", "Stop", "Interrupted"):
         return ("idle", None)
     if kind == "PermissionRequest":
         return ("needs-input", "question" if event.get("tool_name") == "AskUserQuestion"
@@ -896,19 +905,20 @@ def claude_session_file_status(agent, pid, newer_than=None):
 TRUST_MARKERS = ("trust this folder", "Do you trust the files", "one you trust")
 
 
-def screen_needs(rows):
-    """Recognise a dialog on a claude screen that no hook reports (the trust dialog)."""
+def screen_needs(rows, markers=TRUST_MARKERS):
+    """Recognise a dialog on a screen that no hook reports (the trust dialog)."""
     text = "\n".join(rows[-40:])
-    if any(marker in text for marker in TRUST_MARKERS):
+    if any(marker in text for marker in markers):
         return "trust"
     return None
 
 
-# A choice in a claude dialog ("❯ 1. Yes, try it", "  2. Not now"), the keys
-# line under the choices ("Enter to confirm · Esc to cancel"), and the rules
-# around claude's input box.
-CHOICE_ROW = r"^\s*(\u276f\s*)?(\d{1,2})\.\s+(\S.*?)\s*$"
-KEYS_ROW = r"\b(Enter|Esc) to \w"
+# A choice in a dialog ("❯ 1. Yes, try it", "  2. Not now"; codex's cursor is
+# "›"), the keys line under the choices ("Enter to confirm · Esc to cancel",
+# codex: "Press enter to confirm or esc to cancel"), and the rules around
+# claude's input box.
+CHOICE_ROW = r"^\s*([\u276f\u203a]\s*)?(\d{1,2})\.\s+(\S.*?)\s*$"
+KEYS_ROW = r"(?i)\b(enter|esc) to \w"
 RULE_CHARS = "\u2500\u2501\u2594\u2581\u2550"
 
 
@@ -1036,6 +1046,8 @@ def replay_events(events, seen=None):
                 seen["session_id"] = event["session_id"]     # a new one after /clear
         elif kind == "Stop":
             turn_ended(seen)
+        elif kind == "Interrupted":         # codex: Escape ended the turn, no Stop comes
+            seen.update(turn=None, waiting=0)
         found = event_status(event)
         if found is None:
             continue
@@ -1162,9 +1174,9 @@ def agent_status(agent, panes, read_screen=None, cache=None):
         # Started but has not yet taken the prompt given on its command line.
         result["status"] = "starting"
     if result["status"] == "starting" and not seen["reported_in"] and read_screen:
-        needs = screen_needs(read_screen())
-        if needs:
-            result.update(status="needs-input", needs=needs, source="screen")
+        found = kind_of(agent).screen_start(read_screen())
+        if found:
+            result.update(status=found[0], needs=found[1], source="screen")
     if result["source"] == "hooks" and result["status"] != "starting":
         cross_check(agent, pane, result)
     if result["needs"] == "dialog" and read_screen:
@@ -1326,14 +1338,14 @@ def is_utf8_locale(name):
     return bool(name) and ("UTF-8" in name.upper() or "UTF8" in name.upper())
 
 
-def find_program(program):
+def find_program(program, what="Claude Code (npm install -g @anthropic-ai/claude-code)",
+                 variable="ORCH_CLAUDE"):
     """Resolve the agent program to an absolute path, or say how to get it."""
     import shutil
     found = shutil.which(program)
     if not found:
-        raise OrchError("%s not found on PATH: install Claude Code "
-                        "(npm install -g @anthropic-ai/claude-code) or set ORCH_CLAUDE "
-                        "to the program to run" % program)
+        raise OrchError("%s not found on PATH: install %s or set %s to the program to run"
+                        % (program, what, variable))
     return os.path.abspath(found)
 
 
@@ -1870,6 +1882,11 @@ QUEUED_HINT = "Press up to edit queued messages"    # shown in the box while mes
 
 
 def typed_text(agent):
+    """What sits in the agent's input box now ('' when empty or only a hint)."""
+    return kind_of(agent).typed_text(agent)
+
+
+def claude_typed_text(agent):
     """What sits in claude's input box now ('' when empty or only claude's hint)."""
     rows = agent_screen(agent)
     text = input_box(rows)[1] or ""
@@ -2383,6 +2400,8 @@ def conversation_entries(event):
     if not isinstance(event, dict) or event.get("isSidechain") or event.get("isMeta"):
         return []
     kind = event.get("type")
+    if kind in ("response_item", "event_msg"):
+        return codex_entries(kind, event.get("payload"))
     if kind == "system" and event.get("subtype") == "init":
         return [{"kind": "session", "session_id": event.get("session_id"),
                  "model": event.get("model", "?")}]
@@ -2411,6 +2430,33 @@ def conversation_entries(event):
             entries.append({"kind": "denied", "name": denial.get("tool_name"),
                             "input": denial.get("tool_input")})
         return entries
+    return []
+
+
+def codex_entries(kind, item):
+    """What one line of codex's own transcript (its rollout file) says."""
+    if not isinstance(item, dict):
+        return []
+    what = item.get("type")
+    if kind == "event_msg":
+        if what in ("task_complete", "turn_aborted"):
+            return [{"kind": "turn", "ok": what == "task_complete", "subtype": item.get("reason"),
+                     "seconds": (item.get("duration_ms") or 0) / 1000.0}]
+        return []
+    if what == "message" and item.get("role") in ("user", "assistant"):
+        texts = [block.get("text", "") for block in item.get("content") or []
+                 if isinstance(block, dict) and block.get("type") in ("input_text", "output_text")]
+        # codex's own context for the model (<environment_context>...) is not the user's
+        return [{"kind": item["role"], "text": text} for text in texts
+                if not (item["role"] == "user" and text.startswith("<"))]
+    if what == "function_call":
+        try:
+            arguments = json.loads(item.get("arguments") or "{}")
+        except ValueError:
+            arguments = item.get("arguments")
+        return [{"kind": "tool", "name": item.get("name"), "input": arguments}]
+    if what == "function_call_output":
+        return [{"kind": "tool_result", "text": str(item.get("output") or ""), "error": False}]
     return []
 
 
@@ -2864,8 +2910,9 @@ def open_dialog(agent, tool=None):
         raise OrchError("agent %s asks about %s, not %s; nothing was pressed"
                         % (name, describe_request(request), tool), EXIT_NEEDS_INPUT)
     leave_tmux_mode(agent)
-    # The status can turn needs-input a moment before claude draws the dialog.
-    dialog = retry_until(lambda: dialog_on_screen(agent_screen(agent)), 3.0)
+    # The status can turn needs-input a moment before the CLI draws the dialog.
+    find = kind_of(agent).permission_dialog
+    dialog = retry_until(lambda: find(agent_screen(agent)), 3.0)
     if dialog is None:
         raise OrchError("agent %s has no permission dialog on its screen; nothing was pressed: "
                         "look with `orch tail %s`" % (name, name), EXIT_NEEDS_INPUT)
@@ -2975,7 +3022,8 @@ def deny_unhooked(agent, dialog):
         if not nos:
             raise OrchError("agent %s's dialog (%s) offers no way to cancel that orch can tell "
                             "(%s); nothing was pressed: `orch approve %s --choice N`, or `orch "
-                            "attach %s`" % (name, json.dumps(dialog["question"], ensure_ascii=False),
+                            "attach %s`" % (name, json.dumps(dialog["question"],
+                                                             ensure_ascii=False),
                                             choices_text(dialog), name, name), EXIT_NEEDS_INPUT)
         answered = pick_choice(agent, dialog, nos[0])
         how = "%d. %s" % (nos[0], dialog["choices"][nos[0]])
@@ -3018,13 +3066,14 @@ def cmd_approve(args):
                             "(`orch approve %s` answers a permission dialog Yes, once)"
                             % (name, name), EXIT_NEEDS_INPUT)
         request, dialog = open_dialog(agent, args.tool)
-        yes = dialog["options"].get("Yes")
+        kind = kind_of(agent)
+        yes = kind.yes_once(dialog["options"])
         if yes is None:
             raise OrchError("agent %s's dialog has no plain \"Yes\" (it offers %s); orch "
                             "approves once or not at all: answer with `orch attach %s`"
                             % (name, ", ".join(sorted(dialog["options"])), name),
                             EXIT_NEEDS_INPUT)
-        if not answer_dialog(agent, ["-l", yes], dialog["question"]):
+        if not answer_dialog(agent, ["-l", yes], dialog["question"], kind.permission_dialog):
             raise OrchError("agent %s still shows the dialog after orch pressed %s (Yes): look "
                             "with `orch tail %s`" % (name, yes, name), EXIT_UNCONFIRMED)
     print("%s: approved %s" % (name, describe_request(request)))
@@ -3039,8 +3088,9 @@ def cmd_deny(args):
         if dialog and not args.tool:
             return deny_unhooked(agent, dialog)
         request, dialog = open_dialog(agent, args.tool)
-        # Escape cancels: claude refuses the tool and ends the turn (never an approval).
-        if not answer_dialog(agent, ["Escape"], dialog["question"]):
+        # Escape cancels: the CLI refuses the tool and ends the turn (never an approval).
+        if not answer_dialog(agent, ["Escape"], dialog["question"],
+                             kind_of(agent).permission_dialog):
             raise OrchError("agent %s still shows the dialog after orch pressed Escape: look "
                             "with `orch tail %s`" % (name, name), EXIT_UNCONFIRMED)
     print("%s: denied %s; its turn ended: `orch send %s \"...\"` to say what to do instead"
@@ -3919,7 +3969,9 @@ def cmd_spawn(args):
     if prompt is not None and not prompt.strip():
         prompt = None
     cwd = resolve_cwd(args.cwd)
-    kind = CommandKind if args.cmd else ClaudeKind
+    if args.cmd and args.agent:
+        raise OrchError("give --agent or --cmd, not both", EXIT_USAGE)
+    kind = CommandKind if args.cmd else KINDS[args.agent or "claude"]
     # Any program but claude needs a terminal: --cmd means tmux unless told otherwise.
     backend = choose_backend(args.backend or (None if kind.headless else "tmux"))
     if backend == "headless" and not kind.headless:
@@ -3951,6 +4003,7 @@ def spawn_recorded(args, kind, backend, cwd, worktree, prompt, argv_program, sta
         refuse_existing(state, name)
         agent = {"name": name, "agent": kind.name, "backend": backend, "cwd": cwd,
                  "created": time.time(), "cmd": args.cmd, "session_id": kind.new_session_id(),
+                 "trust": bool(args.trust),
                  "extra_args": args.extra, "home": os.path.expanduser("~"),
                  "tmux": {"socket": args.socket or default_socket(),
                           "session": args.session or default_session()}}
@@ -4009,8 +4062,10 @@ def tmux_confirm_start(agent, first, verb):
                             "look with `orch tail %s`" % (name, timeout, name), EXIT_UNCONFIRMED)
         if first is not None:
             outcome = ", first message " + send_message(agent, first, raw=True)
-        print("%s agent %s (claude, tmux, session %s)%s" % (verb, name, agent["session_id"],
-                                                            outcome))
+        kind = kind_of(agent)
+        session = kind.session_id(agent) or "named at its first message"
+        print("%s agent %s (%s, tmux, session %s)%s" % (verb, name, kind.label(agent), session,
+                                                        outcome))
     print("  attach: orch attach %s    tail: orch tail %s" % (name, name))
     return EXIT_OK
 
@@ -4308,7 +4363,8 @@ def age(seconds):
 
 def agent_row(agent, st):
     since = st["since"]
-    return {"name": agent["name"], "status": st["status"], "needs": st["needs"],
+    return {"name": agent["name"], "agent": kind_of(agent).name,
+            "status": st["status"], "needs": st["needs"],
             "status_since": since, "status_source": st["source"],
             "backend": agent.get("backend", "tmux"), "cwd": agent["cwd"],
             "session_id": st.get("session_id") or agent.get("session_id"),
@@ -4374,14 +4430,15 @@ def table_lines(rows, mark=False, hosts=False):
     """The `list` table; with mark, a "!" column flags agents that need input."""
     now = time.time()
     branches = any(row.get("branch") for row in rows)     # a column only when someone has one
-    table = [(("HOST",) if hosts else ()) + ("NAME", "STATUS", "FOR", "AGE", "BACKEND", "MODE",
+    table = [(("HOST",) if hosts else ()) + ("NAME", "STATUS", "FOR", "AGE", "AGENT", "MODE",
                                              "SESSION")
              + (("BRANCH",) if branches else ()) + ("CWD", "LAST PROMPT")]
     for row in rows:
         table.append(((row.get("host") or "local",) if hosts else ())
                      + (row["name"], status_label(row), age(now - row["status_since"])
                       if row["status_since"] else "-", age(now - (row["created"] or now)),
-                      row["backend"], mode_label(row), (row["session_id"] or "-")[:8])
+                      "%s/%s" % (row.get("agent") or "claude", row["backend"]), mode_label(row),
+                      (row["session_id"] or "-")[:8])
                      + ((row.get("branch") or "-",) if branches else ())
                      + (short_path(row["cwd"]), shorten(row["last_prompt"] or "", 40)))
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
@@ -4739,6 +4796,31 @@ def check_claude():
     return [finding("ok", "claude", "Claude Code %s (%s), tested range %s" % (shown, path, tested))]
 
 
+def check_codex():
+    """Codex is optional: report it when installed, and whether orch's hooks can reach it here."""
+    import shutil
+    path = shutil.which(os.environ.get("ORCH_CODEX") or "codex")
+    if not path:
+        return [finding("ok", "codex", "not installed (needed only for --agent codex: npm "
+                        "install -g @openai/codex, or set ORCH_CODEX)")]
+    try:
+        out = subprocess.run([path, "--version"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             stdin=subprocess.DEVNULL, timeout=30).stdout.decode("utf-8", "replace")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return [finding("problem", "codex", "%s --version failed: %s" % (path, e))]
+    version = parse_claude_version(out)
+    shown = ".".join(map(str, version)) if version else repr(shorten(out.strip(), 40))
+    found = [finding("ok" if version in TESTED_CODEX else "warning", "codex", "Codex CLI %s "
+                     "(%s)%s" % (shown, path, "" if version in TESTED_CODEX else
+                                 ", not a version orch is tested with (%s): it may work"
+                                 % ", ".join(".".join(map(str, v)) for v in TESTED_CODEX)))]
+    try:
+        refuse_project_codex_hooks(os.getcwd())
+    except OrchError as e:
+        found.append(finding("problem", "codex", str(e)))
+    return found
+
+
 def check_tmux_variable():
     inside = os.environ.get("TMUX")
     if not inside:
@@ -4804,7 +4886,7 @@ def check_claude_settings():
     return [finding("ok", "hooks", "claude's settings leave hooks on (here, %s)" % os.getcwd())]
 
 
-DOCTOR_CHECKS = (check_python, check_tmux, check_claude, check_claude_settings,
+DOCTOR_CHECKS = (check_python, check_tmux, check_claude, check_claude_settings, check_codex,
                  check_tmux_variable, check_state, check_data_dir)
 
 
@@ -4912,6 +4994,7 @@ def uninstall(prefix, launcher, lib, module):
 class ClaudeKind(object):
     name = "claude"
     option = "--agent claude"
+    EVENTS = dict((event, event) for event in HOOK_EVENTS)    # orch's names are claude's
     hooks = True        # status, confirmations, replies and transcripts from its hooks
     dialogs = True      # permission dialogs orch reads off the screen and answers
     headless = True     # `claude -p` runs under orch's supervisor too
@@ -4948,7 +5031,173 @@ class ClaudeKind(object):
     def label(agent):
         return "claude"
 
+    @staticmethod
+    def screen_start(rows):
+        """What the screen says before the first hook: only the trust dialog fires none."""
+        needs = screen_needs(rows)
+        return ("needs-input", needs) if needs else None
+
+    typed_text = staticmethod(claude_typed_text)
+    permission_dialog = staticmethod(dialog_on_screen)
+
+    @staticmethod
+    def yes_once(options):
+        return options.get("Yes")
+
     unsupported = staticmethod(lambda agent, what: None)
+
+
+class CodexKind(object):
+    """OpenAI's Codex CLI, with orch's hooks given on its command line (-c hooks.EVENT=...)."""
+    name = "codex"
+    option = "--agent codex"
+    hooks = True
+    dialogs = True
+    headless = False
+    # Codex's hook events, and orch's name for each (the vocabulary replay_events reads).
+    EVENTS = {"SessionStart": "SessionStart", "UserPromptSubmit": "UserPromptSubmit",
+              "PreToolUse": "PreToolUse", "PostToolUse": "PostToolUse",
+              "PermissionRequest": "PermissionRequest", "Stop": "Stop",
+              "Interrupt": "Interrupted", "SessionEnd": "SessionEnd"}
+    COMPOSER = "\u203a"     # "›": codex's input line, and its dialogs' cursor
+    TRUST = ("Trust this folder?",)
+
+    @staticmethod
+    def program(args, agent=None):
+        return find_program(os.environ.get("ORCH_CODEX") or "codex", "OpenAI's Codex CLI "
+                            "(npm install -g @openai/codex)", "ORCH_CODEX")
+
+    @staticmethod
+    def new_session_id():
+        return None     # codex names it in its first hook
+
+    @staticmethod
+    def preflight(cwd, backend):
+        refuse_project_codex_hooks(cwd)
+
+    @staticmethod
+    def trust(cwd, asked, worktree):
+        pass            # --trust goes on codex's command line (argv): never into its config
+
+    @staticmethod
+    def argv(agent, program, resume_id=None):
+        """codex with orch's hooks (-c, trusted for this process only) and --trust, if asked."""
+        def toml(text):
+            return json.dumps(text)     # a JSON string is a TOML basic string
+        argv = [program, "--dangerously-bypass-hook-trust"]
+        for event, ours in sorted(CodexKind.EVENTS.items()):
+            argv += ["-c", "hooks.%s=[{hooks=[{type=\"command\",command=%s}]}]"
+                     % (event, toml(hook_command(agent["name"], ours)))]
+        if agent.get("trust"):
+            argv += ["-c", "projects={%s={trust_level=\"trusted\"}}" % toml(agent["cwd"])]
+        argv += agent.get("extra_args") or []
+        return argv + (["resume", resume_id] if resume_id else [])
+
+    @staticmethod
+    def session_id(agent):
+        return hooked_session_id(agent)
+
+    @staticmethod
+    def label(agent):
+        return "codex"
+
+    @staticmethod
+    def screen_start(rows):
+        """Codex fires no hook until the first prompt: its input line, ready, means idle.
+
+        Ready: the line under it names the model and folder ("m default · ~/src").
+        Codex draws its input line before it has read its config and decided
+        on folder trust; the trust screen can still replace it then (measured
+        on 0.169.0: "? for shortcuts" under it, the trust screen 0.3 s later).
+        """
+        if screen_needs(rows, CodexKind.TRUST):
+            return ("needs-input", "trust")
+        at = codex_composer_row(rows)
+        under = [row for row in rows[at + 1:] if row.strip()][:1] if at is not None else []
+        if under and choice_dialog(rows, said=True) is None and \
+                re.match(r"^\s+\S.* \u00b7 .*[/~]", under[0]):
+            return ("idle", None)
+        return None
+
+    @staticmethod
+    def typed_text(agent):
+        rows = capture_pane(agent["tmux"]["pane"], agent["tmux"]["socket"], colors=True)
+        return codex_composer(rows) or ""
+
+    @staticmethod
+    def permission_dialog(rows):
+        return codex_dialog(rows)
+
+    @staticmethod
+    def yes_once(options):
+        """"Yes, proceed (y)": once; never "don't ask again"."""
+        return "y" if any(text.startswith("Yes, proceed") for text in options) else None
+
+    unsupported = staticmethod(lambda agent, what: None)
+
+
+SGR = "\x1b\\[[0-9;]*m"     # a colour or attribute code in capture-pane -e output
+
+
+def codex_composer_row(rows):
+    """The index of codex's input line (the last "›" line that is no choice), or None."""
+    for i in range(len(rows) - 1, -1, -1):
+        plain = re.sub(SGR, "", rows[i])
+        if plain.startswith(CodexKind.COMPOSER) and not re.match(CHOICE_ROW, plain):
+            return i
+    return None
+
+
+def codex_composer(rows):
+    """The text typed in codex's input line ('' for its dimmed hint), or None when there is none.
+
+    rows may carry colours (capture-pane -e): the hint is drawn dim, typed text is not.
+    """
+    at = codex_composer_row(rows)
+    if at is None:
+        return None
+    rest = re.sub("^(%s)*%s(%s)*\\s?" % (SGR, CodexKind.COMPOSER, SGR), "", rows[at])
+    return "" if rest.startswith("\x1b[2m") else re.sub(SGR, "", rest).strip()
+
+
+def codex_dialog(rows):
+    """Codex's approval dialog as dialog_on_screen returns claude's: {question, options, above}."""
+    found = choice_dialog(rows, said=True)
+    if not found:
+        return None
+    first = max(i for i, row in enumerate(rows) if re.match(CHOICE_ROW, row) and
+                row.strip().startswith((CodexKind.COMPOSER + " 1.", "1.")))
+    above = rows[max(0, first - 30):first]
+    question = next((row.strip() for row in reversed(above) if row.strip().endswith("?")),
+                    found["question"])
+    return {"question": question, "above": above,
+            "options": dict((text, str(n)) for n, text in found["choices"].items())}
+
+
+def refuse_project_codex_hooks(cwd):
+    """Refuse a folder whose own codex hooks --dangerously-bypass-hook-trust would run untrusted.
+
+    orch gives codex its hooks on the command line, which codex runs only
+    with that flag; the flag also skips codex's trust check for a project's
+    own hooks (a cloned repository's .codex/), so orch will not use it there.
+    """
+    folder = os.path.abspath(cwd)
+    while True:
+        for name in ("hooks.json", "config.toml"):
+            path = os.path.join(folder, ".codex", name)
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            if name == "hooks.json" or re.search(r"(?m)^\s*\[+\s*hooks\b|^\s*hooks\s*[.=]", text):
+                raise OrchError("%s has codex hooks of its own: orch starts codex with "
+                                "--dangerously-bypass-hook-trust to give it orch's hooks, which "
+                                "would run these without codex's trust check; remove them or "
+                                "start this agent with --cmd" % short_path(path))
+        if folder == os.path.dirname(folder):
+            return
+        folder = os.path.dirname(folder)
 
 
 class CommandKind(object):
@@ -4992,6 +5241,14 @@ class CommandKind(object):
         return agent["cmd"]
 
     @staticmethod
+    def screen_start(rows):
+        return None
+
+    typed_text = staticmethod(lambda agent: "")
+    permission_dialog = staticmethod(lambda rows: None)
+    yes_once = staticmethod(lambda options: None)
+
+    @staticmethod
     def unsupported(agent, what):
         """The refusal for a verb this kind cannot serve: what it is, and what still works."""
         return OrchError("agent %s runs a command of its own (--cmd), which %s: `orch tail %s` "
@@ -4999,7 +5256,7 @@ class CommandKind(object):
                          % (agent["name"], what, agent["name"], agent["name"]))
 
 
-KINDS = {"claude": ClaudeKind, "command": CommandKind}
+KINDS = {"claude": ClaudeKind, "codex": CodexKind, "command": CommandKind}
 
 
 def kind_of(agent):
@@ -5100,6 +5357,7 @@ examples:
   orch approve fix-tests --tool Bash              # Yes, once, to the dialog it shows
   orch attach fix-tests       # take the keyboard (detach: prefix d)
   orch spawn api "add paging" --worktree          # its own git checkout, branch orch/api
+  orch spawn review "review the diff" --agent codex   # OpenAI's Codex CLI
   orch diff api               # what it changed; `orch rm api` keeps uncommitted work
   orch --host build1 spawn fix "make it build"    # any verb on another machine, over ssh
   orch send fix@build1 "and run the tests"        # NAME@HOST wherever a name goes
@@ -5112,7 +5370,8 @@ exit codes:
   7 submitted, but joined with text orch did not send   130 interrupted
 
 environment:
-  ORCH_STATE  ORCH_TMUX_SOCKET  ORCH_SESSION  ORCH_CLAUDE  ORCH_BACKEND  ORCH_TRACE=1
+  ORCH_STATE  ORCH_TMUX_SOCKET  ORCH_SESSION  ORCH_CLAUDE  ORCH_CODEX  ORCH_BACKEND
+  ORCH_TRACE=1
   ORCH_HOST (as --host)  ORCH_HOSTS=a,b  ORCH_SSH_CONFIG (ssh -F FILE)
   seconds: ORCH_START_TIMEOUT  ORCH_SEND_TIMEOUT  ORCH_KILL_GRACE  ORCH_TMUX_TIMEOUT
 
@@ -5133,12 +5392,16 @@ def add_spawn(sub, verb):
     p.add_argument("prompt", nargs="?", help="first message; '-' reads stdin")
     p.add_argument("--prompt-file", metavar="FILE", help="read the first message from FILE")
     p.add_argument("--cwd", metavar="DIR", help="working folder (default: current)")
+    p.add_argument("--agent", choices=("claude", "codex"),
+                   help="the agent CLI: claude (the default; $ORCH_CLAUDE) or codex "
+                        "($ORCH_CODEX); arguments after -- go to it")
     p.add_argument("--cmd", metavar="COMMAND",
                    help="run this shell command line instead of claude (no hooks)")
     p.add_argument("--raw", action="store_true",
                    help="send a leading '/' or '!' as a command, not as text")
     p.add_argument("--trust", action="store_true",
-                   help="mark DIR trusted in ~/.claude.json first (skips claude's trust dialog)")
+                   help="trust DIR the CLI's own way (claude: ~/.claude.json; codex: on its "
+                        "command line, for this agent) and skip its trust dialog")
     p.add_argument("--backend", choices=("auto", "tmux", "headless"),
                    help="tmux window or headless claude -p (default $ORCH_BACKEND or auto: "
                         "tmux when installed)")

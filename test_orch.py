@@ -13,6 +13,7 @@ import io
 import json
 import os
 import pwd
+import re
 import shlex
 import shutil
 import signal
@@ -512,7 +513,7 @@ class Env(object):
                     "FAKE_DIE_AT_START", "FAKE_START_DELAY", "FAKE_QUEUE", "FAKE_PASTE_WRAP",
                     "FAKE_DEFAULT_MODE", "FAKE_SLASH_AFTER_BLANKS", "FAKE_VERSION",
                     "FAKE_NO_HOOKS", "FAKE_NO_OPTION", "FAKE_DIALOG_GUARD", "FAKE_REDRAW_LATE",
-                    "FAKE_UPSELL"):
+                    "FAKE_UPSELL", "ORCH_CODEX"):
             monkeypatch.delenv(var, raising=False)
         env = {"HOME": self.home, "ORCH_STATE": os.path.join(root, "state.json"),
                "ORCH_TMUX_SOCKET": self.socket, "TMUX_TMPDIR": self.tmpdir,
@@ -673,7 +674,8 @@ SCREEN_UPSELL_2_1_332 = [
     "  Try the new fullscreen renderer?",
     "  \u00b7 Flicker-free output: no more flashing during long responses",
     "  \u00b7 Mouse support: click to move your cursor or expand results", "",
-    "  \u276f 1. Yes, try it", "    2. Not now", "", "  Enter to confirm \u00b7 Esc to cancel", "", ""]
+    "  \u276f 1. Yes, try it", "    2. Not now", "",
+    "  Enter to confirm \u00b7 Esc to cancel", "", ""]
 SCREEN_MODEL_2_1_197 = [
     "\u276f hello", "\u25cf reply 1: ok", "\u276f /model", RULE, "  Select model",
     "  Switch between Claude models. Your pick becomes the default for new sessions.", "",
@@ -2282,6 +2284,90 @@ def test_hosts_list_all_hosts_with_one_down(hosts, capsys, monkeypatch):
 
 
 # ###########################################################################
+# Agent kinds
+# ###########################################################################
+
+@pytest.mark.parametrize("kind", [k for k in orch.KINDS.values() if k.hooks])
+def test_a_kind_registers_exactly_the_events_it_maps(kind, env):
+    """Drift guard: every hook a kind gives its CLI is one it maps, and orch reads each."""
+    if kind is orch.ClaudeKind:
+        registered = set(json.loads(orch.agent_settings("a1"))["hooks"])
+    else:
+        agent = {"name": "a1", "cwd": env.work, "extra_args": []}
+        argv = kind.argv(agent, "/bin/cli")
+        registered = set(re.match(r"hooks\.(\w+)=", argv[i + 1]).group(1)
+                         for i, word in enumerate(argv) if word == "-c"
+                         and argv[i + 1].startswith("hooks."))
+    assert registered == set(kind.EVENTS)
+    understood = set(orch.HOOK_EVENTS) | {"Interrupted"}
+    assert set(kind.EVENTS.values()) <= understood
+    for ours in kind.EVENTS.values():       # each says something, or is known to say nothing
+        assert orch.event_status({"event": ours}) or ours == "Notification"
+
+
+def test_codex_argv_has_orchs_hooks_trust_and_resume_but_no_prompt(env):
+    agent = {"name": "c1", "cwd": "/src/my app", "extra_args": ["-m", "o9"], "trust": True}
+    argv = orch.CodexKind.argv(agent, "/bin/codex", resume_id="abc")
+    assert argv[:2] == ["/bin/codex", "--dangerously-bypass-hook-trust"]
+    assert argv[-4:] == ["-m", "o9", "resume", "abc"]
+    assert 'projects={"/src/my app"={trust_level="trusted"}}' in argv
+    stop = [w for w in argv if w.startswith("hooks.Interrupt=")][0]
+    assert stop.endswith(' Interrupted"}]}]') and orch.events_path("c1") in stop
+    assert "resume" not in orch.CodexKind.argv(dict(agent, trust=False), "/bin/codex")
+
+
+CODEX_IDLE = ["  >_ OpenAI Codex (v0.169.0)", "", "\u203a say hi", "", "\u2022 reply ok", "",
+              "\u203a Ask Codex to do anything", "", "  m default \u00b7 /tmp/work",
+              "  \u2190 for agents \u00b7 ? for shortcuts"]
+CODEX_STARTING = ["  >_ OpenAI Codex (v0.169.0)", "     /tmp/work", "",
+                  "\u203a Ask Codex to do anything", "", "  ? for shortcuts"]
+CODEX_DIALOG = ["\u203a TOOL please", "", "\u2022 Running touch x", "",
+                "  Would you like to run the following command?", "", "  Reason: make a file",
+                "", "  $ touch x", "", "\u203a 1. Yes, proceed (y)",
+                "  2. Yes, and don't ask again for commands that start with `touch x` (p)",
+                "  3. No, and tell Codex what to do differently (esc)", "",
+                "  Press enter to confirm or esc to cancel"]
+
+
+def test_codex_screens():
+    assert orch.CodexKind.screen_start(CODEX_IDLE) == ("idle", None)
+    assert orch.CodexKind.screen_start(CODEX_STARTING) is None    # trust not decided yet
+    assert orch.CodexKind.screen_start(CODEX_DIALOG) is None
+    trust = ["  Folder access", "  /tmp/repo", "  Trust this folder? Codex can read...",
+             "\u203a 1. Trust and continue", "  2. Back", "  enter continue \u00b7 esc back"]
+    assert orch.CodexKind.screen_start(trust) == ("needs-input", "trust")
+    dialog = orch.codex_dialog(CODEX_DIALOG)
+    assert dialog["question"] == "Would you like to run the following command?"
+    assert "  $ touch x" in dialog["above"]
+    assert orch.CodexKind.yes_once(dialog["options"]) == "y"
+    assert orch.CodexKind.yes_once({"Yes, and don't ask again (p)": "2"}) is None
+    # The hint is drawn dim; what a person typed is not.
+    hint = "\x1b[1m\u203a\x1b[0m\x1b[39m\x1b[49m \x1b[2mAsk Codex to do anything"
+    typed = "\x1b[1m\u203a\x1b[0m\x1b[39m\x1b[49m half typed"
+    assert orch.codex_composer(["\u203a earlier", hint, "  m default"]) == ""
+    assert orch.codex_composer(["\u203a earlier", typed, "  m default"]) == "half typed"
+    assert orch.codex_composer(["nothing here"]) is None
+
+
+def test_spawn_refuses_what_a_codex_agent_cannot_be(env, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("ORCH_CODEX", env.fake)
+    code, _, err = run(capsys, "spawn", "c1", "--agent", "codex", "--cmd", "x")
+    assert code == orch.EXIT_USAGE and "not both" in err
+    code, _, err = run(capsys, "spawn", "c1", "--agent", "codex", "--backend", "headless")
+    assert code == orch.EXIT_USAGE and "--agent codex needs the tmux backend" in err
+    project = tmp_path / "cloned" / "sub"
+    os.makedirs(str(project))
+    os.makedirs(str(tmp_path / "cloned" / ".codex"))
+    (tmp_path / "cloned" / ".codex" / "config.toml").write_text('[hooks]\nStop = []\n')
+    code, _, err = run(capsys, "spawn", "c1", "--agent", "codex", "--cwd", str(project))
+    assert code == 1 and one_error(err) and "codex hooks of its own" in err
+    monkeypatch.setenv("ORCH_CODEX", "no-such-codex")
+    code, _, err = run(capsys, "spawn", "c1", "--agent", "codex")
+    assert code == 1 and "ORCH_CODEX" in err and "@openai/codex" in err
+    assert tmux_windows() == ["keep"]
+
+
+# ###########################################################################
 # Shared servers: what another local user can see and do
 # ###########################################################################
 
@@ -2564,7 +2650,8 @@ def test_shared_the_far_end_runs_orch_only_from_a_private_folder(hosts, capsys):
     folder = os.path.join(hosts.env.home, ".orch.d", "bin")
     os.chmod(folder, 0o777)
     code, out, err = run(capsys, "--host", "h1", "list")
-    assert code == 1 and one_error(err) and "%s on this host is not a private folder" % folder in err
+    assert code == 1 and one_error(err)
+    assert "%s on this host is not a private folder" % folder in err
     os.chmod(folder, 0o700)
     assert run(capsys, "--host", "h1", "list")[0] == 0
 
@@ -2663,8 +2750,9 @@ def doctor(capsys):
 
 def test_doctor_all_well_and_changes_nothing(env, capsys, monkeypatch):
     code, found = doctor(capsys)
-    assert code == 0 and [level for level, _ in found.values()] == ["ok"] * 7
+    assert code == 0 and [level for level, _ in found.values()] == ["ok"] * 8
     assert "tmux 3" in found["tmux"][1] and "Claude Code 2.1.197" in found["claude"][1]
+    assert "needed only for --agent codex" in found["codex"][1] or "Codex CLI" in found["codex"][1]
     assert "does not exist yet" in found["state"][1] and "does not exist yet" in found["data"][1]
     assert not os.path.exists(os.environ["ORCH_STATE"]) and not os.path.exists(orch.data_dir())
     monkeypatch.setenv("TMUX", "/tmp/elsewhere,1,0")
@@ -2731,6 +2819,10 @@ def test_tested_claude_versions_match_the_makefile():
         line = [l for l in f if l.startswith("CLAUDE_CODE_VERSIONS")][0]
     versions = sorted(orch.parse_claude_version(v) for v in line.split("=", 1)[1].split())
     assert (versions[0], versions[-1]) == orch.TESTED_CLAUDE
+    with open(os.path.join(HERE, "Makefile")) as f:
+        line = [l for l in f if l.startswith("CODEX_VERSIONS")][0]
+    assert tuple(sorted(orch.parse_claude_version(v) for v in line.split("=", 1)[1].split())) \
+        == orch.TESTED_CODEX
 
 
 def test_parse_claude_version():
@@ -3999,6 +4091,8 @@ class FakeAPI(object):
     TOOLSLOW-N for one that needs permission and then runs N seconds.
     """
 
+    PATH = "/v1/messages"
+
     def __init__(self):
         self.requests = []
         self.lock = threading.Lock()
@@ -4025,7 +4119,7 @@ class FakeAPI(object):
                     data = {}
                 if self.path.startswith("/v1/messages/count_tokens"):
                     return self.reply_json({"input_tokens": 42})
-                if not self.path.startswith("/v1/messages"):
+                if not self.path.startswith(api.PATH):
                     return self.reply_json({})
                 api.handle_messages(self, data)
 
@@ -4770,6 +4864,218 @@ def test_e2e_headless_every_verb(claude_headless, capsys):
     assert "first headless" in last["history"]
     wait_status(capsys, "h1", "idle")
     assert run(capsys, "kill", "h1")[0] == 0
+
+
+# ###########################################################################
+# End to end: the real Codex CLI against a fake Responses API (make e2e)
+# ###########################################################################
+
+class FakeResponses(FakeAPI):
+    """Serve /v1/responses (codex's wire API) on 127.0.0.1; record what each agent received.
+
+    TOOL in the user's words asks for a command that needs approval
+    (sandbox_permissions require_escalated): codex's approval dialog on demand;
+    SLOW-N answers N seconds late (a busy agent on demand).
+    """
+
+    PATH = "/v1/responses"
+
+    def handle_messages(self, handler, data):
+        items = data.get("input") or []
+        texts = [block.get("text", "") for item in items if isinstance(item, dict)
+                 and item.get("role") == "user" for block in item.get("content") or []
+                 if block.get("type") == "input_text" and not block.get("text", "").startswith("<")]
+        last = items[-1] if items else {}
+        tool_result = isinstance(last, dict) and last.get("type") == "function_call_output"
+        side = not data.get("tools")        # codex's title request offers no tools
+        record = {"text": texts[-1] if texts else "", "history": json.dumps(texts),
+                  "side": side, "tool_result": tool_result,
+                  "session": handler.headers.get("session-id"), "time": time.time()}
+        with self.lock:
+            self.requests.append(record)
+            n = len(self.requests)
+        for word in record["text"].split() if not side and not tool_result else []:
+            if word.startswith("SLOW-") and word[5:].isdigit():
+                time.sleep(int(word[5:]))
+        if not side and not tool_result and "TOOL" in record["text"]:
+            item = {"type": "function_call", "id": "fc_%d" % n, "call_id": "call_%d" % n,
+                    "name": "exec_command", "status": "completed", "arguments": json.dumps(
+                        {"cmd": "touch orch-tool-ran-%d" % n,
+                         "sandbox_permissions": "require_escalated",
+                         "justification": "make a file"})}
+        else:
+            reply = "tool finished" if tool_result else "reply %d: ok" % n
+            item = {"type": "message", "id": "msg_%d" % n, "role": "assistant",
+                    "status": "completed",
+                    "content": [{"type": "output_text", "text": reply, "annotations": []}]}
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        rid = "resp_%d" % n
+        usage = {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15,
+                 "input_tokens_details": {"cached_tokens": 0},
+                 "output_tokens_details": {"reasoning_tokens": 0}}
+        for event, body in (("response.created", {"response": {"id": rid}}),
+                            ("response.output_item.added", {"output_index": 0, "item": item}),
+                            ("response.output_item.done", {"output_index": 0, "item": item}),
+                            ("response.completed", {"response": {"id": rid, "usage": usage}})):
+            handler.wfile.write(sse(event, dict(body, type=event)))
+        handler.wfile.flush()
+
+    def texts(self, session=None):
+        with self.lock:
+            return [r["text"] for r in self.requests if not r["side"] and not r["tool_result"]
+                    and (session is None or r["session"] == session)]
+
+
+def write_codex_config(home, url, trusted):
+    folder = os.path.join(home, ".codex")
+    os.makedirs(folder, exist_ok=True)
+    lines = ['model = "m"', 'model_provider = "fake"', "", "[model_providers.fake]",
+             'name = "fake"', 'base_url = "%s/v1"' % url, 'wire_api = "responses"', ""]
+    for folder_ in trusted:
+        lines += ['[projects."%s"]' % folder_, 'trust_level = "trusted"', ""]
+    # Codex adds these itself on its first run: seeded, so a changed file is orch's doing.
+    lines += ["[tui]", "screen_reader_detection_done = true", ""]
+    path = os.path.join(folder, "config.toml")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def without_codex_counters(config):
+    """A config.toml without the table codex itself bumps each session (not orch's doing)."""
+    kept, skipping = [], False
+    for line in config.decode("utf-8").splitlines():
+        if line.startswith("["):
+            skipping = line.strip() == "[tui.model_availability_nux]"
+        if not skipping and line.strip():
+            kept.append(line)
+    return kept
+
+
+@pytest.fixture
+def codex(env, monkeypatch):
+    """The real codex, offline: private HOME whose config points at the fake Responses API."""
+    binary = os.environ.get("ORCH_E2E_CODEX")
+    if binary is None:
+        pytest.skip("needs the real codex: run `make e2e`, which installs it and sets "
+                    "ORCH_E2E_CODEX")
+    api = FakeResponses().start()
+    monkeypatch.setenv("ORCH_CODEX", binary)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    env.codex_config = write_codex_config(env.home, api.url, [env.work])
+    env.api = api
+    yield env
+    env.stop()
+    api.stop()
+
+
+def codex_sid(name):
+    return status_of_cli(name)["session_id"]
+
+
+def status_of_cli(name):
+    code, out, err = cli("list", "--json")
+    assert code == 0, err
+    return {row["name"]: row for row in json.loads(out)}[name]
+
+
+def test_e2e_codex_spawn_send_wait_reply_log_kill_resume(codex, capsys):
+    code, out, err = run(capsys, "spawn", "c1", "--agent", "codex", "first words")
+    assert code == 0 and "first message submitted" in out, err
+    row = wait_status(capsys, "c1", "idle")
+    assert row["agent"] == "codex" and row["session_id"] and row["last_prompt"] == "first words"
+    sid = row["session_id"]
+    assert codex.api.texts(sid) == ["first words"]
+    assert run(capsys, "send", "c1", "it's \"quoted\" $HOME `id`")[1] == "c1: submitted\n"
+    assert run(capsys, "wait", "c1")[0] == 0
+    with codex.api.lock:
+        answered = [n for n, r in enumerate(codex.api.requests, 1) if r["text"].startswith("it's")]
+    assert run(capsys, "reply", "c1")[1] == "reply %d: ok\n" % answered[-1]
+    log = run(capsys, "log", "c1")[1]
+    assert "> first words" in log and "> it's \"quoted\" $HOME `id`" in log and "\u25cf reply" in log
+    assert "codex/tmux" in run(capsys, "list")[1]
+    pid = row["pid"]
+    with open("/proc/%d/cmdline" % pid, "rb") as f:
+        assert b"first words" not in f.read()
+    assert run(capsys, "kill", "c1")[0] == 0
+    assert status(capsys, "c1")["status"] == "exited"
+    code, out, err = run(capsys, "resume", "c1", "which words?")
+    assert code == 0, err
+    retry_until(lambda: "which words?" in codex.api.texts(sid))
+    with codex.api.lock:
+        last = [r for r in codex.api.requests if r["text"] == "which words?"][-1]
+    assert "first words" in last["history"]
+    assert wait_status(capsys, "c1", "idle")["session_id"] == sid
+
+
+def test_e2e_codex_approve_once_and_deny(codex, capsys):
+    assert run(capsys, "spawn", "c1", "--agent", "codex", "TOOL please")[0] == 0
+    row = wait_status(capsys, "c1", "needs-input")
+    assert (row["needs"], row["detail"]) == ("permission", "Bash")
+    code, _, err = run(capsys, "send", "c1", "hello")
+    assert code == orch.EXIT_NEEDS_INPUT
+    code, out, err = run(capsys, "deny", "c1")
+    assert code == 0 and out.startswith("c1: denied Bash (touch orch-tool-ran"), err
+    wait_status(capsys, "c1", "idle")
+    assert not [n for n in os.listdir(codex.work) if n.startswith("orch-tool-ran")]
+    assert run(capsys, "send", "c1", "TOOL again")[0] == 0
+    wait_status(capsys, "c1", "needs-input")
+    code, out, err = run(capsys, "approve", "c1", "--tool", "Bash")
+    assert code == 0 and out.startswith("c1: approved Bash (touch orch-tool-ran"), err
+    retry_until(lambda: [n for n in os.listdir(codex.work) if n.startswith("orch-tool-ran")])
+    wait_status(capsys, "c1", "idle")
+
+
+def test_e2e_codex_trust_and_the_users_files(codex, capsys, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    with open(codex.codex_config, "rb") as f:
+        before = f.read()
+    code, out, _ = run(capsys, "spawn", "u1", "--agent", "codex", "hi", "--cwd", str(repo))
+    assert code == orch.EXIT_NEEDS_INPUT and "trust" in out and "not typed" in out, (out, _)
+    assert status(capsys, "u1")["needs"] == "trust"
+    assert run(capsys, "rm", "u1")[0] == 0
+    code, out, err = run(capsys, "spawn", "t1", "--agent", "codex", "hi", "--cwd", str(repo),
+                         "--trust")
+    assert code == 0, err
+    retry_until(lambda: "hi" in codex.api.texts())
+    with open(codex.codex_config, "rb") as f:
+        assert without_codex_counters(f.read()) == without_codex_counters(before)
+    # A project's own codex hooks would run untrusted under orch's flag: refused.
+    os.makedirs(str(repo / ".codex"))
+    (repo / ".codex" / "hooks.json").write_text("{}")
+    code, _, err = run(capsys, "spawn", "p1", "--agent", "codex", "--cwd", str(repo))
+    assert code == 1 and one_error(err) and "codex hooks of its own" in err
+
+
+def test_e2e_codex_working_interrupt_and_a_message_during_a_turn(codex, capsys):
+    assert run(capsys, "spawn", "c1", "--agent", "codex", "SLOW-4 first")[0] == 0
+    assert wait_status(capsys, "c1", "working")["last_prompt"] == "SLOW-4 first"
+    code, out, err = run(capsys, "send", "c1", "second")      # codex joins it to the turn
+    assert code == 0 and out in ("c1: submitted\n", "c1: queued\n"), err
+    assert run(capsys, "wait", "c1", "--timeout", "60")[0] == 0
+    retry_until(lambda: "second" in " ".join(codex.api.texts()))
+    assert run(capsys, "send", "c1", "SLOW-30 long one")[0] == 0
+    wait_status(capsys, "c1", "working")
+    assert run(capsys, "interrupt", "c1")[0] == 0
+    assert wait_status(capsys, "c1", "idle")["status_source"] == "hooks"
+
+
+def test_e2e_codex_half_typed_text_is_refused(codex, capsys):
+    assert run(capsys, "spawn", "c1", "--agent", "codex", "first")[0] == 0
+    wait_status(capsys, "c1", "idle")
+    person_types("c1", "l:half typed")
+    agent = codex.state()["agents"]["c1"]
+    retry_until(lambda: "half typed" in "\n".join(orch.agent_screen(agent)))
+    code, _, err = run(capsys, "send", "c1", "orch's words")
+    assert code == orch.EXIT_NEEDS_INPUT and "'half typed'" in err
+    assert run(capsys, "send", "c1", "orch's words", "--force")[0] == 0
+    retry_until(lambda: "orch's words" in codex.api.texts())
+    assert "half typed" not in " ".join(codex.api.texts())
 
 
 # ###########################################################################
