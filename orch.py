@@ -4771,6 +4771,16 @@ def parse_claude_version(text):
     return tuple(int(n) for n in m.groups()) if m else None
 
 
+def ask_version(path):
+    """What `PROGRAM --version` prints; an error (a doctor problem line) if it does not run."""
+    try:
+        return subprocess.run([path, "--version"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, timeout=30).stdout.decode("utf-8",
+                                                                                  "replace")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise OrchError("%s --version failed: %s" % (path, e))
+
+
 def check_claude():
     import shutil
     program = default_program()
@@ -4778,11 +4788,7 @@ def check_claude():
     if not path:
         return [finding("problem", "claude", "%s not found on PATH: install Claude Code (npm "
                         "install -g @anthropic-ai/claude-code) or set ORCH_CLAUDE" % program)]
-    try:
-        out = subprocess.run([path, "--version"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             stdin=subprocess.DEVNULL, timeout=30).stdout.decode("utf-8", "replace")
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return [finding("problem", "claude", "%s --version failed: %s" % (path, e))]
+    out = ask_version(path)
     version = parse_claude_version(out)
     tested = "%s to %s" % tuple(".".join(map(str, v)) for v in TESTED_CLAUDE)
     if version is None:
@@ -4803,11 +4809,7 @@ def check_codex():
     if not path:
         return [finding("ok", "codex", "not installed (needed only for --agent codex: npm "
                         "install -g @openai/codex, or set ORCH_CODEX)")]
-    try:
-        out = subprocess.run([path, "--version"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             stdin=subprocess.DEVNULL, timeout=30).stdout.decode("utf-8", "replace")
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return [finding("problem", "codex", "%s --version failed: %s" % (path, e))]
+    out = ask_version(path)
     version = parse_claude_version(out)
     shown = ".".join(map(str, version)) if version else repr(shorten(out.strip(), 40))
     found = [finding("ok" if version in TESTED_CODEX else "warning", "codex", "Codex CLI %s "
