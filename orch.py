@@ -3990,20 +3990,20 @@ def cmd_spawn(args):
             undo.worktrees.append(worktree)
         BACKENDS[backend].preflight(cwd)
         kind.preflight(cwd, backend)
-        kind.trust(cwd, args.trust, worktree)
+        trusted = kind.trust(cwd, args.trust, worktree)
         agent, first = spawn_recorded(args, kind, backend, cwd, worktree, prompt, argv_program,
-                                      started)
+                                      started, trusted)
     return finish_start(agent, first, "started")
 
 
-def spawn_recorded(args, kind, backend, cwd, worktree, prompt, argv_program, started):
+def spawn_recorded(args, kind, backend, cwd, worktree, prompt, argv_program, started, trusted):
     """Start the agent and save its record, in one hold of the state lock."""
     name = args.name
     with LockedState() as state:
         refuse_existing(state, name)
         agent = {"name": name, "agent": kind.name, "backend": backend, "cwd": cwd,
                  "created": time.time(), "cmd": args.cmd, "session_id": kind.new_session_id(),
-                 "trust": bool(args.trust),
+                 "trust": trusted,
                  "extra_args": args.extra, "home": os.path.expanduser("~"),
                  "tmux": {"socket": args.socket or default_socket(),
                           "session": args.session or default_session()}}
@@ -5017,9 +5017,12 @@ class ClaudeKind(object):
 
     @staticmethod
     def trust(cwd, asked, worktree):
+        """Trust the agent's folder as claude records it; True when it is."""
         # A worktree of a checkout claude trusts is as trustworthy as the checkout.
         if asked or worktree and claude_trusts(worktree["repo"]):
             trust_folder(worktree["path"] if worktree else cwd)
+            return True
+        return False
 
     @staticmethod
     def argv(agent, program, resume_id=None):
@@ -5079,7 +5082,11 @@ class CodexKind(object):
 
     @staticmethod
     def trust(cwd, asked, worktree):
-        pass            # --trust goes on codex's command line (argv): never into its config
+        """Whether to trust the folder on codex's command line (never in its config).
+
+        A worktree of a checkout codex trusts is as trustworthy as the checkout.
+        """
+        return bool(asked or worktree and codex_trusts(worktree["repo"]))
 
     @staticmethod
     def argv(agent, program, resume_id=None):
@@ -5176,6 +5183,27 @@ def codex_dialog(rows):
             "options": dict((text, str(n)) for n, text in found["choices"].items())}
 
 
+def codex_trusts(path):
+    """True if codex's config marks path or a folder above it trusted."""
+    home = os.environ.get("CODEX_HOME") or os.path.join(os.path.expanduser("~"), ".codex")
+    try:
+        with open(os.path.join(home, "config.toml"), encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, ValueError):
+        return False
+    trusted = set()
+    for table in re.split(r"(?m)^\s*\[", text):
+        found = re.match(r'projects\."((?:[^"\\]|\\.)*)"\s*\]', table)
+        if found and re.search(r'(?m)^\s*trust_level\s*=\s*"trusted"', table):
+            trusted.add(found.group(1).replace('\\"', '"').replace("\\\\", "\\"))
+    path = os.path.abspath(path)
+    while path not in trusted:
+        if path == os.path.dirname(path):
+            return False
+        path = os.path.dirname(path)
+    return True
+
+
 def refuse_project_codex_hooks(cwd):
     """Refuse a folder whose own codex hooks --dangerously-bypass-hook-trust would run untrusted.
 
@@ -5225,7 +5253,7 @@ class CommandKind(object):
 
     @staticmethod
     def trust(cwd, asked, worktree):
-        pass
+        return False
 
     @staticmethod
     def argv(agent, program, resume_id=None):

@@ -2349,6 +2349,17 @@ def test_codex_screens():
     assert orch.codex_composer(["nothing here"]) is None
 
 
+def test_codex_trusts_what_its_config_trusts(env, monkeypatch):
+    monkeypatch.setenv("CODEX_HOME", os.path.join(env.home, "codexhome"))
+    assert not orch.codex_trusts("/src/app")
+    os.makedirs(os.environ["CODEX_HOME"])
+    with open(os.path.join(os.environ["CODEX_HOME"], "config.toml"), "w") as f:
+        f.write('model = "m"\n[projects."/src/a \\"q\\""]\ntrust_level = "trusted"\n'
+                '[projects."/src/b"]\ntrust_level = "untrusted"\n[tui]\nx = 1\n')
+    assert orch.codex_trusts('/src/a "q"/sub') and not orch.codex_trusts("/src/b")
+    assert not orch.codex_trusts("/src")
+
+
 def test_spawn_refuses_what_a_codex_agent_cannot_be(env, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("ORCH_CODEX", env.fake)
     code, _, err = run(capsys, "spawn", "c1", "--agent", "codex", "--cmd", "x")
@@ -5063,6 +5074,16 @@ def test_e2e_codex_working_interrupt_and_a_message_during_a_turn(codex, capsys):
     wait_status(capsys, "c1", "working")
     assert run(capsys, "interrupt", "c1")[0] == 0
     assert wait_status(capsys, "c1", "idle")["status_source"] == "hooks"
+
+
+def test_e2e_codex_worktree_of_a_trusted_checkout(codex, repo, capsys):
+    write_codex_config(codex.home, codex.api.url, [repo.repo])
+    code, out, err = run(capsys, "spawn", "w1", "--agent", "codex", "hi", "--cwd", repo.repo,
+                         "--worktree")
+    assert code == 0, out + err
+    worktree = status(capsys, "w1")["worktree"]
+    assert worktree != repo.repo and codex.state()["agents"]["w1"]["trust"] is True
+    retry_until(lambda: "hi" in codex.api.texts())
 
 
 def test_e2e_codex_half_typed_text_is_refused(codex, capsys):
