@@ -1,6 +1,7 @@
 # make test          the whole suite (real tmux, stand-in agents), in a local virtualenv
 # make test-pythons  the command-line tests once per Python interpreter found (3.6+)
-# make e2e           end-to-end tests against every Claude Code version of the matrix
+# make e2e           end-to-end tests against every Claude Code, Codex CLI and Gemini CLI
+#                    version of the matrix
 #                    (make e2e CLAUDE_CODE_VERSIONS=x.y.z tests another one)
 # make bench         timings at 10, 100 and 300 stand-in agents (--cmd and claude-path) against the floor,
 #                    and over ssh against `ssh HOST true`
@@ -17,6 +18,10 @@ CLAUDE_BINS := $(foreach v,$(CLAUDE_CODE_VERSIONS),$(call claude_bin,$(v)))
 CODEX_VERSIONS ?= 0.169.0
 codex_bin = $(E2E_DIR)/codex-$(1)/node_modules/.bin/codex
 CODEX_BINS := $(foreach v,$(CODEX_VERSIONS),$(call codex_bin,$(v)))
+# The Gemini CLI versions orch is tested against.
+GEMINI_VERSIONS ?= 0.61.0
+gemini_bin = $(E2E_DIR)/gemini-$(1)/node_modules/.bin/gemini
+GEMINI_BINS := $(foreach v,$(GEMINI_VERSIONS),$(call gemini_bin,$(v)))
 
 .PHONY: test test-pythons e2e bench clean
 
@@ -49,21 +54,34 @@ $(E2E_DIR)/codex-%/node_modules/.bin/codex:
 	  || { echo "make e2e: could not install @openai/codex@$*"; exit 1; }
 	@test -x $@ || { echo "make e2e: $@ missing after install"; exit 1; }
 
-e2e: $(VENV)/bin/pytest $(CLAUDE_BINS) $(CODEX_BINS)
+$(E2E_DIR)/gemini-%/node_modules/.bin/gemini:
+	@command -v npm >/dev/null || { echo "make e2e: npm is needed to install the Gemini CLI"; exit 1; }
+	npm install --silent --no-audit --no-fund --prefix $(E2E_DIR)/gemini-$* @google/gemini-cli@$* \
+	  || { echo "make e2e: could not install @google/gemini-cli@$*"; exit 1; }
+	@test -x $@ || { echo "make e2e: $@ missing after install"; exit 1; }
+
+e2e: $(VENV)/bin/pytest $(CLAUDE_BINS) $(CODEX_BINS) $(GEMINI_BINS)
 	@failed=""; for v in $(CODEX_VERSIONS); do \
 	  echo "== end-to-end tests with Codex CLI $$v"; \
 	  ORCH_E2E_CODEX=$(abspath $(call codex_bin,$$v)) \
 	    $(VENV)/bin/pytest -q -k test_e2e_codex_ test_orch.py || failed="$$failed codex-$$v"; \
 	done; \
+	for v in $(GEMINI_VERSIONS); do \
+	  echo "== end-to-end tests with Gemini CLI $$v"; \
+	  ORCH_E2E_GEMINI=$(abspath $(call gemini_bin,$$v)) \
+	    $(VENV)/bin/pytest -q -k test_e2e_gemini_ test_orch.py || failed="$$failed gemini-$$v"; \
+	done; \
 	for v in $(CLAUDE_CODE_VERSIONS); do \
 	  echo "== end-to-end tests with Claude Code $$v"; \
 	  ORCH_E2E_CLAUDE=$(abspath $(call claude_bin,$$v)) \
 	  ORCH_E2E_CLAUDE_OLDEST=$(abspath $(call claude_bin,$(firstword $(CLAUDE_CODE_VERSIONS)))) \
-	    $(VENV)/bin/pytest -q -k "test_e2e_ and not test_e2e_codex_" test_orch.py \
+	    $(VENV)/bin/pytest -q -k "test_e2e_ and not test_e2e_codex_ and not test_e2e_gemini_" \
+	    test_orch.py \
 	    || failed="$$failed $$v"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "make e2e: failed with$$failed"; exit 1; fi; \
-	echo "make e2e: passed with Codex CLI $(CODEX_VERSIONS), Claude Code $(CLAUDE_CODE_VERSIONS)"
+	echo "make e2e: passed with Codex CLI $(CODEX_VERSIONS), Gemini CLI $(GEMINI_VERSIONS)," \
+	  "Claude Code $(CLAUDE_CODE_VERSIONS)"
 
 bench: $(VENV)/bin/pytest
 	$(VENV)/bin/python test_orch.py bench

@@ -31,6 +31,7 @@ MIN_TMUX = (3, 0)
 TESTED_CLAUDE = ((2, 1, 197), (2, 1, 332))
 # The Codex CLI versions `make e2e` tests (CODEX_VERSIONS in the Makefile).
 TESTED_CODEX = ((0, 169, 0),)
+TESTED_GEMINI = ((0, 61, 0),)     # GEMINI_VERSIONS
 
 # Exit codes: scripts branch on these, so they are part of the interface.
 EXIT_OK = 0
@@ -684,7 +685,7 @@ def find_agent(state, name):
 # The hook program claude runs on each event.  It is written beside the state
 # (so moving orch.py never breaks a running agent), costs one small append,
 # never takes orch's lock, and always exits 0 so it can never fail the agent.
-HOOK_SCRIPT = r'''# orch hook: append one line per Claude Code hook event. Must stay tiny.
+HOOK_SCRIPT = r'''# orch hook: append one line per hook event of an agent CLI. Must stay tiny.
 import hashlib, json, os, re, sys, time
 # Claude Code 2.1.330+ hands a long or many-line paste to hooks (and the model)
 # wrapped in these tags; orch compares the words the user pasted.  Same as PASTE_WRAPPER in orch.py.
@@ -697,7 +698,10 @@ def main():
         data = json.loads(sys.stdin.buffer.read().decode("utf-8", "replace") or "{}")
     except ValueError:
         data = {}
-    # orch's name for the event (each CLI's names are mapped to orch's on its command line)
+    # orch's name for the event (each CLI's names are mapped to orch's on its command line);
+    # of gemini's notifications, only ToolPermission is a permission dialog.
+    if data.get("notification_type") not in (None, "ToolPermission"):
+        event = "Notification"
     line = {"t": time.time(), "event": event, "session_id": data.get("session_id")}
     for key in ("source", "reason", "notification_type", "tool_name", "prompt_id",
                 "permission_mode"):
@@ -710,16 +714,17 @@ def main():
         line["prompt"] = short(norm)
         if len(norm) <= 4096:
             line["prompt_text"] = norm      # claude may merge queued messages into one
-    for key in ("message", "last_assistant_message"):
-        if isinstance(data.get(key), str):
-            line[key] = short(data[key])
-    if line["event"] == "PermissionRequest" and isinstance(data.get("tool_input"), dict):
+    reply = data.get("last_assistant_message") or data.get("prompt_response")   # gemini's
+    for key, value in (("message", data.get("message")), ("last_assistant_message", reply)):
+        if isinstance(value, str):
+            line[key] = short(value)
+    asked = data.get("tool_input") or data.get("details")       # gemini: details
+    if line["event"] == "PermissionRequest" and isinstance(asked, dict):
         # What the dialog asks about, for `orch approve`: its short text fields.
         line["tool_input"] = dict((k, short(v, 300)) for k, v in
-                                  list(data["tool_input"].items())[:8] if isinstance(v, str))
+                                  list(asked.items())[:8] if isinstance(v, str))
     if isinstance(data.get("transcript_path"), str) and line["event"] == "SessionStart":
         line["transcript_path"] = data["transcript_path"]
-    reply = data.get("last_assistant_message")
     if line["event"] == "Stop" and isinstance(reply, str):
         # The whole answer, for `orch reply`; kept before the Stop line is, so
         # whoever sees the turn end finds its answer.
@@ -1032,9 +1037,14 @@ def replay_events(events, seen=None):
     for event in events:
         kind = event.get("event")
         seen["last_event"] = event.get("t")
-        # The tool about to run: the one a permission dialog will be about.
-        seen["tool"] = event.get("tool_name") if kind in ("PreToolUse", "PermissionRequest") \
-            else seen["tool"] if kind == "Notification" else None
+        # The tool about to run: the one a permission dialog will be about (gemini's
+        # permission names none: it is the tool of the call before it).
+        if kind == "PreToolUse":
+            seen["tool"] = event.get("tool_name")
+        elif kind == "PermissionRequest":
+            seen["tool"] = event.get("tool_name") or seen["tool"]
+        elif kind != "Notification":
+            seen["tool"] = None
         if isinstance(event.get("permission_mode"), str):
             seen["permission_mode"] = event["permission_mode"]
         if kind == "UserPromptSubmit":
@@ -1057,7 +1067,7 @@ def replay_events(events, seen=None):
             seen.update(turn=None, waiting=0)
         elif kind == "Notification" and seen["status"] == "needs-input":
             continue        # a reminder of the dialog already up; it names no tool
-        detail = event.get("tool_name") if found[1] else None
+        detail = (event.get("tool_name") or seen["tool"]) if found[1] else None
         seen.update(status=found[0], needs=found[1], since=event.get("t"), detail=detail)
     return seen
 
@@ -1179,6 +1189,7 @@ def agent_status(agent, panes, read_screen=None, cache=None):
             result.update(status=found[0], needs=found[1], source="screen")
     if result["source"] == "hooks" and result["status"] != "starting":
         cross_check(agent, pane, result)
+        kind_of(agent).recheck(agent, result, read_screen)
     if result["needs"] == "dialog" and read_screen:
         dialog = choice_dialog(read_screen(), said=True)
         result["detail"] = dialog and dialog["question"]
@@ -1466,7 +1477,8 @@ def start_in_tmux(agent, argv):
     folder = agent_dir(agent["name"])
     make_private_dir(folder)
     spec = os.path.join(folder, "launch.json")
-    write_file_atomic(spec, json.dumps({"argv": argv, "env": agent_environment()}))
+    env = kind_of(agent).environment(agent, agent_environment())
+    write_file_atomic(spec, json.dumps({"argv": argv, "env": env}))
     script = os.path.join(folder, "launch.sh")
     write_file_atomic(script, launch_script(spec, agent["cwd"]), 0o700)
     agent["launched"] = time.time()
@@ -1755,6 +1767,10 @@ def tmux_send(agent, text, raw, force, timeout):
                             "typed: try again, or look with `orch tail %s`"
                             % (agent["name"], agent["name"]), EXIT_UNCONFIRMED)
     refuse_unless_ready(agent, st, force)
+    if not retry_until(lambda: kind_of(agent).ready(agent), timeout):
+        raise OrchError("agent %s shows no input box to type into (still starting?); nothing "
+                        "was typed: look with `orch tail %s`" % (agent["name"], agent["name"]),
+                        EXIT_UNCONFIRMED)
     if not raw:
         text = escape_leading(text)
     if text.endswith("\\"):
@@ -2351,6 +2367,32 @@ def headless_interrupt(agent, st=None):
         write_fifo(agent["name"], json.dumps(request) + "\n")
 
 
+def group_alive(pgid):
+    """True while any process of the group runs (a dead pane's unreaped zombie does not)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return any(process_group(pid) == pgid and (proc_stat(pid) or ["Z"])[0] != "Z"
+               for pid in all_pids())
+
+
+def all_pids():
+    try:
+        return [int(n) for n in os.listdir("/proc") if n.isdigit()]
+    except OSError:
+        return []
+
+
+def process_group(pid):
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
 def signal_process(pid, sig, group=True):
     """Signal pid's process group (its tools die with it), or pid alone."""
     try:
@@ -2402,6 +2444,8 @@ def conversation_entries(event):
     kind = event.get("type")
     if kind in ("response_item", "event_msg"):
         return codex_entries(kind, event.get("payload"))
+    if "content" in event and "message" not in event:
+        return gemini_entries(event)
     if kind == "system" and event.get("subtype") == "init":
         return [{"kind": "session", "session_id": event.get("session_id"),
                  "model": event.get("model", "?")}]
@@ -2458,6 +2502,22 @@ def codex_entries(kind, item):
     if what == "function_call_output":
         return [{"kind": "tool_result", "text": str(item.get("output") or ""), "error": False}]
     return []
+
+
+def gemini_entries(event):
+    """What one line of gemini's own chat file says (its messages, not its bookkeeping)."""
+    kind, content = event.get("type"), event.get("content")
+    if kind == "user" and isinstance(content, list):
+        return [{"kind": "user", "text": block["text"]} for block in content
+                if isinstance(block, dict) and isinstance(block.get("text"), str)
+                and not block["text"].startswith("<session_context>")]
+    if kind != "gemini":
+        return []
+    entries = [{"kind": "assistant", "text": content}] if content else []
+    for call in event.get("toolCalls") or []:
+        if isinstance(call, dict):
+            entries.append({"kind": "tool", "name": call.get("name"), "input": call.get("args")})
+    return entries
 
 
 def user_entries(content):
@@ -2855,10 +2915,14 @@ def permission_request(agent):
     request before it (approved, denied) must not stand in for it.
     """
     launched = agent.get("launched", agent.get("created", 0))
-    for event in reversed(read_events(agent["name"], since=launched, tail_bytes=65536)):
-        if event.get("event") == "PermissionRequest":
-            return event
-        if event.get("event") in ANSWERED_BY:
+    events = read_events(agent["name"], since=launched, tail_bytes=65536)
+    for i in range(len(events) - 1, -1, -1):
+        if events[i].get("event") == "PermissionRequest":
+            # gemini's names no tool: it is the one of the call just before it.
+            asked = [e for e in events[:i] if e.get("event") == "PreToolUse"][-1:]
+            return dict(asked[0] if asked else {}, **events[i]) \
+                if not events[i].get("tool_name") else events[i]
+        if events[i].get("event") in ANSWERED_BY:
             return None
     return None
 
@@ -3067,15 +3131,15 @@ def cmd_approve(args):
                             % (name, name), EXIT_NEEDS_INPUT)
         request, dialog = open_dialog(agent, args.tool)
         kind = kind_of(agent)
-        yes = kind.yes_once(dialog["options"])
+        yes = kind.yes_once(dialog)
         if yes is None:
             raise OrchError("agent %s's dialog has no plain \"Yes\" (it offers %s); orch "
                             "approves once or not at all: answer with `orch attach %s`"
                             % (name, ", ".join(sorted(dialog["options"])), name),
                             EXIT_NEEDS_INPUT)
-        if not answer_dialog(agent, ["-l", yes], dialog["question"], kind.permission_dialog):
+        if not answer_dialog(agent, yes, dialog["question"], kind.permission_dialog):
             raise OrchError("agent %s still shows the dialog after orch pressed %s (Yes): look "
-                            "with `orch tail %s`" % (name, yes, name), EXIT_UNCONFIRMED)
+                            "with `orch tail %s`" % (name, yes[-1], name), EXIT_UNCONFIRMED)
     print("%s: approved %s" % (name, describe_request(request)))
     return EXIT_OK
 
@@ -4544,6 +4608,10 @@ def tmux_stop(agent, grace):
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
         signal_process(pid, sig)
         if retry_until(lambda: status_of(agent)["status"] == "exited", wait):
+            # gemini's second process outlives its first by seconds, still writing the
+            # session a resume would read: stopped means the whole group is gone.
+            if not retry_until(lambda: not group_alive(pid), wait):
+                signal_process(pid, signal.SIGKILL)
             return True
     raise OrchError("agent %s (pid %d) did not stop even after SIGKILL" % (agent["name"], pid))
 
@@ -4802,25 +4870,33 @@ def check_claude():
     return [finding("ok", "claude", "Claude Code %s (%s), tested range %s" % (shown, path, tested))]
 
 
-def check_codex():
-    """Codex is optional: report it when installed, and whether orch's hooks can reach it here."""
+def check_optional_cli(check, program, title, package, variable, tested, usable):
+    """An agent CLI orch can run but does not need: its version, and whether orch's hooks reach it."""
     import shutil
-    path = shutil.which(os.environ.get("ORCH_CODEX") or "codex")
+    path = shutil.which(os.environ.get(variable) or program)
     if not path:
-        return [finding("ok", "codex", "not installed (needed only for --agent codex: npm "
-                        "install -g @openai/codex, or set ORCH_CODEX)")]
-    out = ask_version(path)
-    version = parse_claude_version(out)
-    shown = ".".join(map(str, version)) if version else repr(shorten(out.strip(), 40))
-    found = [finding("ok" if version in TESTED_CODEX else "warning", "codex", "Codex CLI %s "
-                     "(%s)%s" % (shown, path, "" if version in TESTED_CODEX else
-                                 ", not a version orch is tested with (%s): it may work"
-                                 % ", ".join(".".join(map(str, v)) for v in TESTED_CODEX)))]
+        return [finding("ok", check, "not installed (needed only for --agent %s: npm install "
+                        "-g %s, or set %s)" % (check, package, variable))]
+    version = parse_claude_version(ask_version(path))
+    shown = ".".join(map(str, version)) if version else "(version unknown)"
+    found = [finding("ok" if version in tested else "warning", check, "%s %s (%s)%s" % (
+        title, shown, path, "" if version in tested else ", not a version orch is tested with "
+        "(%s): it may work" % ", ".join(".".join(map(str, v)) for v in tested)))]
     try:
-        refuse_project_codex_hooks(os.getcwd())
+        usable(os.getcwd())
     except OrchError as e:
-        found.append(finding("problem", "codex", str(e)))
+        found.append(finding("problem", check, str(e)))
     return found
+
+
+def check_codex():
+    return check_optional_cli("codex", "codex", "Codex CLI", "@openai/codex", "ORCH_CODEX",
+                              TESTED_CODEX, refuse_project_codex_hooks)
+
+
+def check_gemini():
+    return check_optional_cli("gemini", "gemini", "Gemini CLI", "@google/gemini-cli",
+                              "ORCH_GEMINI", TESTED_GEMINI, lambda cwd: gemini_user_settings())
 
 
 def check_tmux_variable():
@@ -4889,6 +4965,7 @@ def check_claude_settings():
 
 
 DOCTOR_CHECKS = (check_python, check_tmux, check_claude, check_claude_settings, check_codex,
+                 check_gemini,
                  check_tmux_variable, check_state, check_data_dir)
 
 
@@ -5044,10 +5121,15 @@ class ClaudeKind(object):
 
     typed_text = staticmethod(claude_typed_text)
     permission_dialog = staticmethod(dialog_on_screen)
+    environment = staticmethod(lambda agent, env: env)
+    recheck = staticmethod(lambda agent, result, read_screen: None)    # cross_check does it
+    ready = staticmethod(lambda agent: True)    # its SessionStart comes with its input box
 
     @staticmethod
-    def yes_once(options):
-        return options.get("Yes")
+    def yes_once(dialog):
+        """The keys that answer Yes once: the digit of the option that says just "Yes"."""
+        digit = dialog["options"].get("Yes")
+        return ["-l", digit] if digit else None
 
     unsupported = staticmethod(lambda agent, what: None)
 
@@ -5137,15 +5219,210 @@ class CodexKind(object):
     def permission_dialog(rows):
         return codex_dialog(rows)
 
+    environment = staticmethod(lambda agent, env: env)
+    recheck = staticmethod(lambda agent, result, read_screen: None)     # Interrupt says it
+    ready = staticmethod(lambda agent: True)    # idle only once its input line is ready
+
     @staticmethod
-    def yes_once(options):
+    def yes_once(dialog):
         """"Yes, proceed (y)": once; never "don't ask again"."""
-        return "y" if any(text.startswith("Yes, proceed") for text in options) else None
+        return ["-l", "y"] if any(text.startswith("Yes, proceed")
+                                  for text in dialog["options"]) else None
 
     unsupported = staticmethod(lambda agent, what: None)
 
 
 SGR = "\x1b\\[[0-9;]*m"     # a colour or attribute code in capture-pane -e output
+
+
+class GeminiKind(object):
+    """Google's Gemini CLI, with orch's hooks in a private GEMINI_CLI_HOME layered on the user's."""
+    name = "gemini"
+    option = "--agent gemini"
+    hooks = True
+    dialogs = True
+    headless = False
+    EVENTS = {"SessionStart": "SessionStart", "BeforeAgent": "UserPromptSubmit",
+              "AfterAgent": "Stop", "BeforeTool": "PreToolUse", "AfterTool": "PostToolUse",
+              "Notification": "PermissionRequest", "SessionEnd": "SessionEnd"}
+    PLACEHOLDER = "Type your message or @path/to/file"
+    CANCELLED = "Request cancelled."     # what it says when a dialog is cancelled (0.61.0)
+    LOADING = ("Resuming session", "Executing Hook")    # input typed then can be lost
+    TRUST = ("Do you trust this folder?", "Do you trust the files in this folder?")
+
+    @staticmethod
+    def program(args, agent=None):
+        return find_program(os.environ.get("ORCH_GEMINI") or "gemini", "Google's Gemini CLI "
+                            "(npm install -g @google/gemini-cli)", "ORCH_GEMINI")
+
+    new_session_id = staticmethod(ClaudeKind.new_session_id)    # gemini --session-id takes it
+
+    @staticmethod
+    def preflight(cwd, backend):
+        gemini_user_settings()      # refuse settings orch cannot read, before a window opens
+
+    @staticmethod
+    def trust(cwd, asked, worktree):
+        return bool(asked)          # a private trustedFolders.json for that agent (argv/home)
+
+    @staticmethod
+    def argv(agent, program, resume_id=None):
+        make_gemini_home(agent)
+        argv = [program] + (["--resume", resume_id] if resume_id
+                            else ["--session-id", agent["session_id"]])
+        return argv + (agent.get("extra_args") or [])
+
+    @staticmethod
+    def environment(agent, env):
+        return dict(env, GEMINI_CLI_HOME=gemini_home(agent["name"]))
+
+    session_id = staticmethod(hooked_session_id)
+
+    @staticmethod
+    def label(agent):
+        return "gemini"
+
+    @staticmethod
+    def screen_start(rows):
+        needs = screen_needs(rows, GeminiKind.TRUST)
+        return ("needs-input", needs) if needs else None
+
+    @staticmethod
+    def ready(agent):
+        """Its SessionStart fires while a resumed session still loads: wait for the box, idle.
+
+        Before its first message since (re)start, also for a screen that holds
+        still for half a second: it draws its box, then loads, then draws it again.
+        """
+        def settled():
+            rows = agent_screen(agent)
+            return gemini_input(rows) is not None and rows and not any(
+                word in row for row in rows[-12:] for word in GeminiKind.LOADING) and rows
+        first = settled()
+        if not first or StatusCache().summary(agent)["last_prompt"] is not None:
+            return bool(first)
+        time.sleep(0.5)
+        return settled() == first
+
+    @staticmethod
+    def typed_text(agent):
+        text = gemini_input(agent_screen(agent))
+        return "" if text in (None, GeminiKind.PLACEHOLDER) else text
+
+    @staticmethod
+    def permission_dialog(rows):
+        return gemini_dialog(rows)
+
+    @staticmethod
+    def yes_once(dialog):
+        """"Allow once" is choice 1, and Enter takes the choice under the cursor: check it."""
+        return ["Enter"] if dialog.get("cursor") == "Allow once" else None
+
+    @staticmethod
+    def recheck(agent, result, read_screen):
+        """No hook fires when a dialog is answered: a dialog gone from the screen was.
+
+        Cancelled, gemini says so on screen ("Request cancelled."): idle.
+        Otherwise it was approved and its tool runs until AfterTool: working.
+        """
+        if result["needs"] == "permission" and read_screen and \
+                time.time() - (result["since"] or 0) > SETTLE:    # drawn after its hook
+            rows = read_screen()
+            if gemini_dialog(rows) is None:
+                cancelled = any(GeminiKind.CANCELLED in row for row in rows[-15:])
+                result.update(status="idle" if cancelled else "working", needs=None,
+                              detail=None, source="screen")
+
+    unsupported = staticmethod(lambda agent, what: None)
+
+
+def gemini_home(name):
+    return os.path.join(agent_dir(name), "gemini-home")
+
+
+def gemini_user_settings():
+    """The user's own ~/.gemini/settings.json (an object), {} when there is none."""
+    path = os.path.join(os.path.expanduser("~"), ".gemini", "settings.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise OrchError("cannot read %s: %s" % (path, e.strerror or e))
+    try:
+        settings = json.loads(re.sub(r"(?m)^\s*//.*$", "", text) or "{}")
+    except ValueError as e:
+        raise OrchError("cannot read %s (%s): orch layers its hooks on your gemini settings, so "
+                        "it must be able to read them" % (short_path(path), e))
+    if not isinstance(settings, dict):
+        raise OrchError("%s is not a JSON object" % short_path(path))
+    return settings
+
+
+def make_gemini_home(agent):
+    """The agent's private GEMINI_CLI_HOME: the user's settings plus orch's hooks, the rest linked.
+
+    gemini takes no extra settings file for one process; a home of its own
+    does it without touching ~/.gemini.  Everything else there (auth, trusted
+    folders, chats) is a link to the user's, so their login applies and
+    `gemini --resume` finds the session; with --trust the agent gets a copy of
+    trustedFolders.json with its folder added.
+    """
+    user = os.path.join(os.path.expanduser("~"), ".gemini")
+    folder = make_private_dir(os.path.join(gemini_home(agent["name"]), ".gemini"))
+    settings = gemini_user_settings()
+    hooks = settings.get("hooks") if isinstance(settings.get("hooks"), dict) else {}
+    for event, ours in sorted(GeminiKind.EVENTS.items()):
+        entries = hooks.get(event) if isinstance(hooks.get(event), list) else []
+        hooks[event] = entries + [{"hooks": [{"type": "command",
+                                              "command": hook_command(agent["name"], ours)}]}]
+    settings["hooks"] = hooks
+    write_file_atomic(os.path.join(folder, "settings.json"), json.dumps(settings, indent=2))
+    names = set(os.listdir(user)) if os.path.isdir(user) else set()
+    for name in sorted(names | {"tmp", "history"}):
+        mine, theirs = os.path.join(folder, name), os.path.join(user, name)
+        if name == "settings.json" or name == "trustedFolders.json" and agent.get("trust"):
+            continue
+        if name in ("tmp", "history") and not os.path.lexists(theirs):
+            os.makedirs(theirs, 0o700, exist_ok=True)   # where gemini itself keeps chats
+        if not os.path.lexists(mine):
+            os.symlink(theirs, mine)
+    if agent.get("trust"):
+        trusted = read_json(os.path.join(user, "trustedFolders.json"))
+        trusted = dict(trusted if isinstance(trusted, dict) else {}, **{agent["cwd"]:
+                                                                        "TRUST_FOLDER"})
+        write_file_atomic(os.path.join(folder, "trustedFolders.json"), json.dumps(trusted))
+
+
+def gemini_input(rows):
+    """What gemini's input box (" > …" under a rule) shows, or None when there is none."""
+    for i in range(len(rows) - 1, 0, -1):
+        if rows[i].startswith(" > ") and any(is_rule(r) for r in rows[max(0, i - 4):i]):
+            return rows[i][3:].strip()
+    return None
+
+
+def gemini_dialog(rows):
+    """Gemini's permission dialog as dialog_on_screen returns claude's, plus the cursor's choice.
+
+    It is drawn in a box ("│ … │"); its choices are "● 1. Allow once", "2. Allow
+    for this session", "3. No, suggest changes (esc)", with no keys line.
+    """
+    inner = [re.sub(r"^\s*\u2502 ?|\s*\u2502\s*$", "", row) for row in rows]
+    for i in range(len(inner) - 1, -1, -1):
+        if not inner[i].strip().endswith("?"):
+            continue
+        options, cursor = {}, None
+        for row in inner[i + 1:i + 8]:
+            found = re.match(r"^\s*(\u25cf\s*)?(\d)\.\s+(\S.*?)\s*$", row)
+            if found:
+                options[found.group(3)] = found.group(2)
+                cursor = found.group(3) if found.group(1) else cursor
+        if options and cursor:
+            return {"question": inner[i].strip(), "options": options, "cursor": cursor,
+                    "above": inner[max(0, i - 30):i]}
+    return None
 
 
 def codex_composer_row(rows):
@@ -5276,7 +5553,10 @@ class CommandKind(object):
 
     typed_text = staticmethod(lambda agent: "")
     permission_dialog = staticmethod(lambda rows: None)
-    yes_once = staticmethod(lambda options: None)
+    environment = staticmethod(lambda agent, env: env)
+    recheck = staticmethod(lambda agent, result, read_screen: None)
+    ready = staticmethod(lambda agent: True)
+    yes_once = staticmethod(lambda dialog: None)
 
     @staticmethod
     def unsupported(agent, what):
@@ -5286,7 +5566,7 @@ class CommandKind(object):
                          % (agent["name"], what, agent["name"], agent["name"]))
 
 
-KINDS = {"claude": ClaudeKind, "codex": CodexKind, "command": CommandKind}
+KINDS = {"claude": ClaudeKind, "codex": CodexKind, "gemini": GeminiKind, "command": CommandKind}
 
 
 def kind_of(agent):
@@ -5387,7 +5667,7 @@ examples:
   orch approve fix-tests --tool Bash              # Yes, once, to the dialog it shows
   orch attach fix-tests       # take the keyboard (detach: prefix d)
   orch spawn api "add paging" --worktree          # its own git checkout, branch orch/api
-  orch spawn review "review the diff" --agent codex   # OpenAI's Codex CLI
+  orch spawn review "review the diff" --agent codex   # OpenAI's Codex CLI (or gemini)
   orch diff api               # what it changed; `orch rm api` keeps uncommitted work
   orch --host build1 spawn fix "make it build"    # any verb on another machine, over ssh
   orch send fix@build1 "and run the tests"        # NAME@HOST wherever a name goes
@@ -5400,8 +5680,8 @@ exit codes:
   7 submitted, but joined with text orch did not send   130 interrupted
 
 environment:
-  ORCH_STATE  ORCH_TMUX_SOCKET  ORCH_SESSION  ORCH_CLAUDE  ORCH_CODEX  ORCH_BACKEND
-  ORCH_TRACE=1
+  ORCH_STATE  ORCH_TMUX_SOCKET  ORCH_SESSION  ORCH_CLAUDE  ORCH_CODEX  ORCH_GEMINI
+  ORCH_BACKEND  ORCH_TRACE=1
   ORCH_HOST (as --host)  ORCH_HOSTS=a,b  ORCH_SSH_CONFIG (ssh -F FILE)
   seconds: ORCH_START_TIMEOUT  ORCH_SEND_TIMEOUT  ORCH_KILL_GRACE  ORCH_TMUX_TIMEOUT
 
@@ -5422,16 +5702,16 @@ def add_spawn(sub, verb):
     p.add_argument("prompt", nargs="?", help="first message; '-' reads stdin")
     p.add_argument("--prompt-file", metavar="FILE", help="read the first message from FILE")
     p.add_argument("--cwd", metavar="DIR", help="working folder (default: current)")
-    p.add_argument("--agent", choices=("claude", "codex"),
-                   help="the agent CLI: claude (the default; $ORCH_CLAUDE) or codex "
-                        "($ORCH_CODEX); arguments after -- go to it")
+    p.add_argument("--agent", choices=("claude", "codex", "gemini"),
+                   help="the agent CLI: claude (the default; $ORCH_CLAUDE), codex "
+                        "($ORCH_CODEX) or gemini ($ORCH_GEMINI); arguments after -- go to it")
     p.add_argument("--cmd", metavar="COMMAND",
                    help="run this shell command line instead of claude (no hooks)")
     p.add_argument("--raw", action="store_true",
                    help="send a leading '/' or '!' as a command, not as text")
     p.add_argument("--trust", action="store_true",
-                   help="trust DIR the CLI's own way (claude: ~/.claude.json; codex: on its "
-                        "command line, for this agent) and skip its trust dialog")
+                   help="trust DIR the CLI's own way (claude: ~/.claude.json; codex and gemini: "
+                        "for this agent only) and skip its trust dialog")
     p.add_argument("--backend", choices=("auto", "tmux", "headless"),
                    help="tmux window or headless claude -p (default $ORCH_BACKEND or auto: "
                         "tmux when installed)")

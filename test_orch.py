@@ -513,7 +513,7 @@ class Env(object):
                     "FAKE_DIE_AT_START", "FAKE_START_DELAY", "FAKE_QUEUE", "FAKE_PASTE_WRAP",
                     "FAKE_DEFAULT_MODE", "FAKE_SLASH_AFTER_BLANKS", "FAKE_VERSION",
                     "FAKE_NO_HOOKS", "FAKE_NO_OPTION", "FAKE_DIALOG_GUARD", "FAKE_REDRAW_LATE",
-                    "FAKE_UPSELL", "ORCH_CODEX"):
+                    "FAKE_UPSELL", "ORCH_CODEX", "ORCH_GEMINI"):
             monkeypatch.delenv(var, raising=False)
         env = {"HOME": self.home, "ORCH_STATE": os.path.join(root, "state.json"),
                "ORCH_TMUX_SOCKET": self.socket, "TMUX_TMPDIR": self.tmpdir,
@@ -2290,10 +2290,14 @@ def test_hosts_list_all_hosts_with_one_down(hosts, capsys, monkeypatch):
 @pytest.mark.parametrize("kind", [k for k in orch.KINDS.values() if k.hooks])
 def test_a_kind_registers_exactly_the_events_it_maps(kind, env):
     """Drift guard: every hook a kind gives its CLI is one it maps, and orch reads each."""
+    agent = {"name": "a1", "cwd": env.work, "extra_args": [], "session_id": "s1"}
     if kind is orch.ClaudeKind:
         registered = set(json.loads(orch.agent_settings("a1"))["hooks"])
+    elif kind is orch.GeminiKind:
+        kind.argv(agent, "/bin/cli")
+        with open(os.path.join(orch.gemini_home("a1"), ".gemini", "settings.json")) as f:
+            registered = set(json.load(f)["hooks"])
     else:
-        agent = {"name": "a1", "cwd": env.work, "extra_args": []}
         argv = kind.argv(agent, "/bin/cli")
         registered = set(re.match(r"hooks\.(\w+)=", argv[i + 1]).group(1)
                          for i, word in enumerate(argv) if word == "-c"
@@ -2340,7 +2344,7 @@ def test_codex_screens():
     assert dialog["question"] == "Would you like to run the following command?"
     assert "  $ touch x" in dialog["above"]
     assert orch.CodexKind.yes_once(dialog["options"]) == "y"
-    assert orch.CodexKind.yes_once({"Yes, and don't ask again (p)": "2"}) is None
+    assert orch.CodexKind.yes_once({"options": {"Yes, and don't ask again (p)": "2"}}) is None
     # The hint is drawn dim; what a person typed is not.
     hint = "\x1b[1m\u203a\x1b[0m\x1b[39m\x1b[49m \x1b[2mAsk Codex to do anything"
     typed = "\x1b[1m\u203a\x1b[0m\x1b[39m\x1b[49m half typed"
@@ -2358,6 +2362,50 @@ def test_codex_trusts_what_its_config_trusts(env, monkeypatch):
                 '[projects."/src/b"]\ntrust_level = "untrusted"\n[tui]\nx = 1\n')
     assert orch.codex_trusts('/src/a "q"/sub') and not orch.codex_trusts("/src/b")
     assert not orch.codex_trusts("/src")
+
+
+def test_gemini_home_layers_orchs_hooks_on_the_users_settings(env):
+    write_gemini_settings(env.home, ["/src"], {"hooks": {"AfterAgent": [{"hooks": [
+        {"type": "command", "command": "mine"}]}]}, "ui": {"theme": "x"}})
+    with open(os.path.join(env.home, ".gemini", "oauth_creds.json"), "w") as f:
+        f.write("{}")
+    agent = {"name": "g1", "cwd": "/work", "extra_args": ["-m", "x"], "session_id": "s1",
+             "trust": True}
+    assert orch.GeminiKind.argv(agent, "/bin/gemini") == ["/bin/gemini", "--session-id", "s1",
+                                                           "-m", "x"]
+    home = os.path.join(orch.gemini_home("g1"), ".gemini")
+    with open(os.path.join(home, "settings.json")) as f:
+        settings = json.load(f)
+    assert settings["ui"] == {"theme": "x"}
+    after = settings["hooks"]["AfterAgent"]
+    assert after[0]["hooks"][0]["command"] == "mine" and after[1]["hooks"][0]["command"].endswith(
+        " Stop")
+    assert os.readlink(os.path.join(home, "oauth_creds.json")) == os.path.join(
+        env.home, ".gemini", "oauth_creds.json")
+    with open(os.path.join(home, "trustedFolders.json")) as f:
+        assert json.load(f) == {"/src": "TRUST_FOLDER", "/work": "TRUST_FOLDER"}
+    assert orch.GeminiKind.environment(agent, {"A": "1"}) == {
+        "A": "1", "GEMINI_CLI_HOME": orch.gemini_home("g1")}
+    assert orch.GeminiKind.argv(agent, "/bin/gemini", resume_id="s0")[1:3] == ["--resume", "s0"]
+
+
+GEMINI_DIALOG = ["\u2502 ? Shell  touch x" + " " * 20 + "\u2502",
+                 "\u2502 Allow execution of [Shell]?" + " " * 10 + "\u2502", "\u2502" + " " * 30,
+                 "\u2502 \u25cf 1. Allow once" + " " * 10 + "\u2502",
+                 "\u2502   2. Allow for this session    \u2502",
+                 "\u2502   3. No, suggest changes (esc)  \u2502"]
+
+
+def test_gemini_screens():
+    dialog = orch.gemini_dialog(GEMINI_DIALOG)
+    assert dialog["question"] == "Allow execution of [Shell]?" and dialog["cursor"] == "Allow once"
+    assert orch.GeminiKind.yes_once(dialog) == ["Enter"]
+    moved = [row.replace("\u25cf 1.", "  1.").replace("  2. Allow for", "\u25cf 2. Allow for")
+             for row in GEMINI_DIALOG]
+    assert orch.GeminiKind.yes_once(orch.gemini_dialog(moved)) is None
+    box = ["\u2500" * 40, " Shift+Tab to accept edits", " >   half typed", " workspace"]
+    assert orch.gemini_input([" > an earlier prompt", ""] + box) == "half typed"
+    assert orch.gemini_input([" > an earlier prompt", "\u2726 reply"]) is None
 
 
 def test_spawn_refuses_what_a_codex_agent_cannot_be(env, capsys, tmp_path, monkeypatch):
@@ -2761,7 +2809,7 @@ def doctor(capsys):
 
 def test_doctor_all_well_and_changes_nothing(env, capsys, monkeypatch):
     code, found = doctor(capsys)
-    assert code == 0 and [level for level, _ in found.values()] == ["ok"] * 8
+    assert code == 0 and [level for level, _ in found.values()] == ["ok"] * 9
     assert "tmux 3" in found["tmux"][1] and "Claude Code 2.1.197" in found["claude"][1]
     assert "needed only for --agent codex" in found["codex"][1] or "Codex CLI" in found["codex"][1]
     assert "does not exist yet" in found["state"][1] and "does not exist yet" in found["data"][1]
@@ -2834,6 +2882,10 @@ def test_tested_claude_versions_match_the_makefile():
         line = [l for l in f if l.startswith("CODEX_VERSIONS")][0]
     assert tuple(sorted(orch.parse_claude_version(v) for v in line.split("=", 1)[1].split())) \
         == orch.TESTED_CODEX
+    with open(os.path.join(HERE, "Makefile")) as f:
+        line = [l for l in f if l.startswith("GEMINI_VERSIONS")][0]
+    assert tuple(sorted(orch.parse_claude_version(v) for v in line.split("=", 1)[1].split())) \
+        == orch.TESTED_GEMINI
 
 
 def test_parse_claude_version():
@@ -5097,6 +5149,184 @@ def test_e2e_codex_half_typed_text_is_refused(codex, capsys):
     assert run(capsys, "send", "c1", "orch's words", "--force")[0] == 0
     retry_until(lambda: "orch's words" in codex.api.texts())
     assert "half typed" not in " ".join(codex.api.texts())
+
+
+# ###########################################################################
+# End to end: the real Gemini CLI against a fake Gemini API (make e2e)
+# ###########################################################################
+
+class FakeGemini(FakeAPI):
+    """Serve streamGenerateContent on 127.0.0.1; record what each agent received.
+
+    TOOL in the user's words asks for run_shell_command (gemini asks first);
+    SLOW-N answers N seconds late.
+    """
+    PATH = "/v1beta/models/"
+
+    def handle_messages(self, handler, data):
+        contents = data.get("contents") or []
+        last = contents[-1] if contents else {}
+        parts = last.get("parts") or [] if isinstance(last, dict) else []
+        texts = [p["text"] for p in parts if isinstance(p.get("text"), str)
+                 and not p["text"].startswith("<session_context>")]
+        tool_result = any("functionResponse" in p for p in parts)
+        history = [p.get("text", "") for c in contents for p in c.get("parts") or []
+                   if c.get("role") == "user"]
+        side = "countTokens" in handler.path or not data.get("tools")
+        record = {"text": "\n".join(texts), "side": side, "tool_result": tool_result,
+                  "history": json.dumps(history), "session": None, "time": time.time()}
+        with self.lock:
+            self.requests.append(record)
+            n = len(self.requests)
+        for word in record["text"].split() if not side and not tool_result else []:
+            if word.startswith("SLOW-") and word[5:].isdigit():
+                time.sleep(int(word[5:]))
+        if not side and not tool_result and "TOOL" in record["text"]:
+            part = {"functionCall": {"name": "run_shell_command", "args": {
+                "command": "touch orch-tool-ran-%d" % n, "description": "make a file"}}}
+        else:
+            part = {"text": "tool finished" if tool_result else "reply %d: ok" % n}
+        chunk = {"candidates": [{"content": {"role": "model", "parts": [part]},
+                                 "finishReason": "STOP", "index": 0}],
+                 "usageMetadata": {"promptTokenCount": 10, "candidatesTokenCount": 5,
+                                   "totalTokenCount": 15}, "modelVersion": "m"}
+        if "countTokens" in handler.path:
+            return handler.reply_json({"totalTokens": 10})
+        if "stream" not in handler.path:
+            return handler.reply_json(chunk)
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        handler.wfile.write(("data: %s\r\n\r\n" % json.dumps(chunk)).encode("utf-8"))
+        handler.wfile.flush()
+
+    def texts(self, session=None):
+        with self.lock:
+            return [r["text"] for r in self.requests if not r["side"] and not r["tool_result"]]
+
+
+def write_gemini_settings(home, trusted, extra=None):
+    folder = os.path.join(home, ".gemini")
+    os.makedirs(folder, exist_ok=True)
+    settings = {"security": {"auth": {"selectedType": "gemini-api-key"}}, "model": {"name": "m"}}
+    settings.update(extra or {})
+    path = os.path.join(folder, "settings.json")
+    with open(path, "w") as f:
+        json.dump(settings, f)
+    with open(os.path.join(folder, "trustedFolders.json"), "w") as f:
+        json.dump(dict((d, "TRUST_FOLDER") for d in trusted), f)
+    return path
+
+
+def stop_recorded_agents():
+    """gemini ignores SIGHUP: end what a test started by its recorded pids, not tmux alone."""
+    for agent in read_state_or_empty()["agents"].values():
+        pid = (agent.get("tmux") or {}).get("pid")
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pid, sig)
+            except (TypeError, OSError):
+                break
+            if not retry_until_quiet(lambda: orch.group_alive(pid), 5):
+                break
+
+
+def retry_until_quiet(check, timeout):
+    """Poll check() until it is false; return whether it still holds (teardown: no failure)."""
+    deadline = time.time() + timeout
+    while check() and time.time() < deadline:
+        time.sleep(0.1)
+    return check()
+
+
+@pytest.fixture
+def gemini(env, monkeypatch):
+    """The real gemini, offline: private HOME whose settings point at the fake Gemini API."""
+    binary = os.environ.get("ORCH_E2E_GEMINI")
+    if binary is None:
+        pytest.skip("needs the real gemini: run `make e2e`, which installs it and sets "
+                    "ORCH_E2E_GEMINI")
+    api = FakeGemini().start()
+    monkeypatch.setenv("ORCH_GEMINI", binary)
+    monkeypatch.setenv("GEMINI_API_KEY", "orch-e2e-key")
+    monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", api.url)
+    env.hook_log = os.path.join(env.root, "users-hook.log")
+    users_hook = {"hooks": {"AfterAgent": [{"hooks": [{"type": "command", "command":
+                                                        "echo done >> %s" % env.hook_log}]}]}}
+    env.gemini_settings = write_gemini_settings(env.home, [env.work], users_hook)
+    env.api = api
+    yield env
+    stop_recorded_agents()
+    env.stop()
+    api.stop()
+
+
+def test_e2e_gemini_spawn_send_wait_reply_log_kill_resume(gemini, capsys):
+    with open(gemini.gemini_settings, "rb") as f:
+        before = f.read()
+    code, out, err = run(capsys, "spawn", "g1", "--agent", "gemini", "first words")
+    assert code == 0 and "first message submitted" in out, err
+    row = wait_status(capsys, "g1", "idle")
+    assert row["agent"] == "gemini" and row["session_id"] == sid_of("g1")
+    assert gemini.api.texts() == ["first words"]
+    assert run(capsys, "send", "g1", "it's \"quoted\" $HOME `id`")[1] == "g1: submitted\n"
+    assert run(capsys, "wait", "g1")[0] == 0
+    assert re.match(r"reply \d+: ok\n$", run(capsys, "reply", "g1")[1])
+    log = run(capsys, "log", "g1")[1]
+    assert "> first words" in log and "> it's \"quoted\" $HOME `id`" in log
+    assert "gemini/tmux" in run(capsys, "list")[1]
+    with open("/proc/%d/cmdline" % row["pid"], "rb") as f:
+        assert b"first words" not in f.read()
+    assert run(capsys, "kill", "g1")[0] == 0
+    code, out, err = run(capsys, "resume", "g1", "which words?")
+    assert code == 0, err
+    retry_until(lambda: "which words?" in gemini.api.texts())
+    with gemini.api.lock:
+        last = [r for r in gemini.api.requests if r["text"] == "which words?"][-1]
+    assert "first words" in last["history"]
+    assert wait_status(capsys, "g1", "idle")["session_id"] == sid_of("g1")
+    # The user's own settings: untouched, and their own hooks still run.
+    with open(gemini.gemini_settings, "rb") as f:
+        assert f.read() == before
+    retry_until(lambda: os.path.exists(gemini.hook_log))
+
+
+def test_e2e_gemini_approve_once_and_deny(gemini, capsys):
+    assert run(capsys, "spawn", "g1", "--agent", "gemini", "TOOL please")[0] == 0
+    row = wait_status(capsys, "g1", "needs-input")
+    assert (row["needs"], row["detail"]) == ("permission", "run_shell_command")
+    assert run(capsys, "send", "g1", "hello")[0] == orch.EXIT_NEEDS_INPUT
+    code, out, err = run(capsys, "deny", "g1")
+    assert code == 0 and out.startswith("g1: denied run_shell_command (touch orch-tool-ran"), err
+    assert wait_status(capsys, "g1", "idle")["status_source"] == "screen"    # no hook says so
+    assert not [n for n in os.listdir(gemini.work) if n.startswith("orch-tool-ran")]
+    assert run(capsys, "send", "g1", "TOOL again")[0] == 0
+    wait_status(capsys, "g1", "needs-input")
+    code, out, err = run(capsys, "approve", "g1", "--tool", "run_shell_command")
+    assert code == 0 and out.startswith("g1: approved run_shell_command"), err
+    retry_until(lambda: [n for n in os.listdir(gemini.work) if n.startswith("orch-tool-ran")])
+    wait_status(capsys, "g1", "idle")
+
+
+def test_e2e_gemini_trust_and_half_typed_text(gemini, capsys, tmp_path):
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    code, out, _ = run(capsys, "spawn", "u1", "--agent", "gemini", "hi", "--cwd", str(fresh))
+    if code == 0:
+        pytest.fail("gemini started in an untrusted folder without asking: %s" % out)
+    assert code == orch.EXIT_NEEDS_INPUT and "trust" in out
+    assert run(capsys, "rm", "u1")[0] == 0
+    code, out, err = run(capsys, "spawn", "t1", "--agent", "gemini", "hi", "--cwd", str(fresh),
+                         "--trust")
+    assert code == 0, err
+    with open(os.path.join(gemini.home, ".gemini", "trustedFolders.json")) as f:
+        assert str(fresh) not in json.load(f)      # trusted for that agent, not in your file
+    person_types("t1", "l:half typed")
+    agent = gemini.state()["agents"]["t1"]
+    retry_until(lambda: "half typed" in "\n".join(orch.agent_screen(agent)))
+    code, _, err = run(capsys, "send", "t1", "orch's words")
+    assert code == orch.EXIT_NEEDS_INPUT and "'half typed'" in err
 
 
 # ###########################################################################
