@@ -5259,7 +5259,17 @@ class GeminiKind(object):
 
     @staticmethod
     def preflight(cwd, backend):
-        gemini_user_settings()      # refuse settings orch cannot read, before a window opens
+        """Refuse settings orch cannot read, or that turn hooks off, before a window opens."""
+        user = os.path.join(os.path.expanduser("~"), ".gemini", "settings.json")
+        for path in ("/etc/gemini-cli/settings.json", os.path.join(cwd, ".gemini",
+                                                                    "settings.json"), user):
+            found = gemini_settings(path).get("hooksConfig")
+            if isinstance(found, dict) and found.get("enabled") is False:
+                raise OrchError("gemini's hooks are turned off (hooksConfig.enabled false in %s): "
+                                "orch reads each agent's status and confirms each message "
+                                "through hooks of its own, and turning them on for its agents "
+                                "would turn yours on too; remove the setting"
+                                % short_path(path))
 
     @staticmethod
     def trust(cwd, asked, worktree):
@@ -5342,7 +5352,11 @@ def gemini_home(name):
 
 def gemini_user_settings():
     """The user's own ~/.gemini/settings.json (an object), {} when there is none."""
-    path = os.path.join(os.path.expanduser("~"), ".gemini", "settings.json")
+    return gemini_settings(os.path.join(os.path.expanduser("~"), ".gemini", "settings.json"))
+
+
+def gemini_settings(path):
+    """A gemini settings file (JSON, // comments allowed) as an object, {} when there is none."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()

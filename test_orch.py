@@ -2396,6 +2396,20 @@ GEMINI_DIALOG = ["\u2502 ? Shell  touch x" + " " * 20 + "\u2502",
                  "\u2502   3. No, suggest changes (esc)  \u2502"]
 
 
+def test_gemini_hooks_turned_off_are_refused_at_once(env, capsys, monkeypatch):
+    monkeypatch.setenv("ORCH_GEMINI", env.fake)
+    os.makedirs(os.path.join(env.work, ".gemini"))
+    with open(os.path.join(env.work, ".gemini", "settings.json"), "w") as f:
+        f.write('// the project\'s\n{"hooksConfig": {"enabled": false}}\n')
+    code, _, err = run(capsys, "spawn", "g1", "--agent", "gemini", "hi")
+    assert code == 1 and one_error(err) and "hooksConfig.enabled false in" in err
+    with open(os.path.join(env.work, ".gemini", "settings.json"), "w") as f:
+        f.write("{not json")
+    code, _, err = run(capsys, "spawn", "g1", "--agent", "gemini", "hi")
+    assert code == 1 and one_error(err) and "cannot read" in err
+    assert tmux_windows() == ["keep"]
+
+
 def test_gemini_screens():
     dialog = orch.gemini_dialog(GEMINI_DIALOG)
     assert dialog["question"] == "Allow execution of [Shell]?" and dialog["cursor"] == "Allow once"
