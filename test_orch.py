@@ -5343,6 +5343,49 @@ def test_e2e_gemini_trust_and_half_typed_text(gemini, capsys, tmp_path):
     assert code == orch.EXIT_NEEDS_INPUT and "'half typed'" in err
 
 
+def every_other_verb(world, capsys, kind, prefix):
+    """send --to, events, status-line, tail, interrupt and rm on two agents of one kind."""
+    names = [prefix + "1", prefix + "2"]
+    for name in names:
+        assert run(capsys, "spawn", name, "--agent", kind, "hello " + name)[0] == 0
+    assert run(capsys, "wait", *names, "--timeout", "60")[0] == 0
+    feed = subprocess.Popen([sys.executable, ORCH, "events", names[0], "--json"],
+                            stdout=subprocess.PIPE, universal_newlines=True)
+    try:
+        lines = feed_lines(feed)
+        code, out, err = run(capsys, "send", "--to", ",".join(names), "SLOW-30 for all")
+        assert (code, sorted(out.splitlines())) == (0, sorted(n + ": submitted" for n in names)), err
+        change = json.loads(next_line(lines, 60))
+        assert (change["name"], change["to"]) == (names[0], "working")
+    finally:
+        feed.kill()
+        feed.communicate()
+    assert run(capsys, "status-line")[1] == "orch: 2 working\n"
+    assert "SLOW-30 for all" in run(capsys, "tail", names[0])[1]
+    assert run(capsys, "interrupt", names[0])[0] == 0
+    assert wait_status(capsys, names[0], "idle", 30)["status"] == "idle"
+    assert run(capsys, "send", names[0], "after the interrupt")[0] == 0
+    retry_until(lambda: "after the interrupt" in world.api.texts())
+    assert run(capsys, "rm", "--force", *names)[0] == 0
+    assert run(capsys, "list", "--json")[1].strip() == "[]"
+
+
+def test_e2e_codex_every_other_verb(codex, capsys):
+    every_other_verb(codex, capsys, "codex", "c")
+
+
+def test_e2e_gemini_every_other_verb(gemini, capsys):
+    every_other_verb(gemini, capsys, "gemini", "g")
+
+
+def test_e2e_gemini_worktree(gemini, repo, capsys):
+    code, out, err = run(capsys, "spawn", "w1", "--agent", "gemini", "hi", "--cwd", repo.repo,
+                         "--worktree", "--trust")
+    assert code == 0, out + err
+    assert status(capsys, "w1")["worktree"] != repo.repo
+    retry_until(lambda: "hi" in gemini.api.texts())
+
+
 # ###########################################################################
 # Benchmark (make bench): wall times against the floor, and tmux calls per verb
 # ###########################################################################
