@@ -4871,7 +4871,7 @@ def check_claude():
 
 
 def check_optional_cli(check, program, title, package, variable, tested, usable):
-    """An agent CLI orch can run but does not need: its version, and whether orch's hooks reach it."""
+    """An agent CLI orch can run but does not need: its version, and whether its hooks work."""
     import shutil
     path = shutil.which(os.environ.get(variable) or program)
     if not path:
@@ -5161,6 +5161,13 @@ class CodexKind(object):
     @staticmethod
     def preflight(cwd, backend):
         refuse_project_codex_hooks(cwd)
+        home = os.environ.get("CODEX_HOME") or os.path.join(os.path.expanduser("~"), ".codex")
+        path = os.path.join(home, "config.toml")
+        if codex_hooks_off(path):
+            raise OrchError("codex's hooks are turned off (codex_hooks = false under [features] "
+                            "in %s): orch reads each agent's status and confirms each message "
+                            "through hooks of its own, and turning them on for its agents would "
+                            "turn yours on too; remove the setting" % short_path(path))
 
     @staticmethod
     def trust(cwd, asked, worktree):
@@ -5493,6 +5500,22 @@ def codex_trusts(path):
             return False
         path = os.path.dirname(path)
     return True
+
+
+def codex_hooks_off(path):
+    """True when the codex config at path sets features.codex_hooks = false (no hook fires)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return False
+    if re.search(r"(?m)^\s*features\.codex_hooks\s*=\s*false\b", text):
+        return True
+    for table in re.split(r"(?m)^\s*\[", text):
+        if re.match(r"features\s*\]", table) and \
+                re.search(r"(?m)^\s*codex_hooks\s*=\s*false\b", table):
+            return True
+    return False
 
 
 def refuse_project_codex_hooks(cwd):

@@ -2353,6 +2353,22 @@ def test_codex_screens():
     assert orch.codex_composer(["nothing here"]) is None
 
 
+def test_codex_hooks_turned_off_are_refused_at_once(env, capsys, monkeypatch):
+    monkeypatch.setenv("ORCH_CODEX", env.fake)
+    os.makedirs(os.path.join(env.home, ".codex"))
+    config = os.path.join(env.home, ".codex", "config.toml")
+    for text in ('model = "m"\n[features]\ncodex_hooks = false\n[tui]\nx = 1\n',
+                 'features.codex_hooks = false\n'):
+        with open(config, "w") as f:
+            f.write(text)
+        code, _, err = run(capsys, "spawn", "c1", "--agent", "codex", "hi")
+        assert code == 1 and one_error(err) and "codex_hooks = false under [features]" in err
+    with open(config, "w") as f:
+        f.write('[features]\ncodex_hooks = true\n[other]\ncodex_hooks = false\n')
+    assert not orch.codex_hooks_off(config)
+    assert tmux_windows() == ["keep"]
+
+
 def test_codex_trusts_what_its_config_trusts(env, monkeypatch):
     monkeypatch.setenv("CODEX_HOME", os.path.join(env.home, "codexhome"))
     assert not orch.codex_trusts("/src/app")
