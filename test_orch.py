@@ -5402,6 +5402,34 @@ def test_e2e_gemini_worktree(gemini, repo, capsys):
     retry_until(lambda: "hi" in gemini.api.texts())
 
 
+def round_trip_on_a_host(world, monkeypatch, kind, extra_env):
+    hosts = Hosts(world, ["h1"], extra_env)
+    monkeypatch.setenv("ORCH_SSH_CONFIG", hosts.config)
+    try:
+        code, out, err = cli("spawn", "r1@h1", "--agent", kind, "hello from afar", "--cwd",
+                             world.work)
+        assert code == 0 and "started agent r1 (%s, tmux" % kind in out, out + err
+        retry_until(lambda: "hello from afar" in world.api.texts())
+        assert cli("wait", "r1@h1", "--timeout", "60")[:2] == (0, "r1: idle\n")
+        assert cli("send", "r1@h1", "and more")[:2] == (0, "r1: submitted\n")
+        assert cli("wait", "r1@h1", "--timeout", "60")[:2] == (0, "r1: idle\n")
+        assert re.match(r"reply \d+: ok\n$", cli("reply", "r1@h1")[1])
+        assert hosts.state("h1")["agents"]["r1"]["agent"] == kind
+        assert cli("rm", "r1@h1")[:2] == (0, "removed r1\n")
+    finally:
+        hosts.stop()
+
+
+def test_e2e_codex_round_trip_on_a_remote_host(codex, monkeypatch):
+    round_trip_on_a_host(codex, monkeypatch, "codex", {"ORCH_CODEX": os.environ["ORCH_CODEX"]})
+
+
+def test_e2e_gemini_round_trip_on_a_remote_host(gemini, monkeypatch):
+    round_trip_on_a_host(gemini, monkeypatch, "gemini", {
+        "ORCH_GEMINI": os.environ["ORCH_GEMINI"], "GEMINI_API_KEY": "orch-e2e-key",
+        "GOOGLE_GEMINI_BASE_URL": gemini.api.url})
+
+
 # ###########################################################################
 # Benchmark (make bench): wall times against the floor, and tmux calls per verb
 # ###########################################################################
