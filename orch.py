@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
-"""orch: run and steer many AI coding agents (Claude Code first) on one server.
+"""orch: run and steer many AI coding agents (Claude Code, Codex, Gemini) on one server.
 
-Each agent is a program (the `claude` CLI by default) running in its own window
-of one tmux session, so it outlives your ssh session, can be messaged while it
-works, watched, and attached to.  State is one JSON file (~/.orch.json); logs,
-launch scripts and per-agent hook event files live in a folder beside it.
+Each agent is a program (the `claude` CLI by default; `codex`, `gemini`, or any
+command) running in its own window of one tmux session, so it outlives your ssh
+session, can be messaged while it works, watched, and attached to.  State is
+one JSON file (~/.orch.json); logs, launch files and per-agent hook event files
+live in a folder beside it.
 
-Claude agents get per-process hooks (`claude --settings`) that append one line
-per event (session start, prompt submitted, tool use, permission dialog, turn
-end, exit) to the agent's event file: that is how orch knows an agent's status
-and confirms that a message was really submitted, without scraping screens.
+Each agent CLI gets hooks of orch's for that process only (claude --settings,
+codex -c, a private GEMINI_CLI_HOME) that append one line per event (session
+start, prompt submitted, tool use, permission dialog, turn end, exit) to the
+agent's event file: that is how orch knows an agent's status and confirms that
+a message was really submitted, without scraping screens.  What differs between
+CLIs lives in one class per agent kind.
 
 Standard library only; runs on Python 3.6+ and tmux 3.0+.  See README.md.
 """
