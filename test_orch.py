@@ -2666,8 +2666,10 @@ class Snooper(object):
         self.out = os.path.join(folder, "snooped.json")
         python = sys.executable
         if user is not None:    # the tests' Python may sit in a folder only root can enter
-            python = next(p for p in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3")
-                          if user_can_run(user, p))
+            python = next((p for p in (sys.executable, "/usr/bin/python3",
+                                       "/usr/local/bin/python3") if user_can_run(user, p)), None)
+            if python is None:  # no Python that user may run: read as this user instead
+                python, user = sys.executable, None
         def drop():
             if user is not None:
                 os.setgroups([])
