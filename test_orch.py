@@ -2343,7 +2343,7 @@ def test_codex_screens():
     dialog = orch.codex_dialog(CODEX_DIALOG)
     assert dialog["question"] == "Would you like to run the following command?"
     assert "  $ touch x" in dialog["above"]
-    assert orch.CodexKind.yes_once(dialog["options"]) == "y"
+    assert orch.CodexKind.yes_once(dialog) == ["-l", "y"]
     assert orch.CodexKind.yes_once({"options": {"Yes, and don't ask again (p)": "2"}}) is None
     # The hint is drawn dim; what a person typed is not.
     hint = "\x1b[1m\u203a\x1b[0m\x1b[39m\x1b[49m \x1b[2mAsk Codex to do anything"
