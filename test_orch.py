@@ -5106,22 +5106,27 @@ def test_e2e_codex_spawn_send_wait_reply_log_kill_resume(codex, capsys):
     assert wait_status(capsys, "c1", "idle")["session_id"] == sid
 
 
+def approve_once_and_deny(world, capsys, kind, tool):
+    """A dialog asks about a tool: deny (it never runs), then approve once (it runs)."""
+    assert run(capsys, "spawn", "a1", "--agent", kind, "TOOL please")[0] == 0
+    row = wait_status(capsys, "a1", "needs-input")
+    assert (row["needs"], row["detail"]) == ("permission", tool)
+    assert run(capsys, "send", "a1", "hello")[0] == orch.EXIT_NEEDS_INPUT
+    code, out, err = run(capsys, "deny", "a1")
+    assert code == 0 and out.startswith("a1: denied %s (touch orch-tool-ran" % tool), err
+    denied = wait_status(capsys, "a1", "idle")
+    assert not [n for n in os.listdir(world.work) if n.startswith("orch-tool-ran")]
+    assert run(capsys, "send", "a1", "TOOL again")[0] == 0
+    wait_status(capsys, "a1", "needs-input")
+    code, out, err = run(capsys, "approve", "a1", "--tool", tool)
+    assert code == 0 and out.startswith("a1: approved %s (touch orch-tool-ran" % tool), err
+    retry_until(lambda: [n for n in os.listdir(world.work) if n.startswith("orch-tool-ran")])
+    wait_status(capsys, "a1", "idle")
+    return denied
+
+
 def test_e2e_codex_approve_once_and_deny(codex, capsys):
-    assert run(capsys, "spawn", "c1", "--agent", "codex", "TOOL please")[0] == 0
-    row = wait_status(capsys, "c1", "needs-input")
-    assert (row["needs"], row["detail"]) == ("permission", "Bash")
-    code, _, err = run(capsys, "send", "c1", "hello")
-    assert code == orch.EXIT_NEEDS_INPUT
-    code, out, err = run(capsys, "deny", "c1")
-    assert code == 0 and out.startswith("c1: denied Bash (touch orch-tool-ran"), err
-    wait_status(capsys, "c1", "idle")
-    assert not [n for n in os.listdir(codex.work) if n.startswith("orch-tool-ran")]
-    assert run(capsys, "send", "c1", "TOOL again")[0] == 0
-    wait_status(capsys, "c1", "needs-input")
-    code, out, err = run(capsys, "approve", "c1", "--tool", "Bash")
-    assert code == 0 and out.startswith("c1: approved Bash (touch orch-tool-ran"), err
-    retry_until(lambda: [n for n in os.listdir(codex.work) if n.startswith("orch-tool-ran")])
-    wait_status(capsys, "c1", "idle")
+    approve_once_and_deny(codex, capsys, "codex", "Bash")
 
 
 def test_e2e_codex_trust_and_the_users_files(codex, capsys, tmp_path):
@@ -5325,20 +5330,8 @@ def test_e2e_gemini_spawn_send_wait_reply_log_kill_resume(gemini, capsys):
 
 
 def test_e2e_gemini_approve_once_and_deny(gemini, capsys):
-    assert run(capsys, "spawn", "g1", "--agent", "gemini", "TOOL please")[0] == 0
-    row = wait_status(capsys, "g1", "needs-input")
-    assert (row["needs"], row["detail"]) == ("permission", "run_shell_command")
-    assert run(capsys, "send", "g1", "hello")[0] == orch.EXIT_NEEDS_INPUT
-    code, out, err = run(capsys, "deny", "g1")
-    assert code == 0 and out.startswith("g1: denied run_shell_command (touch orch-tool-ran"), err
-    assert wait_status(capsys, "g1", "idle")["status_source"] == "screen"    # no hook says so
-    assert not [n for n in os.listdir(gemini.work) if n.startswith("orch-tool-ran")]
-    assert run(capsys, "send", "g1", "TOOL again")[0] == 0
-    wait_status(capsys, "g1", "needs-input")
-    code, out, err = run(capsys, "approve", "g1", "--tool", "run_shell_command")
-    assert code == 0 and out.startswith("g1: approved run_shell_command"), err
-    retry_until(lambda: [n for n in os.listdir(gemini.work) if n.startswith("orch-tool-ran")])
-    wait_status(capsys, "g1", "idle")
+    denied = approve_once_and_deny(gemini, capsys, "gemini", "run_shell_command")
+    assert denied["status_source"] == "screen"      # no hook says a dialog was cancelled
 
 
 def test_e2e_gemini_trust_and_half_typed_text(gemini, capsys, tmp_path):
