@@ -2781,9 +2781,15 @@ def transcript_settled(agent, path):
 
     def written():
         try:
-            return os.path.getmtime(path) >= stops[-1]
+            if os.path.getmtime(path) < stops[-1]:
+                return False
         except OSError:
             return True     # no transcript: read_conversation says so
+        # The answer is written before the Stop hook fires, the turn's end after
+        # it: where the transcript marks turn ends (claude, codex), wait for it.
+        kinds = [entry["kind"] for event in read_json_lines(path, tail_bytes=16384)
+                 for entry in conversation_entries(event)]
+        return "turn" not in kinds or kinds[-1] == "turn"
     if stops:
         retry_until(written, 2.0, interval=0.02)
 
