@@ -5079,12 +5079,25 @@ def uninstall(prefix, launcher, lib, module):
 # orch can read and answer its dialogs, and what to say where it cannot.
 # Verbs ask kind_of(agent); none tests which kind it is.
 
-class ClaudeKind(object):
+class AgentKind(object):
+    """What a kind answers unless it says otherwise."""
+    hooks = True        # status, confirmations, replies and transcripts from its hooks
+    dialogs = True      # permission dialogs orch reads off the screen and answers
+    headless = False    # only claude speaks the headless backend's protocol
+    environment = staticmethod(lambda agent, env: env)
+    recheck = staticmethod(lambda agent, result, read_screen: None)    # hooks say it all
+    ready = staticmethod(lambda agent: True)    # idle already means its input box is there
+    session_id = staticmethod(hooked_session_id)
+
+    @classmethod
+    def label(cls, agent):
+        return cls.name
+
+
+class ClaudeKind(AgentKind):
     name = "claude"
     option = "--agent claude"
     EVENTS = dict((event, event) for event in HOOK_EVENTS)    # orch's names are claude's
-    hooks = True        # status, confirmations, replies and transcripts from its hooks
-    dialogs = True      # permission dialogs orch reads off the screen and answers
     headless = True     # `claude -p` runs under orch's supervisor too
 
     @staticmethod
@@ -5116,11 +5129,7 @@ class ClaudeKind(object):
 
     @staticmethod
     def session_id(agent):
-        return backend_of(agent).session_id(agent)
-
-    @staticmethod
-    def label(agent):
-        return "claude"
+        return backend_of(agent).session_id(agent)     # headless: from claude's own output
 
     @staticmethod
     def screen_start(rows):
@@ -5130,9 +5139,6 @@ class ClaudeKind(object):
 
     typed_text = staticmethod(claude_typed_text)
     permission_dialog = staticmethod(dialog_on_screen)
-    environment = staticmethod(lambda agent, env: env)
-    recheck = staticmethod(lambda agent, result, read_screen: None)    # cross_check does it
-    ready = staticmethod(lambda agent: True)    # its SessionStart comes with its input box
 
     @staticmethod
     def yes_once(dialog):
@@ -5140,16 +5146,11 @@ class ClaudeKind(object):
         digit = dialog["options"].get("Yes")
         return ["-l", digit] if digit else None
 
-    unsupported = staticmethod(lambda agent, what: None)
 
-
-class CodexKind(object):
+class CodexKind(AgentKind):
     """OpenAI's Codex CLI, with orch's hooks given on its command line (-c hooks.EVENT=...)."""
     name = "codex"
     option = "--agent codex"
-    hooks = True
-    dialogs = True
-    headless = False
     # Codex's hook events, and orch's name for each (the vocabulary replay_events reads).
     EVENTS = {"SessionStart": "SessionStart", "UserPromptSubmit": "UserPromptSubmit",
               "PreToolUse": "PreToolUse", "PostToolUse": "PostToolUse",
@@ -5201,14 +5202,6 @@ class CodexKind(object):
         return argv + (["resume", resume_id] if resume_id else [])
 
     @staticmethod
-    def session_id(agent):
-        return hooked_session_id(agent)
-
-    @staticmethod
-    def label(agent):
-        return "codex"
-
-    @staticmethod
     def screen_start(rows):
         """Codex fires no hook until the first prompt: its input line, ready, means idle.
 
@@ -5235,29 +5228,20 @@ class CodexKind(object):
     def permission_dialog(rows):
         return codex_dialog(rows)
 
-    environment = staticmethod(lambda agent, env: env)
-    recheck = staticmethod(lambda agent, result, read_screen: None)     # Interrupt says it
-    ready = staticmethod(lambda agent: True)    # idle only once its input line is ready
-
     @staticmethod
     def yes_once(dialog):
         """"Yes, proceed (y)": once; never "don't ask again"."""
         return ["-l", "y"] if any(text.startswith("Yes, proceed")
                                   for text in dialog["options"]) else None
 
-    unsupported = staticmethod(lambda agent, what: None)
-
 
 SGR = "\x1b\\[[0-9;]*m"     # a colour or attribute code in capture-pane -e output
 
 
-class GeminiKind(object):
+class GeminiKind(AgentKind):
     """Google's Gemini CLI, with orch's hooks in a private GEMINI_CLI_HOME layered on the user's."""
     name = "gemini"
     option = "--agent gemini"
-    hooks = True
-    dialogs = True
-    headless = False
     EVENTS = {"SessionStart": "SessionStart", "BeforeAgent": "UserPromptSubmit",
               "AfterAgent": "Stop", "BeforeTool": "PreToolUse", "AfterTool": "PostToolUse",
               "Notification": "PermissionRequest", "SessionEnd": "SessionEnd"}
@@ -5301,12 +5285,6 @@ class GeminiKind(object):
     @staticmethod
     def environment(agent, env):
         return dict(env, GEMINI_CLI_HOME=gemini_home(agent["name"]))
-
-    session_id = staticmethod(hooked_session_id)
-
-    @staticmethod
-    def label(agent):
-        return "gemini"
 
     @staticmethod
     def screen_start(rows):
@@ -5358,8 +5336,6 @@ class GeminiKind(object):
                 cancelled = any(GeminiKind.CANCELLED in row for row in rows[-15:])
                 result.update(status="idle" if cancelled else "working", needs=None,
                               detail=None, source="screen")
-
-    unsupported = staticmethod(lambda agent, what: None)
 
 
 def gemini_home(name):
@@ -5553,13 +5529,12 @@ def refuse_project_codex_hooks(cwd):
         folder = os.path.dirname(folder)
 
 
-class CommandKind(object):
+class CommandKind(AgentKind):
     """Any other program (--cmd): a terminal and a screen, nothing more to read."""
     name = "command"
     option = "--cmd"
     hooks = False
     dialogs = False
-    headless = False
 
     @staticmethod
     def program(args, agent=None):
@@ -5599,9 +5574,6 @@ class CommandKind(object):
 
     typed_text = staticmethod(lambda agent: "")
     permission_dialog = staticmethod(lambda rows: None)
-    environment = staticmethod(lambda agent, env: env)
-    recheck = staticmethod(lambda agent, result, read_screen: None)
-    ready = staticmethod(lambda agent: True)
     yes_once = staticmethod(lambda dialog: None)
 
     @staticmethod
