@@ -951,7 +951,6 @@ def choice_dialog(rows, said=False):
     (2.1.332's /model, the second time).  Returns {question, choices:
     {number: text}, cursor, keys}.
     """
-    import re
     rows = [row.rstrip() for row in rows]
     keys = next((i for i in range(len(rows) - 1, -1, -1) if re.search(KEYS_ROW, rows[i])), None)
     if keys is None or not said and has_input_box(rows[keys:]):
@@ -1853,7 +1852,6 @@ def typed_by_someone(agent):
 
 def is_drawn_as(box, message):
     """True when claude's input box line box shows (the start of) message."""
-    import re
     box = normalize_prompt(box).rstrip("…").strip()
     if not box or not message:
         return False
@@ -3084,7 +3082,6 @@ NEGATIVE_CHOICE = r"^(No|Not now|Cancel|Skip|Later|Dismiss|Don't)\b"
 
 def deny_unhooked(agent, dialog):
     """Cancel a dialog no hook describes: Esc where it offers that, else its "no" choice."""
-    import re
     name = agent["name"]
     if re.search(r"Esc to (cancel|close|dismiss|go back)", dialog["keys"]):
         answered = answer_dialog(agent, ["Escape"], dialog["question"], find=shown_dialog)
