@@ -5281,6 +5281,9 @@ class GeminiKind(AgentKind):
 
     @staticmethod
     def environment(agent, env):
+        # gemini runs headless (and exits 42 for want of a prompt) whenever CI or
+        # GITHUB_ACTIONS is "true", even on a terminal: orch's agents always have one.
+        env = {k: v for k, v in env.items() if k not in ("CI", "GITHUB_ACTIONS")}
         return dict(env, GEMINI_CLI_HOME=gemini_home(agent["name"]))
 
     @staticmethod

@@ -2400,8 +2400,8 @@ def test_gemini_home_layers_orchs_hooks_on_the_users_settings(env):
         env.home, ".gemini", "oauth_creds.json")
     with open(os.path.join(home, "trustedFolders.json")) as f:
         assert json.load(f) == {"/src": "TRUST_FOLDER", "/work": "TRUST_FOLDER"}
-    assert orch.GeminiKind.environment(agent, {"A": "1"}) == {
-        "A": "1", "GEMINI_CLI_HOME": orch.gemini_home("g1")}
+    assert orch.GeminiKind.environment(agent, {"A": "1", "CI": "true", "GITHUB_ACTIONS": "true"}) \
+        == {"A": "1", "GEMINI_CLI_HOME": orch.gemini_home("g1")}
     assert orch.GeminiKind.argv(agent, "/bin/gemini", resume_id="s0")[1:3] == ["--resume", "s0"]
 
 
@@ -5288,6 +5288,8 @@ def gemini(env, monkeypatch):
     monkeypatch.setenv("ORCH_GEMINI", binary)
     monkeypatch.setenv("GEMINI_API_KEY", "orch-e2e-key")
     monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", api.url)
+    # CI systems set CI=true, which alone makes gemini refuse to run interactively.
+    monkeypatch.setenv("CI", "true")
     env.hook_log = os.path.join(env.root, "users-hook.log")
     users_hook = {"hooks": {"AfterAgent": [{"hooks": [{"type": "command", "command":
                                                         "echo done >> %s" % env.hook_log}]}]}}
