@@ -545,6 +545,11 @@ def record_problem(name, agent):
         return "unknown agent kind %r" % agent["agent"]
     if not isinstance(agent.get(backend), dict):
         return "missing %r" % backend
+    for key, kind in (("parent", str), ("stopped", (int, float))):
+        value = agent.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+            return "%r is %s, not %s" % (key, json.dumps(value)[:40], "a string"
+                                         if kind is str else "a number")
     if "worktree" in agent:
         if not isinstance(agent["worktree"], dict):
             return "'worktree' is not an object"
@@ -1336,9 +1341,19 @@ def retry_until(check, timeout, interval=0.1):
 # Launching agents in tmux windows
 # ###########################################################################
 
-def agent_environment():
-    """The caller's environment, minus what would confuse the agent, with a UTF-8 locale."""
+def agent_environment(agent):
+    """The caller's environment, minus what would confuse the agent, with a UTF-8 locale.
+
+    Plus where its fleet is: an `orch` the agent runs (an orchestrator's Bash
+    tool) then reaches the same state and tmux server, and names its parent.
+    """
     env = dict((k, v) for k, v in os.environ.items() if k not in SCRUBBED_ENV)
+    tmux_place = agent.get("tmux") or {"socket": default_socket(), "session": default_session()}
+    env.update(ORCH_AGENT=agent["name"], ORCH_STATE=state_path(),
+               ORCH_SESSION=tmux_place["session"])
+    env.pop("ORCH_TMUX_SOCKET", None)
+    if tmux_place["socket"]:
+        env["ORCH_TMUX_SOCKET"] = tmux_place["socket"]
     # cron, containers and LC_ALL=C scripts give no UTF-8 locale; the agent
     # and the tools it runs then mangle non-ASCII source and file names.
     # Only the character type changes (LC_ALL, if set, is what decides it).
@@ -1479,7 +1494,7 @@ def start_in_tmux(agent, argv):
     folder = agent_dir(agent["name"])
     make_private_dir(folder)
     spec = os.path.join(folder, "launch.json")
-    env = kind_of(agent).environment(agent, agent_environment())
+    env = kind_of(agent).environment(agent, agent_environment(agent))
     write_file_atomic(spec, json.dumps({"argv": argv, "env": env}))
     script = os.path.join(folder, "launch.sh")
     write_file_atomic(script, launch_script(spec, agent["cwd"]), 0o700)
@@ -2029,7 +2044,7 @@ def start_headless(agent, argv):
         except FileNotFoundError:
             pass
     os.mkfifo(hpath(name, "fifo"), 0o600)
-    spec = {"argv": argv, "cwd": agent["cwd"], "env": agent_environment()}
+    spec = {"argv": argv, "cwd": agent["cwd"], "env": agent_environment(agent)}
     write_file_atomic(hpath(name, "spec"), json.dumps(spec), 0o600)
     agent["launched"] = time.time()
     subprocess.Popen([sys.executable, os.path.abspath(__file__), "_supervise", folder],
@@ -4075,8 +4090,9 @@ def spawn_recorded(args, kind, backend, cwd, worktree, prompt, argv_program, sta
                  "created": time.time(), "cmd": args.cmd, "session_id": kind.new_session_id(),
                  "trust": trusted,
                  "extra_args": args.extra, "home": os.path.expanduser("~"),
-                 "tmux": {"socket": args.socket or default_socket(),
-                          "session": args.session or default_session()}}
+                 "tmux": {"socket": socket_place(args.socket or default_socket()),
+                          "session": args.session or default_session()},
+                 "parent": spawning_agent(state, name)}
         reset_agent_dir(name)
         first = prompt if prompt is None or args.raw else escape_leading(prompt)
         if backend == "headless":
@@ -4089,26 +4105,49 @@ def spawn_recorded(args, kind, backend, cwd, worktree, prompt, argv_program, sta
     return agent, first
 
 
+def socket_place(socket):
+    """A socket path made absolute (agents and later calls run elsewhere); a name as is."""
+    return os.path.abspath(socket) if socket and "/" in socket else socket
+
+
+def spawning_agent(state, name):
+    """The agent of this fleet whose own process runs this spawn, or None.
+
+    Every agent gets ORCH_AGENT (and this fleet's ORCH_STATE) in its
+    environment, so an orch run from its tools knows who asked.
+    """
+    parent = os.environ.get("ORCH_AGENT")
+    if parent in state["agents"] and parent != name \
+            and os.environ.get("ORCH_STATE") == state_path():
+        return parent
+    return None
+
+
 def finish_start(agent, first, verb):
     """Confirm a just-launched agent is running and has its first message; report it."""
-    return backend_of(agent).confirm_start(agent, first, verb)
+    code, words, hint = backend_of(agent).confirm_start(agent, first)
+    print("%s agent %s%s" % (verb, agent["name"], words))
+    if hint:
+        print("  " + hint)
+    return code
 
 
-def headless_confirm_start(agent, first, verb):
+def headless_confirm_start(agent, first):
+    """(exit code, what to say after "started agent NAME", a hint line or None)."""
     name = agent["name"]
     if headless_status(agent)["status"] == "exited":
         raise OrchError("agent %s exited at start, saying %s; see `orch tail %s`"
                         % (name, headless_exit_words(name), name))
     outcome = ", first message " + send_message(agent, first, raw=True) if first else ""
-    print("%s agent %s (claude, headless, session %s)%s"
-          % (verb, name, agent["session_id"], outcome))
-    print("  follow: orch tail %s -f    talk: orch attach %s" % (name, name))
-    return EXIT_OK
+    return (EXIT_OK, " (claude, headless, session %s)%s" % (agent["session_id"], outcome),
+            "follow: orch tail %s -f    talk: orch attach %s" % (name, name))
 
 
-def tmux_confirm_start(agent, first, verb):
+def tmux_confirm_start(agent, first):
     name = agent["name"]
-    if not kind_of(agent).hooks:
+    hint = "attach: orch attach %s    tail: orch tail %s" % (name, name)
+    kind = kind_of(agent)
+    if not kind.hooks:
         st = status_of(agent)
         if st["status"] == "exited":
             raise exited_at_start(agent, st)
@@ -4116,28 +4155,21 @@ def tmux_confirm_start(agent, first, verb):
         if first is not None:
             wait_for_screen(agent)
             outcome = ", first message " + send_message(agent, first, raw=True)
-        print("%s agent %s (%s, tmux)%s" % (verb, name, kind_of(agent).label(agent), outcome))
-    else:
-        timeout = env_seconds("ORCH_START_TIMEOUT", 60)
-        st = wait_until_started(agent, timeout)
-        outcome = ""
-        if st["status"] == "needs-input" and st["needs"] == "trust":
-            print("%s agent %s, but it is waiting at a %s dialog: answer it with "
-                  "`orch attach %s` (or start it with --trust)%s" % (
-                      verb, name, st["needs"], name, "; its first message was not typed: "
-                      "`orch send %s` it once the dialog is answered" % name if first else ""))
-            return EXIT_NEEDS_INPUT
-        if st["status"] == "starting":
-            raise OrchError("agent %s is running but did not report ready within %gs; "
-                            "look with `orch tail %s`" % (name, timeout, name), EXIT_UNCONFIRMED)
-        if first is not None:
-            outcome = ", first message " + send_message(agent, first, raw=True)
-        kind = kind_of(agent)
-        session = kind.session_id(agent) or "named at its first message"
-        print("%s agent %s (%s, tmux, session %s)%s" % (verb, name, kind.label(agent), session,
-                                                        outcome))
-    print("  attach: orch attach %s    tail: orch tail %s" % (name, name))
-    return EXIT_OK
+        return EXIT_OK, " (%s, tmux)%s" % (kind.label(agent), outcome), hint
+    timeout = env_seconds("ORCH_START_TIMEOUT", 60)
+    st = wait_until_started(agent, timeout)
+    if st["status"] == "needs-input" and st["needs"] == "trust":
+        return (EXIT_NEEDS_INPUT, ", but it is waiting at a %s dialog: answer it with "
+                "`orch attach %s` (or start it with --trust)%s" % (
+                    st["needs"], name, "; its first message was not typed: `orch send %s` "
+                    "it once the dialog is answered" % name if first else ""), None)
+    if st["status"] == "starting":
+        raise OrchError("agent %s is running but did not report ready within %gs; "
+                        "look with `orch tail %s`" % (name, timeout, name), EXIT_UNCONFIRMED)
+    outcome = ", first message " + send_message(agent, first, raw=True) if first is not None \
+        else ""
+    session = kind.session_id(agent) or "named at its first message"
+    return EXIT_OK, " (%s, tmux, session %s)%s" % (kind.label(agent), session, outcome), hint
 
 
 class undo_on_failure(object):
@@ -4446,7 +4478,8 @@ def agent_row(agent, st):
             "pane": (agent.get("tmux") or {}).get("pane"),
             "worktree": (agent.get("worktree") or {}).get("path"),
             "branch": (agent.get("worktree") or {}).get("branch"),
-            "base": (agent.get("worktree") or {}).get("base")}
+            "base": (agent.get("worktree") or {}).get("base"),
+            "parent": agent.get("parent"), "stopped": bool(agent.get("stopped"))}
 
 
 def cmd_list(args):
@@ -4496,16 +4529,55 @@ def listed_rows():
     return state, [agent_row(a, found[a["name"]]) for a in agents]
 
 
-def table_lines(rows, mark=False, hosts=False):
-    """The `list` table; with mark, a "!" column flags agents that need input."""
+def tree_order(rows):
+    """[(row, depth)]: each agent's children right under it (oldest first), as `ps f`.
+
+    A child whose parent is not listed (removed, or on another host) is a
+    root; so is each agent of a loop of stale names.
+    """
+    def key(row, name):
+        return (row.get("host"), name)
+    listed = set(key(row, row["name"]) for row in rows)
+    children, roots = {}, []
+    for row in rows:
+        parent = key(row, row.get("parent"))
+        if parent in listed and row.get("parent") != row["name"]:
+            children.setdefault(parent, []).append(row)
+        else:
+            roots.append(row)
+    ordered, seen = [], set()
+    for top in roots + rows:        # rows again: agents only a loop reaches
+        stack = [(top, 0)]
+        while stack:
+            row, depth = stack.pop()
+            if key(row, row["name"]) in seen:
+                continue
+            seen.add(key(row, row["name"]))
+            ordered.append((row, depth))
+            stack.extend((child, depth + 1) for child in
+                         reversed(children.get(key(row, row["name"]), [])))
+    return ordered
+
+
+def tree_name(name, depth):
+    return "    " * (depth - 1) + " \\_ " + name if depth else name
+
+
+def table_lines(rows, mark=False, hosts=False, tree=True):
+    """The `list` table; with mark, a "!" column flags agents that need input.
+
+    tree: children under their parent, indented; else rows as given.
+    """
     now = time.time()
+    placed = tree_order(rows) if tree else [(row, 0) for row in rows]
+    rows = [row for row, _ in placed]
     branches = any(row.get("branch") for row in rows)     # a column only when someone has one
     table = [(("HOST",) if hosts else ()) + ("NAME", "STATUS", "FOR", "AGE", "AGENT", "MODE",
                                              "SESSION")
              + (("BRANCH",) if branches else ()) + ("CWD", "LAST PROMPT")]
-    for row in rows:
+    for row, depth in placed:
         table.append(((row.get("host") or "local",) if hosts else ())
-                     + (row["name"], status_label(row), age(now - row["status_since"])
+                     + (tree_name(row["name"], depth), status_label(row), age(now - row["status_since"])
                       if row["status_since"] else "-", age(now - (row["created"] or now)),
                       "%s/%s" % (row.get("agent") or "claude", row["backend"]), mode_label(row),
                       (row["session_id"] or "-")[:8])
@@ -4530,7 +4602,7 @@ def watch_list(interval=2.0):
         waiting = len([r for r in rows if r["status"] == "needs-input"])
         head = "orch list --watch  %s  %d agents, %d need input  (Ctrl-C to stop)" % (
             time.strftime("%H:%M:%S"), len(rows), waiting)
-        body = table_lines(rows, mark=True) if rows else ["no agents"]
+        body = table_lines(rows, mark=True, tree=False) if rows else ["no agents"]
         width, height = shutil.get_terminal_size()
         lines = [head, ""] + body
         if len(lines) > height - 1:
@@ -4623,12 +4695,68 @@ def tmux_stop(agent, grace):
 
 
 def cmd_kill(args):
-    agent = find_agent(load_state(), check_name(args.name))
+    name = check_name(args.name)
+    find_agent(load_state(), name)
+    if args.tree:
+        return stop_tree(name, kill_one)
+    code = kill_one(name)
+    state = load_state()
+    left = [n for n in descendants(state, name) if n in running_names(state)]
+    if left:
+        print("  still running below it: %s (`orch kill --tree %s` stops them too)"
+              % (", ".join(left), name))
+    return code
+
+
+def kill_one(name, say=True):
+    """Stop one agent for good: `resume --all` leaves it stopped.  Say so in one line."""
+    with LockedState() as state:
+        agent = find_agent(state, name)
+        # Marked first: a `resume --all` running meanwhile must not bring it back.
+        agent["stopped"] = time.time()
     stopped = stop_agent(agent)
-    st = status_of(agent)
-    print("%s: %s (exit code %s)" % (agent["name"], "killed" if stopped else "already exited",
-                                     st["exit_code"]))
+    if say:
+        print("%s: %s (exit code %s)" % (name, "killed" if stopped else "already exited",
+                                         status_of(agent)["exit_code"]))
     return EXIT_OK
+
+
+def descendants(state, name):
+    """The agents below name (children, their children...), parents before children."""
+    found, todo = [], [name]
+    while todo:
+        parent = todo.pop(0)
+        for agent in sorted(state["agents"].values(), key=lambda a: a["created"]):
+            child = agent["name"]
+            if agent.get("parent") == parent and child != name and child not in found:
+                found.append(child)
+                todo.append(child)
+    return found
+
+
+def running_names(state):
+    found = statuses(list(state["agents"].values()))
+    return set(n for n, st in found.items() if st["status"] != "exited")
+
+
+def stop_tree(name, stop):
+    """Call stop(NAME) for name, then for each agent below it, one by one; return the worst code.
+
+    The top first, so it starts no more; then what is below it, looked for
+    again after each, so a child started meanwhile is not missed.
+    """
+    done, worst = [], EXIT_OK
+    todo = [name]
+    while todo:
+        for one in todo:
+            done.append(one)
+            try:
+                worst = worse(stop(one), worst)
+            except OrchError as e:      # one agent's failure never stops the others
+                sys.stderr.write("orch: error: %s\n" % e)
+                worst = worse(e.code, worst)
+        todo = [n for n in descendants(load_state(), name) if n not in done]
+    return worst
 
 
 def cmd_rm(args):
@@ -4647,23 +4775,38 @@ def cmd_rm(args):
     else:
         raise OrchError("name the agents to remove, or pass --exited", EXIT_USAGE)
     worst = EXIT_OK
+    if args.tree:
+        # Stop each whole tree first (a parent could start more while its children go).
+        tree = []
+        for name in names:
+            if name not in orphans and name not in tree:
+                worst = worse(stop_tree(name, lambda one: kill_one(one, say=False)), worst)
+                tree += [name] + [n for n in descendants(load_state(), name) if n not in tree]
+        names = tree + [n for n in names if n in orphans]
     for name in names:
         if name in orphans:
             stop_orphan(name, orphans[name])
             print("removed %s (it ran without a record)" % name)
             continue
         try:
-            kept = remove_agent(state["agents"][name], args.force, args.delete_branch)
+            kept, children = remove_agent(load_state()["agents"][name], args.force,
+                                          args.delete_branch)
         except OrchError as e:      # one agent's refusal never stops the others
             sys.stderr.write("orch: error: %s\n" % e)
-            worst = e.code
+            worst = worse(e.code, worst)
             continue
+        except KeyError:
+            continue        # removed meanwhile (by another orch)
         print("removed %s%s" % (name, " (%s)" % kept if kept else ""))
+        children = [n for n in children if n not in names]
+        if children:
+            print("  %s had %s as parent and stay%s, now without one (`rm --tree` removes "
+                  "them too)" % (", ".join(children), name, "s" if len(children) == 1 else ""))
     return worst
 
 
 def remove_agent(agent, force=False, delete_branch=False):
-    """Stop the agent and forget it; return what was kept, in words (None if nothing).
+    """Stop the agent and forget it; return (what was kept, in words or None, its children).
 
     A worktree is checked before the agent is stopped (a refusal leaves it
     running) and again after (it may have written until the end).
@@ -4684,8 +4827,14 @@ def remove_agent(agent, force=False, delete_branch=False):
         kept = remove_worktree(agent, force, delete_branch)
     with LockedState() as locked:
         locked["agents"].pop(name, None)
+        # Its children stay, as top-level agents: a name reused later is not their parent.
+        children = []
+        for child in locked["agents"].values():
+            if child.get("parent") == name:
+                child["parent"] = None
+                children.append(child["name"])
     shutil.rmtree(agent_dir(name), ignore_errors=True)
-    return kept
+    return kept, children
 
 
 def close_window(agent):
@@ -4774,10 +4923,23 @@ def hooked_session_id(agent):
 
 
 def cmd_resume(args):
+    if args.all:
+        if args.name is not None or args.message is not None:
+            raise OrchError("resume --all takes no name or message: it continues each "
+                            "agent where it was", EXIT_USAGE)
+        return resume_all(args)
+    if args.name is None:
+        raise OrchError("name the agent to resume, or pass --all", EXIT_USAGE)
     name = check_name(args.name)
     message = read_text(args.message, what="message")
     if message is not None:
         message = escape_leading(message)
+    agent = resume_start(name, message, args)
+    return finish_start(agent, message, "resumed")
+
+
+def resume_start(name, message, args):
+    """Start an exited agent again in its own session (under the state lock); return it."""
     started = []
     with undo_on_failure(started, new=False), LockedState() as state:
         agent = find_agent(state, name)
@@ -4798,7 +4960,93 @@ def cmd_resume(args):
         backend_of(agent).start(agent, program, message, resume_id=agent["session_id"])
         started.append(agent)
         agent["resumed"] = agent.get("resumed", 0) + 1
-    return finish_start(agent, message, "resumed")
+        agent.pop("stopped", None)
+    return agent
+
+
+# ###########################################################################
+# Fleets: back after a reboot
+# ###########################################################################
+
+# `resume --all` brings back every agent whose process is gone although
+# nobody ended it on purpose: busy or idle when it died, each in its own
+# session.  Not those stopped with `orch kill` (their record says so), nor
+# those that ended their own session (/exit: an exit code 0 on a window
+# still there, or the CLI's own session-end hook saying why).  They start a
+# --stagger apart and while memory is short they wait; each is confirmed
+# once all are started, so the whole fleet boots in parallel.
+
+def resume_all(args):
+    state = load_state()
+    agents = sorted(state["agents"].values(), key=lambda a: a["created"])
+    found = statuses(agents)
+    worst, started = EXIT_OK, []
+    for agent in agents:
+        name = agent["name"]
+        reason = left_as_it_is(agent, found[name])
+        if reason:
+            print("%s: %s" % (name, reason))
+            continue
+        try:
+            if started:
+                time.sleep(args.stagger)
+            wait_for_memory(args.min_free, name)
+            started.append(resume_start(name, None, args))
+        except OrchError as e:      # one agent that cannot come back never stops the others
+            sys.stderr.write("orch: error: %s\n" % e)
+            worst = worse(e.code, worst)
+    for agent in started:
+        try:
+            code, words, _ = backend_of(agent).confirm_start(agent, None)
+            print("%s: resumed%s" % (agent["name"], words))
+            worst = worse(code, worst)
+        except OrchError as e:
+            sys.stderr.write("orch: error: %s\n" % e)
+            worst = worse(e.code, worst)
+    if not agents:
+        print("no agents to resume")
+    return worst
+
+
+def left_as_it_is(agent, st):
+    """Why `resume --all` leaves this agent alone, or None to resume it."""
+    if st["status"] != "exited":
+        return "running (%s), left as it is" % status_label(agent_row(agent, st))
+    if agent.get("stopped"):
+        return "stopped with `orch kill`, left stopped (`orch resume %s` starts it)" \
+            % agent["name"]
+    quit = kind_of(agent).ended_itself(agent, st)
+    if quit:
+        return "ended its own session (%s), left ended (`orch resume %s` starts it)" \
+            % (quit, agent["name"])
+    return None
+
+
+def memory_available():
+    """(MiB available, MiB total) from /proc/meminfo, or None where it does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return (int(fields["MemAvailable"].split()[0]) // 1024,
+                int(fields["MemTotal"].split()[0]) // 1024)
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def wait_for_memory(floor, name):
+    """Wait (up to ORCH_MEMORY_WAIT s) while less than floor MiB of memory is available."""
+    found = memory_available()
+    if not floor or found is None or found[0] >= floor:
+        return
+    patience = env_seconds("ORCH_MEMORY_WAIT", 120)
+    print("(only %d MiB of memory available: waiting up to %gs for %d MiB)"
+          % (found[0], patience, floor))
+    sys.stdout.flush()
+    if retry_until(lambda: (memory_available() or (floor, 0))[0] >= floor, patience, 1):
+        return
+    raise OrchError("agent %s not resumed: only %d MiB of memory available after %gs, and "
+                    "--min-free is %d MiB" % (name, (memory_available() or (0, 0))[0], patience,
+                                             floor))
 
 
 # ###########################################################################
@@ -5085,10 +5333,34 @@ class AgentKind(object):
     recheck = staticmethod(lambda agent, result, read_screen: None)    # hooks say it all
     ready = staticmethod(lambda agent: True)    # idle already means its input box is there
     session_id = staticmethod(hooked_session_id)
+    QUIT_REASONS = ()   # reasons of its SessionEnd that mean someone quit it (/exit)
+    # gemini's is "exit" for /quit and SIGTERM alike (a shutdown too): it cannot tell.
 
     @classmethod
     def label(cls, agent):
         return cls.name
+
+    @classmethod
+    def ended_itself(cls, agent, st):
+        """How an exited agent ended its own session (/exit), in words; None if not or unknown.
+
+        A window still there tells by its exit code; after a reboot, only the
+        CLI's own last word can: its SessionEnd, if its reason means a quit.
+        """
+        if st["exit_code"] == 0:
+            return "exit code 0"
+        if not cls.hooks:
+            return None
+        events = read_events(agent["name"], agent.get("launched", 0), tail_bytes=16384)
+        last = events[-1] if events else {}
+        if last.get("event") == "SessionEnd" and cls.quit(last):
+            return last.get("reason") or "SessionEnd"
+        return None
+
+    @classmethod
+    def quit(cls, event):
+        """Whether its SessionEnd event says someone quit it, not a signal."""
+        return event.get("reason") in cls.QUIT_REASONS
 
 
 class ClaudeKind(AgentKind):
@@ -5096,6 +5368,7 @@ class ClaudeKind(AgentKind):
     option = "--agent claude"
     EVENTS = dict((event, event) for event in HOOK_EVENTS)    # orch's names are claude's
     headless = True     # `claude -p` runs under orch's supervisor too
+    QUIT_REASONS = ("prompt_input_exit", "logout")      # signals say "other"
 
     @staticmethod
     def program(args, agent=None):
@@ -5155,6 +5428,7 @@ class CodexKind(AgentKind):
               "Interrupt": "Interrupted", "SessionEnd": "SessionEnd"}
     COMPOSER = "\u203a"     # "›": codex's input line, and its dialogs' cursor
     TRUST = ("Trust this folder?",)
+    quit = staticmethod(lambda event: True)    # SessionEnd on /quit only: none on signals
 
     @staticmethod
     def program(args, agent=None):
@@ -5875,9 +6149,25 @@ def add_wait(sub, verb):
     p.set_defaults(func=cmd_wait)
 
 
+def add_kill(sub, verb):
+    p = sub.add_parser(verb, help="stop an agent, keep its record",
+                       description="Stop the agent (SIGTERM, then SIGKILL after "
+                       "$ORCH_KILL_GRACE s) and keep its record: `resume NAME` continues it; "
+                       "`resume --all` leaves it stopped. The agents it started keep running "
+                       "unless --tree.")
+    p.add_argument("name")
+    p.add_argument("--tree", action="store_true",
+                   help="also stop every agent it started, and theirs")
+    p.set_defaults(func=cmd_kill)
+
+
 def add_rm(sub, verb):
-    p = sub.add_parser(verb, help="stop and forget agents")
+    p = sub.add_parser(verb, help="stop and forget agents",
+                       description="Stop and forget agents. The agents one started stay, "
+                       "as top-level agents, unless --tree.")
     p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--tree", action="store_true",
+                   help="also stop and forget every agent each one started, and theirs")
     p.add_argument("--exited", action="store_true", help="remove every exited agent")
     p.add_argument("--force", action="store_true",
                    help="remove a worktree even with uncommitted work in it (it is lost)")
@@ -5898,9 +6188,20 @@ def add_diff(sub, verb):
 
 
 def add_resume(sub, verb):
-    p = sub.add_parser(verb, help="start an exited agent again in the same conversation")
-    p.add_argument("name")
+    p = sub.add_parser(verb, help="start an exited agent again in the same conversation "
+                       "(--all: every agent a reboot stopped)",
+                       usage="orch resume NAME [MESSAGE] [options]\n"
+                             "       orch resume --all [--stagger SECONDS] [--min-free MIB]")
+    p.add_argument("name", nargs="?")
     p.add_argument("message", nargs="?", help="a message to deliver; '-' reads stdin")
+    p.add_argument("--all", action="store_true",
+                   help="every agent whose process is gone though nobody stopped it: not "
+                        "those stopped with `orch kill` or ended by their own /exit")
+    p.add_argument("--stagger", type=SECONDS, default=1.0, metavar="SECONDS",
+                   help="with --all: seconds between two starts (default 1)")
+    p.add_argument("--min-free", type=number_type(int, 0, 1 << 30, "a number of MiB"), default=500,
+                   metavar="MIB", help="with --all: before each start, wait while less memory "
+                   "than this is available (default 500; 0: never wait)")
     add_target_options(p)
     p.set_defaults(func=cmd_resume)
 
@@ -5931,7 +6232,7 @@ VERBS = (
                         "about does not run",
                         cmd_deny)),
     ("interrupt", add_named("stop the agent's current turn (it stays alive)", cmd_interrupt)),
-    ("kill", add_named("stop an agent, keep its record", cmd_kill)),
+    ("kill", add_kill),
     ("rm", add_rm),
     ("resume", add_resume),
     ("doctor", add_doctor),

@@ -513,7 +513,7 @@ class Env(object):
                     "FAKE_DIE_AT_START", "FAKE_START_DELAY", "FAKE_QUEUE", "FAKE_PASTE_WRAP",
                     "FAKE_DEFAULT_MODE", "FAKE_SLASH_AFTER_BLANKS", "FAKE_VERSION",
                     "FAKE_NO_HOOKS", "FAKE_NO_OPTION", "FAKE_DIALOG_GUARD", "FAKE_REDRAW_LATE",
-                    "FAKE_UPSELL", "ORCH_CODEX", "ORCH_GEMINI"):
+                    "FAKE_UPSELL", "ORCH_CODEX", "ORCH_GEMINI", "ORCH_AGENT"):
             monkeypatch.delenv(var, raising=False)
         env = {"HOME": self.home, "ORCH_STATE": os.path.join(root, "state.json"),
                "ORCH_TMUX_SOCKET": self.socket, "TMUX_TMPDIR": self.tmpdir,
@@ -2098,6 +2098,9 @@ def test_cli_hosts_every_verb_over_ssh(hosts, capsys):
     assert code == 0 and "started agent a1" in out, err
     assert list(hosts.state("h1")["agents"]) == ["a1"]
     assert not os.path.exists(os.environ["ORCH_STATE"])         # nothing ran here
+    seen = hosts.env.records("start")[0]["env"]     # an orch the agent runs finds its fleet
+    assert (seen["ORCH_AGENT"], seen["ORCH_STATE"]) == (
+        "a1", os.path.join(hosts.env.root, "h1", "state.json"))
     assert orch_cli("send", "a1@h1", "SLOW-20 second")[:2] == (0, "a1: submitted\n")
     rows = json.loads(orch_cli("--host", "h1", "list", "--json")[1])
     assert [(r["name"], r["status"]) for r in rows] == [("a1", "working")]
@@ -3318,6 +3321,178 @@ def test_spawn_trust_marks_folder_and_keeps_other_keys(env, capsys, monkeypatch)
     config["projects"][env.work] = {"hasTrustDialogAccepted": True}
     assert after == config
     assert os.stat(path).st_mode & 0o777 == 0o640
+
+
+# ###########################################################################
+# Fleets: agents that start agents, and `resume --all`
+# ###########################################################################
+
+def test_agent_environment_names_its_fleet_even_with_socket_given_by_option(env, capsys,
+                                                                             monkeypatch):
+    monkeypatch.delenv("ORCH_TMUX_SOCKET")
+    monkeypatch.setenv("ORCH_AGENT", "someone-else")
+    assert run(capsys, "spawn", "a1", "hi", "--socket", env.socket, "--session", "crew")[0] == 0
+    seen = env.records("start")[0]["env"]
+    assert (seen["ORCH_AGENT"], seen["ORCH_STATE"], seen["ORCH_TMUX_SOCKET"],
+            seen["ORCH_SESSION"]) == ("a1", os.environ["ORCH_STATE"], env.socket, "crew")
+
+
+def test_headless_agent_environment_names_its_fleet(headless, capsys):
+    assert run(capsys, "spawn", "h1", "hello")[0] == 0
+    seen = headless.records("start")[0]["env"]
+    assert (seen["ORCH_AGENT"], seen["ORCH_STATE"], seen["ORCH_TMUX_SOCKET"]) == (
+        "h1", os.environ["ORCH_STATE"], headless.socket)
+
+
+def spawn_child_from(env, capsys, parent, child, relative_socket=False):
+    """An agent whose own process runs `orch spawn CHILD`, as an orchestrator's Bash tool does."""
+    script = os.path.join(env.root, "spawner-%s.sh" % parent)
+    with open(script, "w") as f:
+        f.write("%s %s spawn %s --cmd 'sleep 600' > %s/%s.out 2>&1\nsleep 600\n"
+                % (shlex.quote(sys.executable), shlex.quote(ORCH), child, env.root, parent))
+    assert run(capsys, "spawn", parent, "--cmd", "sh " + script)[0] == 0
+    retry_until(lambda: child in env.state()["agents"])
+
+
+def test_spawn_from_inside_an_agent_records_its_parent_and_list_shows_a_tree(env, capsys):
+    spawn_child_from(env, capsys, "boss", "kid")
+    spawn_child_from(env, capsys, "kid2", "grandkid")
+    assert run(capsys, "spawn", "solo", "--cmd", "sleep 600")[0] == 0
+    with orch.LockedState() as state:       # kid2 moves under boss, as if boss had started it
+        state["agents"]["kid2"]["parent"] = "boss"
+    rows = json.loads(run(capsys, "list", "--json")[1])
+    assert [(r["name"], r["parent"]) for r in rows] == [
+        ("boss", None), ("kid", "boss"), ("kid2", "boss"), ("grandkid", "kid2"), ("solo", None)]
+    table = run(capsys, "list")[1].splitlines()
+    names = [line[:table[0].index("STATUS")].rstrip() for line in table[1:]]
+    assert names == ["boss", " \\_ kid", " \\_ kid2", "     \\_ grandkid", "solo"]
+
+
+def test_tree_order_survives_loops_and_missing_parents():
+    rows = [{"name": "a", "parent": "b"}, {"name": "b", "parent": "a"},
+            {"name": "c", "parent": "gone"}, {"name": "d", "parent": "c"},
+            {"name": "e", "parent": "e"}]
+    placed = [(row["name"], depth) for row, depth in orch.tree_order(rows)]
+    assert placed == [("c", 0), ("d", 1), ("e", 0), ("a", 0), ("b", 1)]
+
+
+def test_bad_parent_or_stopped_field_is_a_record_problem(env, capsys):
+    assert run(capsys, "spawn", "a1", "hi")[0] == 0
+    assert run(capsys, "spawn", "a2", "hi")[0] == 0
+    state = env.state()
+    state["agents"]["a1"]["parent"] = 7
+    state["agents"]["a2"]["stopped"] = "yes"
+    with open(os.environ["ORCH_STATE"], "w") as f:
+        json.dump(state, f)
+    code, _, err = run(capsys, "list")
+    assert code == 1 and "'parent' is 7, not a string" in err and "'stopped' is" in err
+
+
+def test_kill_of_a_parent_leaves_children_running_and_says_so_kill_tree_stops_all(env, capsys):
+    spawn_child_from(env, capsys, "boss", "kid")
+    code, out, _ = run(capsys, "kill", "boss")
+    assert code == 0 and "still running below it: kid (`orch kill --tree boss`" in out
+    assert status(capsys, "kid")["status"] != "exited"
+    assert run(capsys, "resume", "boss")[0] == 0
+    code, out, _ = run(capsys, "kill", "--tree", "boss")
+    assert code == 0 and out.startswith("boss: killed") and "\nkid: killed" in out
+    assert [status(capsys, n)["status"] for n in ("boss", "kid")] == ["exited", "exited"]
+    assert all(r["stopped"] for r in json.loads(run(capsys, "list", "--json")[1]))
+
+
+def test_rm_of_a_parent_keeps_its_children_as_top_level_rm_tree_removes_them(env, capsys):
+    spawn_child_from(env, capsys, "boss", "kid")
+    code, out, _ = run(capsys, "rm", "boss")
+    assert code == 0 and "kid had boss as parent and stays, now without one" in out
+    assert status(capsys, "kid")["parent"] is None and status(capsys, "kid")["status"] != "exited"
+    spawn_child_from(env, capsys, "boss", "kid3")      # a new boss is not kid's parent
+    assert status(capsys, "kid")["parent"] is None
+    code, out, _ = run(capsys, "rm", "--tree", "boss")
+    assert (code, out) == (0, "removed boss\nremoved kid3\n")
+    assert list(env.state()["agents"]) == ["kid"]
+
+
+def test_resume_all_after_a_reboot(env, capsys, tmp_path):
+    """Busy or idle, each continues its own session; stopped and /exit-ed ones stay down."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    assert run(capsys, "spawn", "idle1", "hello")[0] == 0
+    assert run(capsys, "spawn", "busy1", "SLOW-100 long job")[0] == 0
+    assert run(capsys, "spawn", "stopped1", "hello")[0] == 0
+    assert run(capsys, "spawn", "quit1", "hello")[0] == 0
+    assert run(capsys, "spawn", "nofolder", "hello", "--cwd", str(gone))[0] == 0
+    assert run(capsys, "spawn", "crashed", "hello")[0] == 0
+    assert run(capsys, "kill", "stopped1")[0] == 0
+    run(capsys, "send", "quit1", "EXIT-0 bye")
+    os.kill(status(capsys, "crashed")["pid"], signal.SIGKILL)      # the OOM killer
+    wait_status(capsys, "quit1", "exited")
+    wait_status(capsys, "busy1", "working")
+    sids = dict((n, a["session_id"]) for n, a in env.state()["agents"].items())
+    env.stop()          # the reboot: the tmux server and every agent in it are gone
+    os.rmdir(str(gone))
+    starts = len(env.records("start"))
+    code, out, err = run(capsys, "resume", "--all", "--stagger", "0")
+    assert code == 1 and "nofolder's working folder %s is gone" % gone in err, err
+    lines = out.splitlines()
+    assert "stopped1: stopped with `orch kill`, left stopped" in out
+    assert "quit1: ended its own session (prompt_input_exit), left ended" in out
+    for name in ("idle1", "busy1", "crashed"):
+        assert [l for l in lines if l.startswith(name + ": resumed (")], out
+    resumed = env.records("start")[starts:]
+    assert sorted((r["name"], r["argv"][r["argv"].index("--resume") + 1]) for r in resumed) == \
+        sorted((n, sids[n]) for n in ("idle1", "busy1", "crashed"))
+    code, out, _ = run(capsys, "resume", "--all")       # twice: nothing more starts
+    assert len(env.records("start")) == starts + 3
+    assert code == 1 and out.count("left as it is") == 3
+
+
+def test_resume_all_leaves_an_agent_that_ended_with_exit_code_0_in_its_window(env, capsys):
+    assert run(capsys, "spawn", "done", "--cmd", "true")[0] == 0
+    assert run(capsys, "spawn", "died", "--cmd", "exit 5")[0] == 0
+    wait_status(capsys, "done", "exited")
+    wait_status(capsys, "died", "exited")
+    code, out, _ = run(capsys, "resume", "--all", "--stagger", "0")
+    assert "done: ended its own session (exit code 0)" in out
+    assert "died: resumed (exit 5, tmux)" in out
+
+
+def test_resume_all_waits_for_memory_and_then_says_why_not(env, capsys, monkeypatch):
+    assert run(capsys, "spawn", "a1", "hi")[0] == 0
+    env.stop()
+    if orch.memory_available() is None:
+        pytest.skip("this machine's /proc/meminfo has no MemAvailable")
+    monkeypatch.setenv("ORCH_MEMORY_WAIT", "0")
+    starts = len(env.records("start"))
+    code, out, err = run(capsys, "resume", "--all", "--min-free", str(1 << 30))
+    assert code == 1 and "agent a1 not resumed: only" in err and "MiB of memory" in out
+    assert len(env.records("start")) == starts
+
+
+def test_resume_usage_errors(env, capsys):
+    assert run(capsys, "resume")[0] == orch.EXIT_USAGE
+    code, _, err = run(capsys, "resume", "a1", "--all")
+    assert code == orch.EXIT_USAGE and "no name or message" in err
+    assert run(capsys, "resume", "--all") == (0, "no agents to resume\n", "")
+
+
+def test_ended_itself_reads_each_kinds_own_last_word(env):
+    agent = {"name": "x", "launched": 0}
+    exited = {"exit_code": None}
+    os.makedirs(orch.agent_dir("x"))
+
+    def last(event):
+        with open(orch.events_path("x"), "a") as f:
+            f.write(json.dumps(dict(event, t=time.time())) + "\n")
+    assert orch.ClaudeKind.ended_itself(agent, {"exit_code": 0}) == "exit code 0"
+    last({"event": "SessionEnd", "reason": "other"})      # a signal
+    assert orch.ClaudeKind.ended_itself(agent, exited) is None
+    assert orch.CodexKind.ended_itself(agent, exited) == "other"    # codex: only on /quit
+    assert orch.GeminiKind.ended_itself(agent, exited) is None      # gemini: cannot tell
+    last({"event": "SessionEnd", "reason": "prompt_input_exit"})
+    assert orch.ClaudeKind.ended_itself(agent, exited) == "prompt_input_exit"
+    last({"event": "SessionStart", "source": "resume"})
+    assert orch.ClaudeKind.ended_itself(agent, exited) is None
+    assert orch.CommandKind.ended_itself(agent, exited) is None
 
 
 # ###########################################################################
