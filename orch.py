@@ -48,8 +48,15 @@ EXIT_MIXED = 7              # submitted, but joined with text orch did not send
 EXIT_INTERRUPTED = 130
 
 # Variables that must not leak into an agent: they point it at the caller's
-# tmux, or make claude believe it runs inside another claude and refuse.
-SCRUBBED_ENV = ("TMUX", "TMUX_PANE", "CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT")
+# tmux, or make claude believe it runs inside another claude and refuse.  An
+# agent an orchestrator claude starts from its Bash tool gets that claude's
+# session id, messaging socket and token, and CLAUDE_CODE_CHILD_SESSION, with
+# which a claude keeps no transcript: it could never be resumed (2.1.330+).
+SCRUBBED_ENV = ("TMUX", "TMUX_PANE", "CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT",
+                "CLAUDE_CODE_CHILD_SESSION", "CLAUDE_CODE_SESSION_ID", "CLAUDE_PID",
+                "CLAUDE_CODE_MESSAGING_SOCKET", "CLAUDE_CODE_MESSAGING_TOKEN",
+                "CLAUDE_CODE_SESSION_ATTENDED", "CLAUDE_CODE_CHILD_NOTES_DIR",
+                "CLAUDE_CODE_EXECPATH", "AI_AGENT")
 
 HOOK_EVENTS = ("SessionStart", "UserPromptSubmit", "PreToolUse", "PostToolUse",
                "PermissionRequest", "Notification", "Stop", "SessionEnd")

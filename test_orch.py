@@ -3331,8 +3331,12 @@ def test_agent_environment_names_its_fleet_even_with_socket_given_by_option(env,
                                                                              monkeypatch):
     monkeypatch.delenv("ORCH_TMUX_SOCKET")
     monkeypatch.setenv("ORCH_AGENT", "someone-else")
+    # What an orchestrator claude's Bash tool has: with it, a claude keeps no transcript.
+    monkeypatch.setenv("CLAUDE_CODE_CHILD_SESSION", "1")
+    monkeypatch.setenv("CLAUDE_CODE_MESSAGING_TOKEN", "secret")
     assert run(capsys, "spawn", "a1", "hi", "--socket", env.socket, "--session", "crew")[0] == 0
     seen = env.records("start")[0]["env"]
+    assert not set(orch.SCRUBBED_ENV) & set(seen)
     assert (seen["ORCH_AGENT"], seen["ORCH_STATE"], seen["ORCH_TMUX_SOCKET"],
             seen["ORCH_SESSION"]) == ("a1", os.environ["ORCH_STATE"], env.socket, "crew")
 
@@ -4358,13 +4362,15 @@ class FakeAPI(object):
     before answering (a busy agent on demand); TOOL asks for a Bash tool call
     that needs permission (a permission dialog on demand); TOOLRUN-N asks
     for `sleep N` (a tool that runs a while, where the settings allow it);
-    TOOLSLOW-N for one that needs permission and then runs N seconds.
+    TOOLSLOW-N for one that needs permission and then runs N seconds; a word
+    that is a key of .commands asks for a Bash call of its command.
     """
 
     PATH = "/v1/messages"
 
     def __init__(self):
         self.requests = []
+        self.commands = {}
         self.lock = threading.Lock()
         api = self
 
@@ -4460,6 +4466,8 @@ class FakeAPI(object):
                 if word.startswith("TOOLSLOW-") and word[9:].isdigit():     # asks, then runs a while
                     tool = {"command": "touch orch-tool-ran-%d && sleep %s" % (n, word[9:]),
                             "description": "make a file slowly"}
+                if word in self.commands:
+                    tool = {"command": self.commands[word], "description": "run a command"}
             for word in text.split():
                 if word.startswith("SLOW-") and word[5:].isdigit():
                     time.sleep(int(word[5:]))
@@ -4879,6 +4887,54 @@ def test_e2e_kill_then_resume_after_kill_server_keeps_conversation(claude, capsy
     assert last["session"] == sid
     assert "remember the word avocado" in last["history"]
     assert wait_status(capsys, "a1", "idle")["session_id"] == sid
+
+
+def test_e2e_an_agent_starts_an_agent_and_the_fleet_comes_back_after_a_reboot(claude, capsys):
+    # The boss's Bash tool runs orch, as an orchestrator agent does.
+    claude.api.commands["SPAWNKID"] = "%s %s spawn kid 'child task'" % (sys.executable, ORCH)
+    code, out, err = run(capsys, "spawn", "boss", "SPAWNKID please", *ASK_FIRST,
+                         "--allowedTools", "Bash")
+    assert code == 0, err
+    retry_until(lambda: "child task" in claude.api.texts(), timeout=120)
+    wait_status(capsys, "kid", "idle", timeout=60)
+    wait_status(capsys, "boss", "idle", timeout=60)
+    assert status(capsys, "kid")["parent"] == "boss" and status(capsys, "boss")["parent"] is None
+    assert " \\_ kid " in run(capsys, "list")[1]
+    sids = {"boss": sid_of("boss"), "kid": sid_of("kid")}
+    gone = os.path.join(claude.work, "gone")
+    os.mkdir(gone)
+    for name, where in (("stopped1", claude.work), ("quitter", claude.work),
+                        ("nofolder", gone)):
+        assert run(capsys, "spawn", name, "hello", "--cwd", where)[0] == 0
+    assert run(capsys, "kill", "stopped1")[0] == 0
+    wait_status(capsys, "quitter", "idle")
+    run(capsys, "send", "quitter", "/exit", "--raw")    # no hook confirms /exit: any code
+    wait_status(capsys, "quitter", "exited")
+    # The reboot: the tmux server goes, and every claude process of this test with it.
+    pids = [a["tmux"]["pid"] for a in claude.state()["agents"].values()]
+    tmux_cmd("kill-server")
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass        # gone with the server
+    os.rmdir(gone)
+    code, out, err = run(capsys, "resume", "--all", "--stagger", "1")
+    assert code == 1 and "nofolder's working folder %s is gone" % gone in err, out + err
+    assert "stopped1: stopped with `orch kill`, left stopped" in out
+    assert "quitter: ended its own session (prompt_input_exit), left ended" in out
+    for name in ("boss", "kid"):
+        assert "%s: resumed (claude, tmux, session %s)" % (name, sids[name]) in out, out + err
+    assert run(capsys, "send", "kid", "what was your task?")[0] == 0
+    retry_until(lambda: "what was your task?" in claude.api.texts(sids["kid"]))
+    with claude.api.lock:
+        last = [r for r in claude.api.requests if r["text"] == "what was your task?"][-1]
+    assert "child task" in last["history"]
+    running = dict((n, status(capsys, n)["pid"]) for n in ("boss", "kid"))
+    code, out, _ = run(capsys, "resume", "--all")     # twice: nothing more starts
+    assert "boss: running (" in out and "kid: running (" in out
+    assert dict((n, status(capsys, n)["pid"]) for n in ("boss", "kid")) == running
+    assert [claude.state()["agents"][n].get("resumed") for n in ("boss", "kid")] == [1, 1]
 
 
 def test_e2e_no_prompt_or_key_on_claudes_command_line(claude, capsys, request):
