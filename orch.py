@@ -4717,11 +4717,21 @@ def cmd_kill(args):
 
 def kill_one(name, say=True):
     """Stop one agent for good: `resume --all` leaves it stopped.  Say so in one line."""
+    status_of(find_agent(load_state(), name))      # tmux answers: else nothing is marked
     with LockedState() as state:
         agent = find_agent(state, name)
         # Marked first: a `resume --all` running meanwhile must not bring it back.
+        before = agent.get("stopped")
         agent["stopped"] = time.time()
-    stopped = stop_agent(agent)
+    try:
+        stopped = stop_agent(agent)
+    except BaseException:
+        with LockedState() as state:    # not stopped after all: as it was
+            if name in state["agents"]:
+                state["agents"][name]["stopped"] = before
+                if before is None:
+                    del state["agents"][name]["stopped"]
+        raise
     if say:
         print("%s: %s (exit code %s)" % (name, "killed" if stopped else "already exited",
                                          status_of(agent)["exit_code"]))
@@ -5971,6 +5981,7 @@ examples:
   orch --host build1 spawn fix "make it build"    # any verb on another machine, over ssh
   orch send fix@build1 "and run the tests"        # NAME@HOST wherever a name goes
   orch list --all-hosts       # every host's agents in one table
+  orch resume --all           # after a reboot: every agent nobody stopped on purpose
 
 exit codes:
   0 ok   1 error   2 usage or bad name   3 agent not running
@@ -5980,9 +5991,10 @@ exit codes:
 
 environment:
   ORCH_STATE  ORCH_TMUX_SOCKET  ORCH_SESSION  ORCH_CLAUDE  ORCH_CODEX  ORCH_GEMINI
-  ORCH_BACKEND  ORCH_TRACE=1
+  ORCH_BACKEND  ORCH_TRACE=1  ORCH_AGENT (set in each agent: its spawns record it as parent)
   ORCH_HOST (as --host)  ORCH_HOSTS=a,b  ORCH_SSH_CONFIG (ssh -F FILE)
   seconds: ORCH_START_TIMEOUT  ORCH_SEND_TIMEOUT  ORCH_KILL_GRACE  ORCH_TMUX_TIMEOUT
+           ORCH_MEMORY_WAIT
 
 something off? `orch doctor`
 """
