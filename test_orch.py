@@ -5356,6 +5356,61 @@ def approve_once_and_deny(world, capsys, kind, tool):
     return denied
 
 
+def reboot_and_resume_all(world, capsys, kind, quit_stays_down):
+    """Agents of one kind come back after a reboot in their own sessions; killed ones do not.
+
+    One agent is quit with the CLI's own /quit first: codex says so in its
+    SessionEnd; gemini says the same when it is quit and when it is
+    terminated, so after a reboot it comes back (as the README says).
+    """
+    names = ("r1", "r2", "q1")
+    for name in names:
+        assert run(capsys, "spawn", name, "--agent", kind, "hello " + name)[0] == 0
+    sids = dict((name, wait_status(capsys, name, "idle")["session_id"]) for name in names)
+    assert run(capsys, "kill", "r2")[0] == 0
+    pane = world.state()["agents"]["q1"]["tmux"]["pane"]
+    tmux_cmd("send-keys", "-t", pane, "-l", "/quit")
+
+    for _ in range(20):     # the command menu may take an Enter first
+        tmux_cmd("send-keys", "-t", pane, "Enter")
+        deadline = time.time() + 3
+        while time.time() < deadline and status(capsys, "q1")["status"] != "exited":
+            time.sleep(0.1)
+        if status(capsys, "q1")["status"] == "exited":
+            break
+    assert status(capsys, "q1")["status"] == "exited"
+    pids = [a["tmux"]["pid"] for a in world.state()["agents"].values()]
+    tmux_cmd("kill-server")         # the reboot: the server and every process of the test
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    code, out, err = run(capsys, "resume", "--all", "--stagger", "1")
+    assert code == 0, out + err
+    assert "r1: resumed (%s, tmux, session %s)" % (kind, sids["r1"]) in out, out
+    assert "r2: stopped with `orch kill`, left stopped" in out
+    if quit_stays_down:
+        assert "q1: ended its own session" in out, out
+    else:
+        assert "q1: resumed (%s, tmux, session %s)" % (kind, sids["q1"]) in out, out
+    assert run(capsys, "send", "r1", "which words?")[0] == 0
+    retry_until(lambda: "which words?" in world.api.texts())
+    with world.api.lock:
+        last = [r for r in world.api.requests if r["text"] == "which words?"][-1]
+    assert "hello r1" in last["history"]
+    code, out, _ = run(capsys, "resume", "--all")       # twice: nothing more starts
+    assert code == 0 and "r1: running (" in out and "resumed" not in out
+
+
+def test_e2e_codex_fleet_comes_back_after_a_reboot(codex, capsys):
+    reboot_and_resume_all(codex, capsys, "codex", quit_stays_down=True)
+
+
+def test_e2e_gemini_fleet_comes_back_after_a_reboot(gemini, capsys):
+    reboot_and_resume_all(gemini, capsys, "gemini", quit_stays_down=False)
+
+
 def test_e2e_codex_approve_once_and_deny(codex, capsys):
     approve_once_and_deny(codex, capsys, "codex", "Bash")
 
