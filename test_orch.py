@@ -5985,6 +5985,76 @@ def bench_hosts(repeat, agents=100):
         shutil.rmtree(world.root, ignore_errors=True)
 
 
+def bench_resume_all(agents=20, stagger=1.0):
+    """After a reboot: `resume --all --stagger S` against a loop of `resume NAME; sleep S`.
+
+    Each is timed from the reboot until every agent reports idle.  The real
+    claude when ORCH_E2E_CLAUDE names one (offline, against the fake API),
+    else the stand-in agent.
+    """
+    root = tempfile.mkdtemp(prefix="obr", dir="/tmp")
+    work, logs = os.path.join(root, "work"), os.path.join(root, "logs")
+    os.makedirs(work)
+    os.makedirs(logs)
+    socket = "orchbenchr%d" % os.getpid()
+    env = dict(os.environ, HOME=root, ORCH_STATE=os.path.join(root, "state.json"),
+               ORCH_TMUX_SOCKET=socket, TMUX_TMPDIR=root, FAKE_LOG=logs)
+    for var in ("TMUX", "ORCH_TRACE", "ORCH_AGENT"):
+        env.pop(var, None)
+    real = os.environ.get("ORCH_E2E_CLAUDE")
+    api = None
+    if real:
+        api = FakeAPI().start()
+        env.update(ORCH_CLAUDE=real, ANTHROPIC_BASE_URL=api.url, ANTHROPIC_API_KEY=E2E_KEY,
+                   DISABLE_AUTOUPDATER="1", CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1")
+        write_claude_config(root, [work])
+    else:
+        env["ORCH_CLAUDE"] = write_fake_agent(root)
+    orch_cmd = [sys.executable, ORCH]
+    names = ["r%02d" % i for i in range(agents)]
+
+    def all_idle():
+        rows = json.loads(subprocess.run(orch_cmd + ["list", "--json"], env=env,
+                                         stdout=subprocess.PIPE).stdout.decode())
+        return all(r["status"] == "idle" for r in rows)
+
+    def reboot():
+        pids = [a["tmux"]["pid"] for a in json.load(open(env["ORCH_STATE"]))["agents"].values()]
+        subprocess.run(["tmux", "-L", socket, "kill-server"], env=env, stderr=subprocess.DEVNULL)
+        for pid in pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def timed(commands):
+        reboot()
+        start = time.time()
+        for i, argv in enumerate(commands):
+            if i and argv[2:3] == ["resume"] and argv[3:4] != ["--all"]:
+                time.sleep(stagger)
+            subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, check=True)
+        while not all_idle():
+            time.sleep(0.2)
+        return time.time() - start
+    try:
+        for name in names:
+            subprocess.run(orch_cmd + ["spawn", name, "hello " + name, "--cwd", work], env=env,
+                           stdout=subprocess.DEVNULL, check=True)
+        while not all_idle():
+            time.sleep(0.2)
+        loop = timed([orch_cmd + ["resume", name] for name in names])
+        every = timed([orch_cmd + ["resume", "--all", "--stagger", str(stagger)]])
+        print("\nresume after a reboot, %d %s agents, %g s apart: a loop of resume NAME "
+              "%.1f s; resume --all %.1f s (%.2fx)" % (agents, "claude" if real else "stand-in",
+                                                     stagger, loop, every, every / loop))
+    finally:
+        reboot()
+        if api:
+            api.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def bench_table(rows):
     table = [["", "median", "min", "max", "tmux calls", ""]] + rows
     widths = [max(len(r[i]) for r in table) for i in range(6)]
@@ -5997,9 +6067,12 @@ if __name__ == "__main__" and sys.argv[1:2] == ["bench"]:
     import statistics
     if sys.argv[2:] == ["hosts"]:
         bench_hosts(15)
+    elif sys.argv[2:] == ["resume"]:
+        bench_resume_all()
     else:
         bench(tuple(int(n) for n in sys.argv[2:]) or (10, 100, 300))
         bench_hosts(15)
+        bench_resume_all()
 elif __name__ == "__main__":
     # Run the fake API by hand: python3 test_orch.py PORT
     api = FakeAPI()
