@@ -4,7 +4,8 @@
 #                    version of the matrix
 #                    (make e2e CLAUDE_CODE_VERSIONS=x.y.z tests another one)
 # make bench         timings at 10, 100 and 300 stand-in agents (--cmd and claude-path) against the floor,
-#                    and over ssh against `ssh HOST true`
+#                    over ssh against `ssh HOST true`, and resume --all after a reboot against
+#                    a loop of resume NAME
 
 PYTHON ?= python3
 VENV := .venv
