@@ -4584,10 +4584,11 @@ def table_lines(rows, mark=False, hosts=False, tree=True):
              + (("BRANCH",) if branches else ()) + ("CWD", "LAST PROMPT")]
     for row, depth in placed:
         table.append(((row.get("host") or "local",) if hosts else ())
-                     + (tree_name(row["name"], depth), status_label(row), age(now - row["status_since"])
-                      if row["status_since"] else "-", age(now - (row["created"] or now)),
-                      "%s/%s" % (row.get("agent") or "claude", row["backend"]), mode_label(row),
-                      (row["session_id"] or "-")[:8])
+                     + (tree_name(row["name"], depth), status_label(row),
+                        age(now - row["status_since"]) if row["status_since"] else "-",
+                        age(now - (row["created"] or now)),
+                        "%s/%s" % (row.get("agent") or "claude", row["backend"]), mode_label(row),
+                        (row["session_id"] or "-")[:8])
                      + ((row.get("branch") or "-",) if branches else ())
                      + (short_path(row["cwd"]), shorten(row["last_prompt"] or "", 40)))
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
@@ -6218,8 +6219,8 @@ def add_resume(sub, verb):
                         "those stopped with `orch kill` or ended by their own /exit")
     p.add_argument("--stagger", type=SECONDS, default=1.0, metavar="SECONDS",
                    help="with --all: seconds between two starts (default 1)")
-    p.add_argument("--min-free", type=number_type(int, 0, 1 << 30, "a number of MiB"), default=500,
-                   metavar="MIB", help="with --all: before each start, wait while less memory "
+    p.add_argument("--min-free", type=number_type(int, 0, 1 << 30, "a number of MiB"),
+                   default=500, metavar="MIB", help="with --all: before each start, wait while less memory "
                    "than this is available (default 500; 0: never wait)")
     add_target_options(p)
     p.set_defaults(func=cmd_resume)

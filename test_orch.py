@@ -2122,6 +2122,9 @@ def test_cli_hosts_every_verb_over_ssh(hosts, capsys):
     assert orch_cli("wait", "a1@h1", "--timeout", "30")[0] == 0
     assert orch_cli("deny", "a1@h1")[0] == 0
     assert orch_cli("kill", "a1@h1")[0] == 0
+    code, out, _ = orch_cli("--host", "h1", "resume", "--all")
+    assert (code, out) == (0, "a1: stopped with `orch kill`, left stopped (`orch resume a1` "
+                              "starts it)\n")
     code, out, _ = orch_cli("send", "a1@h1", "hello")
     assert code == orch.EXIT_NOT_RUNNING and "resume" in _            # exit codes unchanged
     assert orch_cli("resume", "a1@h1", "back again")[0] == 0
