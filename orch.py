@@ -4956,14 +4956,19 @@ def cmd_resume(args):
     return finish_start(agent, message, "resumed")
 
 
-def resume_start(name, message, args):
-    """Start an exited agent again in its own session (under the state lock); return it."""
+def resume_start(name, message, args, unless_running=False):
+    """Start an exited agent again in its own session (under the state lock); return it.
+
+    unless_running: return None for one that runs (another orch resumed it first).
+    """
     started = []
     with undo_on_failure(started, new=False), LockedState() as state:
         agent = find_agent(state, name)
         backend_of(agent).preflight(agent["cwd"])
         kind_of(agent).preflight(agent["cwd"], agent["backend"])
         if status_of(agent)["status"] != "exited":
+            if unless_running:
+                return None
             raise OrchError("agent %s is still running: `orch send %s MESSAGE` to talk to it, "
                             "or `orch kill %s` first" % (name, name, name))
         if agent.get("worktree"):
@@ -5009,7 +5014,11 @@ def resume_all(args):
             if started:
                 time.sleep(args.stagger)
             wait_for_memory(args.min_free, name)
-            started.append(resume_start(name, None, args))
+            agent = resume_start(name, None, args, unless_running=True)
+            if agent is None:
+                print("%s: running (resumed meanwhile by another orch), left as it is" % name)
+                continue
+            started.append(agent)
         except OrchError as e:      # one agent that cannot come back never stops the others
             sys.stderr.write("orch: error: %s\n" % e)
             worst = worse(e.code, worst)

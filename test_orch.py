@@ -3453,6 +3453,23 @@ def test_resume_all_after_a_reboot(env, capsys, tmp_path):
     assert code == 1 and out.count("left as it is") == 3
 
 
+def test_cli_two_resume_all_at_once_start_each_agent_once(env, capsys):
+    names = ["a%d" % i for i in range(4)]
+    for name in names:
+        assert run(capsys, "spawn", name, "hello")[0] == 0
+    env.stop()
+    starts = len(env.records("start"))
+    procs = [subprocess.Popen([cli_python(), ORCH, "resume", "--all", "--stagger", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
+    assert [code for _, _, code in outs] == [0, 0], outs
+    resumed = [r["name"] for r in env.records("start")[starts:]]
+    assert sorted(resumed) == names, outs
+    said = "".join(out for out, _, _ in outs)
+    assert all(said.count("%s: resumed (" % n) == 1 for n in names), said
+
+
 def test_resume_all_leaves_an_agent_that_ended_with_exit_code_0_in_its_window(env, capsys):
     assert run(capsys, "spawn", "done", "--cmd", "true")[0] == 0
     assert run(capsys, "spawn", "died", "--cmd", "exit 5")[0] == 0
