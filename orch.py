@@ -3849,26 +3849,29 @@ def run_by_host(argv, args, named):
     results = {}
 
     def run(host):
-        group = for_group(argv, args, named, host)
-        try:
-            if host is None:
-                proc = subprocess.run([sys.executable, os.path.abspath(__file__)] + group,
-                                      input=data, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE)
-                results[host] = (proc.returncode, proc.stdout, proc.stderr.decode(
-                    "utf-8", "replace"))
-            else:
-                results[host] = on_host(host, group, data, capture=True)
-        except OrchError as e:
-            results[host] = (e.code, b"", "orch: error: %s\n" % e)
+        results[host] = run_captured(host, for_group(argv, args, named, host), data)
     in_parallel(run, groups)
     worst = EXIT_OK
     for host in groups:
         code, out, err = results[host]
-        sys.stdout.write(out.decode("utf-8", "replace"))
+        sys.stdout.write(out)
         sys.stderr.write(err)
         worst = worse(code, worst)
     return worst
+
+
+def run_captured(host, argv, data=None):
+    """`orch ARGV` on host (None: here, as its own process): (exit code, stdout, stderr)."""
+    try:
+        if host is None:
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__)] + argv,
+                                  input=data, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            code, out, err = proc.returncode, proc.stdout, proc.stderr.decode("utf-8", "replace")
+        else:
+            code, out, err = on_host(host, argv, data, capture=True)
+        return code, out.decode("utf-8", "replace"), err
+    except OrchError as e:
+        return e.code, "", "orch: error: %s\n" % e
 
 
 def hosts_file():
@@ -4945,7 +4948,9 @@ def cmd_resume(args):
         if args.name is not None or args.message is not None:
             raise OrchError("resume --all takes no name or message: it continues each "
                             "agent where it was", EXIT_USAGE)
-        return resume_all(args)
+        return resume_all_hosts(args) if args.all_hosts else resume_all(args)
+    if args.all_hosts:
+        raise OrchError("--all-hosts is for resume --all", EXIT_USAGE)
     if args.name is None:
         raise OrchError("name the agent to resume, or pass --all", EXIT_USAGE)
     name = check_name(args.name)
@@ -4998,6 +5003,35 @@ def resume_start(name, message, args, unless_running=False):
 # still there, or the CLI's own session-end hook saying why).  They start a
 # --stagger apart and while memory is short they wait; each is confirmed
 # once all are started, so the whole fleet boots in parallel.
+
+def resume_all_hosts(args):
+    """resume --all here and on every known host at once; a host's agents read NAME@HOST."""
+    hosts = known_hosts()
+    if not hosts:
+        raise OrchError("no hosts to resume on: set ORCH_HOSTS=a,b,c or write them in %s, "
+                        "one per line" % hosts_file())
+    argv = ["resume", "--all", "--stagger", "%g" % args.stagger, "--min-free",
+            str(args.min_free)]
+    results = {}
+
+    def run(host):
+        results[host] = run_captured(host, argv)
+    in_parallel(run, [None] + hosts)
+    worst = EXIT_OK
+    for host in [None] + hosts:
+        code, out, err = results[host]
+        for line in out.splitlines():
+            name, colon, rest = line.partition(": ")
+            if host:
+                line = "%s@%s: %s" % (name, host, rest) if colon else "%s: %s" % (host, line)
+            print(line)
+        for line in err.splitlines():
+            sys.stderr.write(line.replace("orch: error: ", "orch: error: %s: " % host, 1)
+                             if host else line)
+            sys.stderr.write("\n")
+        worst = worse(code, worst)
+    return worst
+
 
 def resume_all(args):
     state = load_state()
@@ -6220,7 +6254,8 @@ def add_resume(sub, verb):
     p = sub.add_parser(verb, help="start an exited agent again in the same conversation "
                        "(--all: every agent a reboot stopped)",
                        usage="orch resume NAME [MESSAGE] [options]\n"
-                             "       orch resume --all [--stagger SECONDS] [--min-free MIB]")
+                             "       orch resume --all [--stagger SECONDS] [--min-free MIB] "
+                             "[--all-hosts]")
     p.add_argument("name", nargs="?")
     p.add_argument("message", nargs="?", help="a message to deliver; '-' reads stdin")
     p.add_argument("--all", action="store_true",
@@ -6229,8 +6264,11 @@ def add_resume(sub, verb):
     p.add_argument("--stagger", type=SECONDS, default=1.0, metavar="SECONDS",
                    help="with --all: seconds between two starts (default 1)")
     p.add_argument("--min-free", type=number_type(int, 0, 1 << 30, "a number of MiB"),
-                   default=500, metavar="MIB", help="with --all: before each start, wait while less memory "
-                   "than this is available (default 500; 0: never wait)")
+                   default=500, metavar="MIB", help="with --all: before each start, wait "
+                   "while less memory than this is available (default 500; 0: never wait)")
+    p.add_argument("-A", "--all-hosts", action="store_true",
+                   help="with --all: also on every host in $ORCH_HOSTS or ~/.config/orch/hosts, "
+                        "at once")
     add_target_options(p)
     p.set_defaults(func=cmd_resume)
 

@@ -2125,6 +2125,9 @@ def test_cli_hosts_every_verb_over_ssh(hosts, capsys):
     code, out, _ = orch_cli("--host", "h1", "resume", "--all")
     assert (code, out) == (0, "a1: stopped with `orch kill`, left stopped (`orch resume a1` "
                               "starts it)\n")
+    code, out, _ = orch_cli("resume", "--all", "--all-hosts", env_extra={"ORCH_HOSTS": "h1,h2"})
+    assert (code, out) == (0, "no agents to resume\na1@h1: stopped with `orch kill`, left "
+                              "stopped (`orch resume a1` starts it)\nh2: no agents to resume\n")
     code, out, _ = orch_cli("send", "a1@h1", "hello")
     assert code == orch.EXIT_NOT_RUNNING and "resume" in _            # exit codes unchanged
     assert orch_cli("resume", "a1@h1", "back again")[0] == 0
@@ -4535,6 +4538,13 @@ class FakeAPI(object):
         out.flush()
         handler.close_connection = True
 
+    def command_in(self, text, n):
+        """The shell command the user's words ask a tool to run (codex, gemini), or None."""
+        for word in text.split():
+            if word in self.commands:
+                return self.commands[word]
+        return "touch orch-tool-ran-%d" % n if "TOOL" in text else None
+
     def conversation(self, session):
         """Every text the user wrote, from the latest request of this session.
 
@@ -5243,10 +5253,11 @@ class FakeResponses(FakeAPI):
         for word in record["text"].split() if not side and not tool_result else []:
             if word.startswith("SLOW-") and word[5:].isdigit():
                 time.sleep(int(word[5:]))
-        if not side and not tool_result and "TOOL" in record["text"]:
+        command = self.command_in(record["text"], n) if not side and not tool_result else None
+        if command:
             item = {"type": "function_call", "id": "fc_%d" % n, "call_id": "call_%d" % n,
                     "name": "exec_command", "status": "completed", "arguments": json.dumps(
-                        {"cmd": "touch orch-tool-ran-%d" % n,
+                        {"cmd": command,
                          "sandbox_permissions": "require_escalated",
                          "justification": "make a file"})}
         else:
@@ -5431,6 +5442,36 @@ def test_e2e_gemini_fleet_comes_back_after_a_reboot(gemini, capsys):
     reboot_and_resume_all(gemini, capsys, "gemini", quit_stays_down=False)
 
 
+def agent_starts_agent(world, capsys, kind, tool):
+    """An agent runs `orch spawn` through its shell tool (approved once): the child knows
+    its parent and keeps a session of its own that resumes."""
+    world.api.commands["SPAWNKID"] = "%s %s spawn kid --agent %s 'child task'" % (
+        sys.executable, ORCH, kind)
+    assert run(capsys, "spawn", "boss", "--agent", kind, "SPAWNKID please")[0] == 0
+    wait_status(capsys, "boss", "needs-input")
+    assert run(capsys, "approve", "boss", "--tool", tool)[0] == 0
+    retry_until(lambda: "child task" in world.api.texts(), timeout=120)
+    sid = wait_status(capsys, "kid", "idle", timeout=60)["session_id"]
+    wait_status(capsys, "boss", "idle", timeout=60)
+    assert status(capsys, "kid")["parent"] == "boss"
+    assert " \\_ kid " in run(capsys, "list")[1]
+    assert run(capsys, "kill", "kid")[0] == 0
+    assert run(capsys, "resume", "kid", "what was your task?")[0] == 0
+    retry_until(lambda: "what was your task?" in world.api.texts())
+    with world.api.lock:
+        last = [r for r in world.api.requests if r["text"] == "what was your task?"][-1]
+    assert "child task" in last["history"]
+    assert wait_status(capsys, "kid", "idle")["session_id"] == sid
+
+
+def test_e2e_codex_agent_starts_an_agent(codex, capsys):
+    agent_starts_agent(codex, capsys, "codex", "Bash")
+
+
+def test_e2e_gemini_agent_starts_an_agent(gemini, capsys):
+    agent_starts_agent(gemini, capsys, "gemini", "run_shell_command")
+
+
 def test_e2e_codex_approve_once_and_deny(codex, capsys):
     approve_once_and_deny(codex, capsys, "codex", "Bash")
 
@@ -5524,9 +5565,10 @@ class FakeGemini(FakeAPI):
         for word in record["text"].split() if not side and not tool_result else []:
             if word.startswith("SLOW-") and word[5:].isdigit():
                 time.sleep(int(word[5:]))
-        if not side and not tool_result and "TOOL" in record["text"]:
+        command = self.command_in(record["text"], n) if not side and not tool_result else None
+        if command:
             part = {"functionCall": {"name": "run_shell_command", "args": {
-                "command": "touch orch-tool-ran-%d" % n, "description": "make a file"}}}
+                "command": command, "description": "make a file"}}}
         else:
             part = {"text": "tool finished" if tool_result else "reply %d: ok" % n}
         chunk = {"candidates": [{"content": {"role": "model", "parts": [part]},
