@@ -1355,6 +1355,8 @@ def agent_environment(agent):
     tool) then reaches the same state and tmux server, and names its parent.
     """
     env = dict((k, v) for k, v in os.environ.items() if k not in SCRUBBED_ENV)
+    if env.get("GEMINI_CLI_HOME", "").startswith(data_dir() + os.sep):
+        del env["GEMINI_CLI_HOME"]      # a gemini agent's own, with its hooks: not the child's
     tmux_place = agent.get("tmux") or {"socket": default_socket(), "session": default_session()}
     env.update(ORCH_AGENT=agent["name"], ORCH_STATE=state_path(),
                ORCH_SESSION=tmux_place["session"])

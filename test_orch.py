@@ -3340,9 +3340,11 @@ def test_agent_environment_names_its_fleet_even_with_socket_given_by_option(env,
     # What an orchestrator claude's Bash tool has: with it, a claude keeps no transcript.
     monkeypatch.setenv("CLAUDE_CODE_CHILD_SESSION", "1")
     monkeypatch.setenv("CLAUDE_CODE_MESSAGING_TOKEN", "secret")
+    # A gemini parent's private home holds its own hooks.
+    monkeypatch.setenv("GEMINI_CLI_HOME", orch.gemini_home("boss"))
     assert run(capsys, "spawn", "a1", "hi", "--socket", env.socket, "--session", "crew")[0] == 0
     seen = env.records("start")[0]["env"]
-    assert not set(orch.SCRUBBED_ENV) & set(seen)
+    assert not set(orch.SCRUBBED_ENV) & set(seen) and "GEMINI_CLI_HOME" not in seen
     assert (seen["ORCH_AGENT"], seen["ORCH_STATE"], seen["ORCH_TMUX_SOCKET"],
             seen["ORCH_SESSION"]) == ("a1", os.environ["ORCH_STATE"], env.socket, "crew")
 
