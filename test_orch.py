@@ -3118,6 +3118,9 @@ def test_cli_every_verb_in_bare_environments(repo, kind):
     assert orch_cli("deny", "a1")[0] == 0
     assert orch_cli("kill", "a1")[0] == 0
     assert orch_cli("resume", "a1", "again \u00e9")[0] == 0
+    tmux_cmd("kill-server")         # a reboot, then `resume --all` as cron runs it at boot
+    code, out, err = orch_cli("resume", "--all")
+    assert code == 0 and out.startswith("a1: resumed (claude, tmux, session "), err
     assert orch_cli("doctor")[0] == 0
     assert orch_cli("rm", "a1")[:2] == (0, "removed a1\n")
     # A worktree agent, and git's output read as the UTF-8 it is.
