@@ -4972,6 +4972,30 @@ def test_e2e_an_agent_starts_an_agent_and_the_fleet_comes_back_after_a_reboot(cl
     assert [claude.state()["agents"][n].get("resumed") for n in ("boss", "kid")] == [1, 1]
 
 
+def test_e2e_orch_follows_the_session_a_person_starts_with_clear(claude, capsys):
+    assert run(capsys, "spawn", "a1", "remember the word avocado")[0] == 0
+    old = sid_of("a1")
+    wait_status(capsys, "a1", "idle")
+    person_types("a1", "l:/clear")
+    retry_until(lambda: "/clear" in "\n".join(orch.agent_screen(claude.state()["agents"]["a1"])))
+    person_types("a1", "Enter")
+    new = retry_until(lambda: status(capsys, "a1")["session_id"] not in (None, old)
+                      and status(capsys, "a1")["session_id"])
+    assert run(capsys, "send", "a1", "remember the word banana")[0] == 0
+    assert run(capsys, "wait", "a1")[0] == 0
+    with claude.api.lock:
+        answered = [n for n, r in enumerate(claude.api.requests, 1)
+                    if r["text"] == "remember the word banana"]
+    assert run(capsys, "reply", "a1")[1] == "reply %d: ok\n" % answered[-1]
+    assert run(capsys, "kill", "a1")[0] == 0
+    assert run(capsys, "resume", "a1", "which word?")[0] == 0
+    retry_until(lambda: "which word?" in claude.api.texts(new))
+    with claude.api.lock:
+        last = [r for r in claude.api.requests if r["text"] == "which word?"][-1]
+    assert "banana" in last["history"] and "avocado" not in last["history"]
+    assert wait_status(capsys, "a1", "idle")["session_id"] == new
+
+
 def test_e2e_no_prompt_or_key_on_claudes_command_line(claude, capsys, request):
     secrets = secret_words()
     snooper = snooper_for(claude, dict(secrets, api_key=E2E_KEY), request, watch="claude-code")
