@@ -5102,7 +5102,7 @@ def wait_for_memory(floor, name):
     if not floor or found is None or found[0] >= floor:
         return
     patience = env_seconds("ORCH_MEMORY_WAIT", 120)
-    print("(only %d MiB of memory available: waiting up to %gs for %d MiB)"
+    print("(only %d MiB of memory available, waiting up to %gs for %d MiB)"
           % (found[0], patience, floor))
     sys.stdout.flush()
     if retry_until(lambda: (memory_available() or (floor, 0))[0] >= floor, patience, 1):
