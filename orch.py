@@ -4747,9 +4747,10 @@ def kill_one(name, say=True):
 def descendants(state, name):
     """The agents below name (children, their children...), parents before children."""
     found, todo = [], [name]
+    agents = sorted(state["agents"].values(), key=lambda a: a["created"])
     while todo:
         parent = todo.pop(0)
-        for agent in sorted(state["agents"].values(), key=lambda a: a["created"]):
+        for agent in agents:
             child = agent["name"]
             if agent.get("parent") == parent and child != name and child not in found:
                 found.append(child)

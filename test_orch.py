@@ -964,6 +964,29 @@ def person_types(name, *keys):
         tmux_cmd("send-keys", "-t", pane, *(["-l", key[2:]] if key.startswith("l:") else [key]))
 
 
+def reboot(env=None):
+    """What a reboot does to agents: their tmux server goes, and every process of theirs.
+
+    Each recorded agent's process group gets SIGKILL by pid (gemini ignores
+    the SIGHUP a dying server sends).  env: the world's environment (default
+    this process's): its ORCH_STATE and ORCH_TMUX_SOCKET.
+    """
+    env = dict(env or os.environ)
+    env.pop("TMUX", None)
+    try:
+        with open(env["ORCH_STATE"]) as f:
+            pids = [a["tmux"]["pid"] for a in json.load(f)["agents"].values()]
+    except OSError:
+        pids = []
+    subprocess.run(["tmux", "-L", env["ORCH_TMUX_SOCKET"], "kill-server"], env=env,
+                   stderr=subprocess.DEVNULL)
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass        # gone with the server
+
+
 def test_a_dialog_nobody_has_seen_is_needs_input_and_answered_only_on_purpose(env, capsys):
     assert run(capsys, "spawn", "a1", "first")[0] == 0
     wait_status(capsys, "a1", "idle")
@@ -4945,14 +4968,7 @@ def test_e2e_an_agent_starts_an_agent_and_the_fleet_comes_back_after_a_reboot(cl
     wait_status(capsys, "quitter", "idle")
     run(capsys, "send", "quitter", "/exit", "--raw")    # no hook confirms /exit: any code
     wait_status(capsys, "quitter", "exited")
-    # The reboot: the tmux server goes, and every claude process of this test with it.
-    pids = [a["tmux"]["pid"] for a in claude.state()["agents"].values()]
-    tmux_cmd("kill-server")
-    for pid in pids:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except OSError:
-            pass        # gone with the server
+    reboot()
     os.rmdir(gone)
     code, out, err = run(capsys, "resume", "--all", "--stagger", "1")
     assert code == 1 and "nofolder's working folder %s is gone" % gone in err, out + err
@@ -5439,13 +5455,7 @@ def reboot_and_resume_all(world, capsys, kind, quit_stays_down):
         if status(capsys, "q1")["status"] == "exited":
             break
     assert status(capsys, "q1")["status"] == "exited"
-    pids = [a["tmux"]["pid"] for a in world.state()["agents"].values()]
-    tmux_cmd("kill-server")         # the reboot: the server and every process of the test
-    for pid in pids:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except OSError:
-            pass
+    reboot()
     code, out, err = run(capsys, "resume", "--all", "--stagger", "1")
     assert code == 0, out + err
     assert "r1: resumed (%s, tmux, session %s)" % (kind, sids["r1"]) in out, out
@@ -6109,17 +6119,8 @@ def bench_resume_all(agents=20, stagger=1.0):
                                          stdout=subprocess.PIPE).stdout.decode())
         return all(r["status"] == "idle" for r in rows)
 
-    def reboot():
-        pids = [a["tmux"]["pid"] for a in json.load(open(env["ORCH_STATE"]))["agents"].values()]
-        subprocess.run(["tmux", "-L", socket, "kill-server"], env=env, stderr=subprocess.DEVNULL)
-        for pid in pids:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
-
     def timed(commands):
-        reboot()
+        reboot(env)
         start = time.time()
         for i, argv in enumerate(commands):
             if i and argv[2:3] == ["resume"] and argv[3:4] != ["--all"]:
@@ -6140,7 +6141,7 @@ def bench_resume_all(agents=20, stagger=1.0):
               "%.1f s; resume --all %.1f s (%.2fx)" % (agents, "claude" if real else "stand-in",
                                                      stagger, loop, every, every / loop))
     finally:
-        reboot()
+        reboot(env)
         if api:
             api.stop()
         shutil.rmtree(root, ignore_errors=True)
