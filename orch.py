@@ -922,24 +922,24 @@ def claude_session_file_status(agent, pid, newer_than=None):
     return data.get("status"), data.get("waitingFor"), changed
 
 
-TRUST_MARKERS = ("trust this folder", "Do you trust the files", "one you trust")
-
-
-def screen_needs(rows, markers=TRUST_MARKERS):
-    """Recognise a dialog on a screen that no hook reports (the trust dialog)."""
-    text = "\n".join(rows[-40:])
-    if any(marker in text for marker in markers):
-        return "trust"
-    return None
-
-
-# A choice in a dialog ("❯ 1. Yes, try it", "  2. Not now"; codex's cursor is
-# "›"), the keys line under the choices ("Enter to confirm · Esc to cancel",
-# codex: "Press enter to confirm or esc to cancel"), and the rules around
-# claude's input box.
-CHOICE_ROW = r"^\s*([\u276f\u203a]\s*)?(\d{1,2})\.\s+(\S.*?)\s*$"
-KEYS_ROW = r"(?i)\b(enter|esc) to \w"
+# ---------------------------------------------------------------------------
+# Dialogs read by their shape: a question, choices with a cursor, a keys line
+# ---------------------------------------------------------------------------
+#
+# Every CLI stops at screens of its own before its input box is usable (an
+# API-key question, a sign-in picker, folder trust) and brings new ones with
+# new releases, so orch recognises a dialog by its shape, not its words:
+# choices, numbered or not, one behind a cursor (claude's "❯", codex's "›" and
+# ">", gemini's "●"), a keys line under them ("Enter to confirm · Esc to
+# cancel", "Press enter to continue", "(Use Enter to select)"), maybe in a
+# box ("│ … │").  Each kind then names the ones it knows (FIRST_SCREENS).
+CURSORS = "\u276f\u203a>\u25cf"
+CHOICE_ROW = r"^\s*([\u276f\u203a>\u25cf]\s*)?(\d{1,2})\.\s+(\S.*?)\s*$"
+CURSOR_ROW = r"^(\s*[\u276f\u203a>\u25cf]\s+)(\S.*?)\s*$"     # an unnumbered choice, chosen
+KEYS_ROW = (r"(?i)\benter (to )?(confirm|continue|select|save|submit|choose|set|accept)\b"
+            r"|\besc (to )?(cancel|close|dismiss|go back|back)\b")
 RULE_CHARS = "\u2500\u2501\u2594\u2581\u2550"
+BOX_SIDES = r"^\s*[\u2502\u2503] ?|\s*[\u2502\u2503]\s*$"
 
 
 def is_rule(row):
@@ -952,34 +952,84 @@ def has_input_box(rows):
                for i, row in enumerate(rows))
 
 
-def choice_dialog(rows, said=False):
-    """A dialog of numbered choices on a claude screen, recognised by its shape, or None.
+def unboxed(rows):
+    """Rows without the sides of a box drawn around them (gemini's dialogs)."""
+    return [re.sub(BOX_SIDES, "", row).rstrip() for row in rows]
 
-    Not by its words, so a dialog a new claude release brings is one too:
-    numbered choices, one behind claude's cursor, a keys line under them, and
-    no input box below (the dialog takes its place).  A reply that quotes a
-    dialog sits above the input box, so it is not one.  said: claude itself
-    says a dialog is open, and then one may be drawn over an empty input box
-    (2.1.332's /model, the second time).  Returns {question, choices:
-    {number: text}, cursor, keys}.
+
+def choice_dialog(rows, said=False):
+    """A dialog of choices on a screen, recognised by its shape, or None.
+
+    Not by its words, so a dialog a new release brings is one too: choices,
+    one behind a cursor, a keys line under them, and no input box below (the
+    dialog takes its place).  A reply that quotes a dialog sits above the
+    input box, so it is not one.  said: the CLI itself says a dialog is open,
+    and then one may be drawn over an empty input box (claude 2.1.332's
+    /model, the second time).  Choices without digits are numbered from 1 in
+    the order shown.  Returns {question, choices: {number: text}, cursor, keys}.
     """
-    rows = [row.rstrip() for row in rows]
+    rows = unboxed(rows)
     keys = next((i for i in range(len(rows) - 1, -1, -1) if re.search(KEYS_ROW, rows[i])), None)
     if keys is None or not said and has_input_box(rows[keys:]):
         return None
+    found = numbered_choices(rows, keys) or unnumbered_choices(rows, keys)
+    if not found:
+        return None
+    choices, cursor, first = found
+    return {"question": dialog_question(rows, first), "choices": choices, "cursor": cursor,
+            "keys": rows[keys].strip()}
+
+
+def numbered_choices(rows, keys):
+    """(choices, cursor, first row) of "1. …" rows above the keys line, or None.
+
+    Read upwards from the keys line: the last choice first, down to choice 1;
+    rows between choices (a description under each, blank lines) are skipped.
+    """
     choices, cursor, first = {}, None, None
     for i in range(keys - 1, max(-1, keys - 25), -1):
         found = re.match(CHOICE_ROW, rows[i])
         if found:
-            choices[int(found.group(2))] = found.group(3)
-            cursor = int(found.group(2)) if found.group(1) else cursor
+            number = int(found.group(2))
+            if choices and number != min(choices) - 1:
+                return None
+            choices[number] = found.group(3)
+            cursor = number if found.group(1) else cursor
             first = i
-        elif choices and (not rows[i].strip() or is_rule(rows[i])):
+            if number == 1:
+                break
+        elif choices and (is_rule(rows[i]) or rows[i].rstrip().endswith("?")):
             break
     if not choices or cursor is None or sorted(choices) != list(range(1, len(choices) + 1)):
         return None
-    return {"question": dialog_question(rows, first), "choices": choices, "cursor": cursor,
-            "keys": rows[keys].strip()}
+    return choices, cursor, first
+
+
+def unnumbered_choices(rows, keys):
+    """(choices, cursor, first row) of choices without digits ("  Yes" / "❯ No"), or None.
+
+    The chosen one is behind the cursor; the others are the rows next to it
+    whose text starts in the same column.  At least two, and the cursor's row
+    is no input line (that one sits under a rule).
+    """
+    at = next((i for i in range(keys - 1, max(-1, keys - 12), -1)
+               if re.match(CURSOR_ROW, rows[i])), None)
+    if at is None or at and is_rule(rows[at - 1]):
+        return None
+    column = len(re.match(CURSOR_ROW, rows[at]).group(1))
+
+    def same_column(row):
+        return len(row) > column and row[:column].strip() == "" and row[column] != " "
+    first, last = at, at
+    while first > 0 and same_column(rows[first - 1]):
+        first -= 1
+    while last + 1 < keys and same_column(rows[last + 1]):
+        last += 1
+    if last == first:
+        return None
+    choices = dict((n + 1, rows[i].strip().lstrip(CURSORS).strip())
+                   for n, i in enumerate(range(first, last + 1)))
+    return choices, at - first + 1, first
 
 
 def dialog_question(rows, first):
@@ -992,6 +1042,30 @@ def dialog_question(rows, first):
             block.insert(0, row.strip())
     asked = [row for row in block if row.endswith("?")]
     return (asked[-1] if asked else block[0] if block else "a dialog")[:200]
+
+
+def sentence_at(row, start, end):
+    """The sentence of row around row[start:end]: from the last '. ' or ': ' to a '?' or '.'."""
+    left = max(row.rfind(". ", 0, start), row.rfind(": ", 0, start))
+    left = left + 2 if left >= 0 else 0
+    right = re.search(r"[?.](\s|$)", row[end - 1:])
+    return row[left:end - 1 + right.end() if right else len(row)].strip()[:200]
+
+
+def known_screen(rows, screens):
+    """The first of screens [(needs, words, fix)] whose words the screen shows, with its question.
+
+    Returns {needs, question, fix} or None; the question is the sentence the
+    words were found in.
+    """
+    rows = unboxed(rows[-40:])
+    for needs, words, fix in screens:
+        said = [sentence_at(row, m.start(), m.end()) for row in rows
+                for m in [re.search(words, row)] if m]
+        if said:    # the question, where the words are in a choice too ("Yes, I trust…")
+            asked = [s for s in said if s.endswith("?")]
+            return {"needs": needs, "question": (asked[-1:] or said)[0], "fix": fix}
+    return None
 
 
 def pane_of(agent, panes):
@@ -1166,14 +1240,16 @@ class StatusCache(object):
 def agent_status(agent, panes, read_screen=None, cache=None):
     """Return {status, since, needs, detail, exit_code, source, last_prompt, ...} for one agent.
 
-    read_screen() is called only when hooks cannot answer: claude has not
-    reported in, which is also when its trust dialog (no hook) can be up.
+    read_screen() is called only when hooks cannot answer: before the CLI's
+    first message, when a screen no hook reports can stand before its input
+    box (folder trust, an API-key question, a sign-in), and for a dialog.
     """
     launched = agent.get("launched", agent.get("created", 0))
     result = {"status": "exited", "since": None, "needs": None, "detail": None,
               "exit_code": None, "source": "tmux", "last_prompt": None, "pid": None,
               "permission_mode": None, "pending": False}
-    hooked = kind_of(agent).hooks
+    kind = kind_of(agent)
+    hooked = kind.hooks
     seen = (cache or StatusCache()).summary(agent) if hooked else replay_events([])
     result.update(last_prompt=seen["last_prompt"], since=seen["last_event"],
                   permission_mode=seen["permission_mode"] or permission_mode_arg(agent))
@@ -1197,14 +1273,17 @@ def agent_status(agent, panes, read_screen=None, cache=None):
             and result["status"] == "idle":
         # Started but has not yet taken the prompt given on its command line.
         result["status"] = "starting"
-    if result["status"] == "starting" and not seen["reported_in"] and read_screen:
-        found = kind_of(agent).screen_start(read_screen())
-        if found:
-            result.update(status=found[0], needs=found[1], source="screen")
+    if read_screen and (result["status"] == "starting" and not seen["reported_in"] or
+                        kind.hooks_before_screens and result["status"] == "idle"
+                        and seen["last_prompt"] is None):
+        # Before its first message a CLI may stand at a screen no hook reports.
+        found = kind.screen_start(read_screen())
+        if found and (result["status"] == "starting" or found[0] == "needs-input"):
+            result.update(status=found[0], needs=found[1], detail=found[2], source="screen")
     if result["source"] == "hooks" and result["status"] != "starting":
         cross_check(agent, pane, result)
-        kind_of(agent).recheck(agent, result, read_screen)
-    if result["needs"] == "dialog" and read_screen:
+        kind.recheck(agent, result, read_screen)
+    if result["needs"] == "dialog" and result["source"] != "screen" and read_screen:
         dialog = choice_dialog(read_screen(), said=True)
         result["detail"] = dialog and dialog["question"]
     return result
@@ -1764,6 +1843,8 @@ def refuse_unless_ready(agent, st, force):
     if st["status"] == "exited":
         raise OrchError("agent %s is not running (exit code %s): `orch resume %s` to continue it"
                         % (name, st["exit_code"], name), EXIT_NOT_RUNNING)
+    if at_first_screen(st):
+        raise first_screen_refusal(agent, st)
     if st["needs"] == "dialog":
         raise at_choice_dialog(agent, st["detail"])
     if st["status"] == "needs-input" and not force:
@@ -1950,8 +2031,8 @@ def confirm_submit(agent, text, since, was_working, timeout):
                             EXIT_NOT_RUNNING)
         if was_working and st["status"] == "working" and shows_queued(agent, text):
             return "queued"     # claude holds it until the turn ends, then submits it
-        if st["status"] == "needs-input" and st["needs"] == "trust":
-            break               # an Enter now would answer the dialog
+        if at_first_screen(st):
+            break               # an Enter now would answer its screen
         if tries < 3:
             send_enter(pane, socket)
             tries += 1
@@ -3063,11 +3144,10 @@ def unhooked_dialog(agent):
     if not backend_of(agent).dialogs or not kind_of(agent).dialogs:
         return None
     st = status_of(agent)
-    if st["status"] in ("exited", "starting") or st["needs"] in ("permission", "question",
-                                                                  "trust"):
+    if st["status"] in ("exited", "starting") or st["needs"] in ("permission", "question"):
         return None
     leave_tmux_mode(agent)
-    said = st["needs"] == "dialog"
+    said = st["needs"] == "dialog" or at_first_screen(st)
     wait = 3.0 if said else 0     # claude says so a moment before it draws it
     return retry_until(lambda: choice_dialog(agent_screen(agent), said), wait)
 
@@ -3148,30 +3228,38 @@ def approve_unhooked(agent, dialog, choice):
     return EXIT_OK
 
 
-def cmd_approve(args):
-    agent = find_agent(load_state(), check_name(args.name))
+def approve_permission(agent, args):
+    """Answer the permission dialog the agent's hook described: Yes, once."""
     name = agent["name"]
-    with SendLock(name):
-        dialog = unhooked_dialog(agent)
-        if dialog and not args.tool:
-            return approve_unhooked(agent, dialog, args.choice)
-        if args.choice is not None:
-            raise OrchError("--choice is for dialogs no hook describes; agent %s is not at one "
-                            "(`orch approve %s` answers a permission dialog Yes, once)"
-                            % (name, name), EXIT_NEEDS_INPUT)
-        request, dialog = open_dialog(agent, args.tool)
-        kind = kind_of(agent)
-        yes = kind.yes_once(dialog)
-        if yes is None:
-            raise OrchError("agent %s's dialog has no plain \"Yes\" (it offers %s); orch "
-                            "approves once or not at all: answer with `orch attach %s`"
-                            % (name, ", ".join(sorted(dialog["options"])), name),
-                            EXIT_NEEDS_INPUT)
-        if not answer_dialog(agent, yes, dialog["question"], kind.permission_dialog):
-            raise OrchError("agent %s still shows the dialog after orch pressed %s (Yes): look "
-                            "with `orch tail %s`" % (name, yes[-1], name), EXIT_UNCONFIRMED)
+    if args.choice is not None:
+        raise OrchError("--choice is for dialogs no hook describes; agent %s is not at one "
+                        "(`orch approve %s` answers a permission dialog Yes, once)"
+                        % (name, name), EXIT_NEEDS_INPUT)
+    request, dialog = open_dialog(agent, args.tool)
+    kind = kind_of(agent)
+    yes = kind.yes_once(dialog)
+    if yes is None:
+        raise OrchError("agent %s's dialog has no plain \"Yes\" (it offers %s); orch "
+                        "approves once or not at all: answer with `orch attach %s`"
+                        % (name, ", ".join(sorted(dialog["options"])), name),
+                        EXIT_NEEDS_INPUT)
+    if not answer_dialog(agent, yes, dialog["question"], kind.permission_dialog):
+        raise OrchError("agent %s still shows the dialog after orch pressed %s (Yes): look "
+                        "with `orch tail %s`" % (name, yes[-1], name), EXIT_UNCONFIRMED)
     print("%s: approved %s" % (name, describe_request(request)))
     return EXIT_OK
+
+
+def cmd_approve(args):
+    name = check_name(args.name)
+    agent = find_agent(load_state(), name)
+    with SendLock(name):
+        first = at_first_screen(status_of(agent))
+        dialog = unhooked_dialog(agent)
+        if not dialog or args.tool:
+            return approve_permission(agent, args)
+        approve_unhooked(agent, dialog, args.choice)
+    return after_first_screen(agent) if first else EXIT_OK
 
 
 def cmd_deny(args):
@@ -3189,6 +3277,113 @@ def cmd_deny(args):
                             "with `orch tail %s`" % (name, name), EXIT_UNCONFIRMED)
     print("%s: denied %s; its turn ended: `orch send %s \"...\"` to say what to do instead"
           % (name, describe_request(request), name))
+    return EXIT_OK
+
+
+# ###########################################################################
+# First contact: the screens between a CLI's start and its input box
+# ###########################################################################
+#
+# An API-key question, a sign-in picker, folder trust: each CLI may stop at
+# one of these before its input box, and no hook says so.  The kind reads
+# them off the screen (first_screen); at one, spawn and resume exit 4 with the
+# question and what answers it, send refuses even with --force (any Enter
+# would pick a choice), and the first message is kept in the agent's private
+# folder, never typed there: `orch approve --choice N` types it once the
+# screen is answered, `orch resume` when it starts again, `orch send --kept`
+# after a person answered it.  orch never answers one by itself.
+
+SCREEN_TITLES = {"trust": "%s's folder-trust question", "api-key": "%s's API-key question",
+                 "sign-in": "%s's sign-in screen", "dialog": "a dialog of %s's"}
+
+
+def at_first_screen(st):
+    """True when the agent stands at a screen before its input box (read off its screen)."""
+    return st["status"] == "needs-input" and st["source"] == "screen"
+
+
+def screen_advice(agent, st):
+    """One sentence: which screen the agent shows, its question, and what answers it."""
+    name, kind = agent["name"], kind_of(agent)
+    rows = agent_screen(agent)
+    known = kind.first_screen(rows) or {"fix": None}
+    title = SCREEN_TITLES.get(st["needs"], "a dialog of %s's") % kind.name
+    said = "%s %s" % (title, json.dumps(st["detail"] or "unreadable", ensure_ascii=False))
+    if known["fix"]:
+        return ("%s, which no key in its window answers: %s, then `orch kill %s` and `orch "
+                "resume %s`" % (said, known["fix"], name, name))
+    dialog = choice_dialog(rows, said=True)
+    choices = " (%s)" % choices_text(dialog) if dialog else ""
+    trust = ", or start it with --trust" if st["needs"] == "trust" else ""
+    return "%s: answer with `orch approve %s --choice N`%s or `orch attach %s`%s" % (
+        said, name, choices, name, trust)
+
+
+def first_screen_refusal(agent, st):
+    return OrchError("agent %s waits at %s; nothing was typed (any Enter would answer it, so "
+                     "not even with --force)" % (agent["name"], screen_advice(agent, st)),
+                     EXIT_NEEDS_INPUT)
+
+
+def kept_path(name):
+    return os.path.join(agent_dir(name), "kept-message")
+
+
+def keep_first(name, text):
+    """Keep the first message of an agent that stopped at a first screen (private file)."""
+    write_file_atomic(kept_path(name), text)
+
+
+def kept_first(name):
+    """The first message orch keeps for this agent, or None."""
+    try:
+        with open(kept_path(name), encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def drop_kept(name):
+    try:
+        os.unlink(kept_path(name))
+    except FileNotFoundError:
+        pass
+
+
+def send_kept(agent, timeout=None):
+    """Type the kept first message; it is dropped once it may have been typed, never twice."""
+    name = agent["name"]
+    text = kept_first(name)
+    if text is None:
+        raise OrchError("agent %s has no first message kept: orch keeps one only when an agent "
+                        "stopped at a screen before its first message" % name, EXIT_USAGE)
+    try:
+        outcome = send_message(agent, text, raw=True, timeout=timeout)
+    except OrchError as e:
+        if e.code in (EXIT_UNCONFIRMED, EXIT_MIXED):
+            drop_kept(name)     # it may be in: typing it again could deliver it twice
+        raise
+    drop_kept(name)
+    return outcome
+
+
+def after_first_screen(agent):
+    """Once approve answered a first screen: wait for the next, or type the kept message.
+
+    Returns the exit code; prints what happened.
+    """
+    name = agent["name"]
+    st = wait_until_started(agent, env_seconds("ORCH_START_TIMEOUT", 60))
+    if at_first_screen(st):
+        print("%s: now waits at %s%s" % (name, screen_advice(agent, st),
+                                         "; its first message is still kept"
+                                         if kept_first(name) is not None else ""))
+        return EXIT_NEEDS_INPUT
+    if st["status"] == "starting":
+        raise OrchError("agent %s did not report ready after the screen was answered; look "
+                        "with `orch tail %s`" % (name, name), EXIT_UNCONFIRMED)
+    if kept_first(name) is not None:
+        print("%s: first message %s" % (name, send_kept(agent)))
     return EXIT_OK
 
 
@@ -4170,18 +4365,29 @@ def tmux_confirm_start(agent, first):
         return EXIT_OK, " (%s, tmux)%s" % (kind.label(agent), outcome), hint
     timeout = env_seconds("ORCH_START_TIMEOUT", 60)
     st = wait_until_started(agent, timeout)
-    if st["status"] == "needs-input" and st["needs"] == "trust":
-        return (EXIT_NEEDS_INPUT, ", but it is waiting at a %s dialog: answer it with "
-                "`orch attach %s` (or start it with --trust)%s" % (
-                    st["needs"], name, "; its first message was not typed: `orch send %s` "
-                    "it once the dialog is answered" % name if first else ""), None)
+    if at_first_screen(st):
+        return EXIT_NEEDS_INPUT, ", but it waits at %s%s" % (
+            screen_advice(agent, st), kept_words(agent, first)), None
     if st["status"] == "starting":
         raise OrchError("agent %s is running but did not report ready within %gs; "
                         "look with `orch tail %s`" % (name, timeout, name), EXIT_UNCONFIRMED)
+    drop_kept(name)     # typed now: never again by approve or resume
     outcome = ", first message " + send_message(agent, first, raw=True) if first is not None \
         else ""
     session = kind.session_id(agent) or "named at its first message"
     return EXIT_OK, " (%s, tmux, session %s)%s" % (kind.label(agent), session, outcome), hint
+
+
+def kept_words(agent, first):
+    """Keep the first message of an agent at a first screen; say where it goes."""
+    name = agent["name"]
+    if first is None:
+        return ""
+    keep_first(name, first)
+    how = "`orch resume %s` types it" % name if (kind_of(agent).first_screen(
+        agent_screen(agent)) or {}).get("fix") else "`orch approve %s --choice N` types it once the " \
+        "screen is answered (`orch send %s --kept` if you answer it yourself)" % (name, name)
+    return "; its first message was not typed: orch keeps it, and %s" % how
 
 
 class undo_on_failure(object):
@@ -4248,6 +4454,13 @@ def cmd_send(args):
     if not many and args.name is None:
         raise OrchError("the following arguments are required: name", EXIT_USAGE)
     message = args.name if many else args.message
+    if args.kept:
+        if many or message is not None:
+            raise OrchError("--kept sends the first message orch kept for one agent: give "
+                            "only its name", EXIT_USAGE)
+        agent = find_agent(load_state(), check_name(args.name))
+        print("%s: %s" % (agent["name"], send_kept(agent, args.timeout)))
+        return EXIT_OK
     state = load_state()
     agents = chosen_agents(state, args) if many else [find_agent(state, check_name(args.name))]
     text = read_text("-" if message in (None, "-") else message, what="message")
@@ -4647,8 +4860,8 @@ def report_problems(state):
 
 def status_label(row):
     label = row["status"]
-    if row["needs"] == "dialog" and row.get("detail"):
-        label += " (dialog: %s)" % shorten(row["detail"], 40)
+    if row["needs"] in SCREEN_TITLES and row.get("detail"):     # what it asks, in its words
+        label += " (%s: %s)" % (row["needs"], shorten(row["detail"], 40))
     elif row["needs"]:
         label += " (%s)" % row["needs"]
     if row["status"] == "exited" and row["exit_code"] is not None:
@@ -4960,6 +5173,8 @@ def cmd_resume(args):
     message = read_text(args.message, what="message")
     if message is not None:
         message = escape_leading(message)
+    else:
+        message = kept_first(name)      # spawn's first message, never typed: a first screen
     agent = resume_start(name, message, args)
     return finish_start(agent, message, "resumed")
 
@@ -5158,13 +5373,23 @@ def parse_claude_version(text):
 
 
 def ask_version(path):
-    """What `PROGRAM --version` prints; an error (a doctor problem line) if it does not run."""
+    """What `PROGRAM --version` prints; an error (a doctor problem line) if it does not run.
+
+    In a home of its own, thrown away after: doctor writes nothing of the
+    user's, and gemini 0.61.0 writes into ~/.gemini even for --version.
+    """
+    import shutil
+    import tempfile
+    home = tempfile.mkdtemp(prefix="orch-doctor-")
+    env = dict((k, v) for k, v in os.environ.items() if k not in ("CODEX_HOME", "GEMINI_CLI_HOME"))
     try:
         return subprocess.run([path, "--version"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              stdin=subprocess.DEVNULL, timeout=30).stdout.decode("utf-8",
-                                                                                  "replace")
+                              stdin=subprocess.DEVNULL, timeout=30, env=dict(env, HOME=home)
+                              ).stdout.decode("utf-8", "replace")
     except (OSError, subprocess.TimeoutExpired) as e:
         raise OrchError("%s --version failed: %s" % (path, e))
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def check_claude():
@@ -5184,14 +5409,123 @@ def check_claude():
     if not TESTED_CLAUDE[0] <= version <= TESTED_CLAUDE[1]:
         return [finding("warning", "claude", "Claude Code %s (%s) is outside the versions orch "
                         "is tested with (%s): it may work; if send or status misbehave, install "
-                        "one of those" % (shown, path, tested))]
-    return [finding("ok", "claude", "Claude Code %s (%s), tested range %s" % (shown, path, tested))]
+                        "one of those" % (shown, path, tested))] + sign_in_findings(ClaudeKind)
+    return [finding("ok", "claude", "Claude Code %s (%s), tested range %s" % (
+        shown, path, tested))] + sign_in_findings(ClaudeKind)
 
 
-def check_optional_cli(check, program, title, package, variable, tested, usable):
-    """An agent CLI orch can run but does not need: its version, and whether its hooks work."""
+def sign_in_findings(kind):
+    """A warning if the installed CLI of kind would stop at a first-run screen here."""
+    problem = kind.sign_in_problem()
+    return [finding("warning", "sign-in", problem)] if problem else []
+
+
+def key_hint(key):
+    """A key as orch may show it: its last 4 characters."""
+    return "\u2026" + key[-4:] if len(key) > 8 else "(short)"
+
+
+def claude_sign_in_problem():
+    """Why claude would stop at its API-key question or have no login, or None (reads only).
+
+    Claude asks once per key whether to use an ANTHROPIC_API_KEY it finds,
+    and records the answer in ~/.claude.json (customApiKeyResponses, by the
+    key's last 20 characters).
+    """
+    config = read_json(os.path.join(os.path.expanduser("~"), ".claude.json"))
+    config = config if isinstance(config, dict) else {}
+    if config.get("hasCompletedOnboarding") is not True:
+        return ("claude has never been set up for this account (no hasCompletedOnboarding in "
+                "~/.claude.json): run `claude` once in a terminal and go through its first "
+                "screens")
+    key = os.environ.get("ANTHROPIC_API_KEY")
+    answers = config.get("customApiKeyResponses")
+    answers = answers if isinstance(answers, dict) else {}
+    if key:
+        if key[-20:] in (answers.get("approved") or []):
+            return None
+        if key[-20:] in (answers.get("rejected") or []):
+            return ("claude was told not to use the ANTHROPIC_API_KEY here (%s)%s: run `claude`, "
+                    "then /login, or unset the key" % (key_hint(key), "" if has_claude_login(
+                        config) else " and has no login, so its turns will fail"))
+        return ("claude has not been told whether to use the ANTHROPIC_API_KEY here (%s): every "
+                "agent stops at \"Do you want to use this API key?\"; run `claude` once and "
+                "answer Yes, or `orch approve NAME --choice 1` at that question" % key_hint(key))
+    if has_claude_login(config) or any(os.environ.get(v) for v in CLAUDE_OTHER_AUTH):
+        return None
+    return ("claude has no API key and no login here: its agents start, but every turn fails "
+            "(\"Not logged in\"); run `claude`, then /login, or set ANTHROPIC_API_KEY")
+
+
+# Ways to give claude credentials other than an API key or a login.
+CLAUDE_OTHER_AUTH = ("ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN", "CLAUDE_CODE_USE_BEDROCK",
+                     "CLAUDE_CODE_USE_VERTEX", "CLAUDE_CODE_USE_FOUNDRY")
+
+
+def has_claude_login(config):
+    """True when claude keeps a login here (an OAuth account, a credentials file, a key helper)."""
+    folder = os.path.join(os.path.expanduser("~"), ".claude")
+    settings = read_json(os.path.join(folder, "settings.json"))
+    return bool(config.get("oauthAccount")) or os.path.exists(
+        os.path.join(folder, ".credentials.json")) or bool(
+        isinstance(settings, dict) and settings.get("apiKeyHelper"))
+
+
+def codex_sign_in_problem():
+    """Why codex would stop at its sign-in screen, or None.
+
+    Codex asks a new user to sign in unless it has a login (auth.json: an
+    API key or tokens) or a model_provider of the user's own, which needs
+    none.  `codex login status` would tell too, but it writes helper files
+    into CODEX_HOME, and doctor writes nothing.
+    """
+    home = os.environ.get("CODEX_HOME") or os.path.join(os.path.expanduser("~"), ".codex")
+    auth = read_json(os.path.join(home, "auth.json"))
+    if isinstance(auth, dict) and (auth.get("OPENAI_API_KEY") or auth.get("tokens")):
+        return None
+    try:
+        with open(os.path.join(home, "config.toml"), encoding="utf-8", errors="replace") as f:
+            config = f.read()
+    except OSError:
+        config = ""
+    top = re.split(r"(?m)^\s*\[", config)[0]     # the keys before the first table
+    if re.search(r'(?m)^\s*model_provider\s*=\s*"', top):
+        return None
+    if re.search(r'(?m)^\s*cli_auth_credentials_store\s*=\s*"(keyring|auto)"', top):
+        return ("codex keeps its login in the system keyring, which orch does not read: if "
+                "`codex login status` says \"Not logged in\", run `codex login`")
+    return ("codex is not signed in (no login in %s, no model_provider of your own): every "
+            "agent stops at \"Choose how you want to use Codex\"; run `codex login` (or "
+            "`codex login --with-api-key`)" % short_path(home))
+
+
+def gemini_sign_in_problem():
+    """Why gemini would stop at "How would you like to authenticate", or None.
+
+    It asks until an auth method is selected in its settings; measured on
+    0.61.0, GEMINI_API_KEY alone does not spare the question (it only puts
+    the cursor on "Use Gemini API Key").
+    """
+    for path in ("/etc/gemini-cli/settings.json", os.path.join(os.getcwd(), ".gemini",
+                                                                "settings.json"),
+                 os.path.join(os.path.expanduser("~"), ".gemini", "settings.json")):
+        security = gemini_settings(path).get("security")
+        auth = security.get("auth") if isinstance(security, dict) else None
+        if isinstance(auth, dict) and auth.get("selectedType"):
+            return None
+    key = os.environ.get("GEMINI_API_KEY")
+    how = ("choose \"Use Gemini API Key\" (it finds GEMINI_API_KEY, %s)" % key_hint(key)
+           if key else "choose how to sign in (or set GEMINI_API_KEY first)")
+    return ("gemini has no auth method selected in its settings: every agent stops at \"How "
+            "would you like to authenticate for this project?\"; run `gemini` once in a "
+            "terminal and %s" % how)
+
+
+def check_optional_cli(kind, title, package, variable, tested, usable):
+    """An agent CLI orch can run but does not need: its version, whether its hooks work, sign-in."""
     import shutil
-    path = shutil.which(os.environ.get(variable) or program)
+    check = kind.name
+    path = shutil.which(kind.command())
     if not path:
         return [finding("ok", check, "not installed (needed only for --agent %s: npm install "
                         "-g %s, or set %s)" % (check, package, variable))]
@@ -5204,16 +5538,16 @@ def check_optional_cli(check, program, title, package, variable, tested, usable)
         usable(os.getcwd())
     except OrchError as e:
         found.append(finding("problem", check, str(e)))
-    return found
+    return found + sign_in_findings(kind)
 
 
 def check_codex():
-    return check_optional_cli("codex", "codex", "Codex CLI", "@openai/codex", "ORCH_CODEX",
+    return check_optional_cli(CodexKind, "Codex CLI", "@openai/codex", "ORCH_CODEX",
                               TESTED_CODEX, refuse_project_codex_hooks)
 
 
 def check_gemini():
-    return check_optional_cli("gemini", "gemini", "Gemini CLI", "@google/gemini-cli",
+    return check_optional_cli(GeminiKind, "Gemini CLI", "@google/gemini-cli",
                               "ORCH_GEMINI", TESTED_GEMINI, lambda cwd: gemini_user_settings())
 
 
@@ -5399,6 +5733,34 @@ class AgentKind(object):
     session_id = staticmethod(hooked_session_id)
     QUIT_REASONS = ()   # reasons of its SessionEnd that mean someone quit it (/exit)
     # gemini's is "exit" for /quit and SIGTERM alike (a shutdown too): it cannot tell.
+    # The screens it may show before its input box that orch knows by name:
+    # (needs, words on the screen, what to do where no key in its window answers it).
+    FIRST_SCREENS = ()
+    hooks_before_screens = False    # its hooks say it started while such a screen is up
+
+    @classmethod
+    def first_screen(cls, rows):
+        """What stands between the CLI's start and its input box: {needs, question, fix} or None.
+
+        A screen the kind names is known by its words; any other dialog by its
+        shape (needs "dialog"), so a screen orch has never seen is no idle one.
+        """
+        found = known_screen(rows, cls.FIRST_SCREENS)
+        if found:
+            return found
+        dialog = choice_dialog(rows)
+        return dialog and {"needs": "dialog", "question": dialog["question"], "fix": None}
+
+    @classmethod
+    def screen_start(cls, rows):
+        """(status, needs, detail) its screen shows before its first hook, or None."""
+        found = cls.first_screen(rows)
+        return ("needs-input", found["needs"], found["question"]) if found else None
+
+    @classmethod
+    def sign_in_problem(cls):
+        """Why this CLI would stop at a first-run screen here (doctor), or None: it reads only."""
+        return None
 
     @classmethod
     def label(cls, agent):
@@ -5433,6 +5795,12 @@ class ClaudeKind(AgentKind):
     EVENTS = dict((event, event) for event in HOOK_EVENTS)    # orch's names are claude's
     headless = True     # `claude -p` runs under orch's supervisor too
     QUIT_REASONS = ("prompt_input_exit", "logout")      # signals say "other"
+    # No hook fires before these are answered (2.1.197-2.1.332).
+    FIRST_SCREENS = (("trust", r"trust this folder|one you trust|Do you trust the files", None),
+                     ("api-key", r"Do you want to use this API key\?", None))
+    sign_in_problem = staticmethod(lambda: claude_sign_in_problem())
+
+    command = staticmethod(default_program)
 
     @staticmethod
     def program(args, agent=None):
@@ -5465,12 +5833,6 @@ class ClaudeKind(AgentKind):
     def session_id(agent):
         return backend_of(agent).session_id(agent)     # headless: from claude's own output
 
-    @staticmethod
-    def screen_start(rows):
-        """What the screen says before the first hook: only the trust dialog fires none."""
-        needs = screen_needs(rows)
-        return ("needs-input", needs) if needs else None
-
     typed_text = staticmethod(claude_typed_text)
     permission_dialog = staticmethod(dialog_on_screen)
 
@@ -5491,12 +5853,18 @@ class CodexKind(AgentKind):
               "PermissionRequest": "PermissionRequest", "Stop": "Stop",
               "Interrupt": "Interrupted", "SessionEnd": "SessionEnd"}
     COMPOSER = "\u203a"     # "›": codex's input line, and its dialogs' cursor
-    TRUST = ("Trust this folder?",)
+    FIRST_SCREENS = (("trust", r"Trust this folder\?", None),
+                     ("sign-in", r"Choose how you want to use Codex|Sign in with ChatGPT",
+                      "run `codex login` in a shell (or `codex login --with-api-key`), or give "
+                      "codex a model_provider of your own"))
+    sign_in_problem = staticmethod(lambda: codex_sign_in_problem())
     quit = staticmethod(lambda event: True)    # SessionEnd on /quit only: none on signals
+
+    command = staticmethod(lambda: os.environ.get("ORCH_CODEX") or "codex")
 
     @staticmethod
     def program(args, agent=None):
-        return find_program(os.environ.get("ORCH_CODEX") or "codex", "OpenAI's Codex CLI "
+        return find_program(CodexKind.command(), "OpenAI's Codex CLI "
                             "(npm install -g @openai/codex)", "ORCH_CODEX")
 
     @staticmethod
@@ -5536,8 +5904,8 @@ class CodexKind(AgentKind):
         argv += agent.get("extra_args") or []
         return argv + (["resume", resume_id] if resume_id else [])
 
-    @staticmethod
-    def screen_start(rows):
+    @classmethod
+    def screen_start(cls, rows):
         """Codex fires no hook until the first prompt: its input line, ready, means idle.
 
         Ready: the line under it names the model and folder ("m default · ~/src").
@@ -5545,13 +5913,14 @@ class CodexKind(AgentKind):
         on folder trust; the trust screen can still replace it then (measured
         on 0.169.0: "? for shortcuts" under it, the trust screen 0.3 s later).
         """
-        if screen_needs(rows, CodexKind.TRUST):
-            return ("needs-input", "trust")
+        found = super(CodexKind, cls).screen_start(rows)
+        if found:
+            return found
         at = codex_composer_row(rows)
         under = [row for row in rows[at + 1:] if row.strip()][:1] if at is not None else []
         if under and choice_dialog(rows, said=True) is None and \
                 re.match(r"^\s+\S.* \u00b7 .*[/~]", under[0]):
-            return ("idle", None)
+            return ("idle", None, None)
         return None
 
     @staticmethod
@@ -5583,11 +5952,18 @@ class GeminiKind(AgentKind):
     PLACEHOLDER = "Type your message or @path/to/file"
     CANCELLED = "Request cancelled."     # what it says when a dialog is cancelled (0.61.0)
     LOADING = ("Resuming session", "Executing Hook")    # input typed then can be lost
-    TRUST = ("Do you trust this folder?", "Do you trust the files in this folder?")
+    FIRST_SCREENS = (("trust", r"Do you trust (this folder|the files in this folder)\?", None),
+                     ("sign-in", r"How would you like to authenticate",
+                      "run `gemini` once in a terminal and choose how to sign in (with "
+                      "GEMINI_API_KEY set: \"Use Gemini API Key\")"))
+    hooks_before_screens = True     # SessionStart fires, then the sign-in screen (0.61.0)
+    sign_in_problem = staticmethod(lambda: gemini_sign_in_problem())
+
+    command = staticmethod(lambda: os.environ.get("ORCH_GEMINI") or "gemini")
 
     @staticmethod
     def program(args, agent=None):
-        return find_program(os.environ.get("ORCH_GEMINI") or "gemini", "Google's Gemini CLI "
+        return find_program(GeminiKind.command(), "Google's Gemini CLI "
                             "(npm install -g @google/gemini-cli)", "ORCH_GEMINI")
 
     new_session_id = staticmethod(ClaudeKind.new_session_id)    # gemini --session-id takes it
@@ -5624,10 +6000,12 @@ class GeminiKind(AgentKind):
         env = {k: v for k, v in env.items() if k not in ("CI", "GITHUB_ACTIONS")}
         return dict(env, GEMINI_CLI_HOME=gemini_home(agent["name"]))
 
-    @staticmethod
-    def screen_start(rows):
-        needs = screen_needs(rows, GeminiKind.TRUST)
-        return ("needs-input", needs) if needs else None
+    @classmethod
+    def first_screen(cls, rows):
+        """As for every kind, but nothing stands in the way while its input box is drawn."""
+        if gemini_input(rows) is not None:
+            return None
+        return super(GeminiKind, cls).first_screen(rows)
 
     @staticmethod
     def ready(agent):
@@ -5908,7 +6286,7 @@ class CommandKind(AgentKind):
 
     @staticmethod
     def screen_start(rows):
-        return None
+        return None     # a program of the user's: orch knows none of its screens
 
     typed_text = staticmethod(lambda agent: "")
     permission_dialog = staticmethod(lambda rows: None)
@@ -6103,6 +6481,9 @@ def add_send(sub, verb):
     p.add_argument("--force", action="store_true",
                    help="clear text someone left in the input box first; type even at a "
                         "dialog (Enter answers it!)")
+    p.add_argument("--kept", action="store_true",
+                   help="type the first message orch kept when the agent stopped at a screen "
+                        "before its input box (after you answered it yourself)")
     p.add_argument("--timeout", type=SECONDS, metavar="SECONDS",
                    help="seconds to wait for confirmation (default 10)")
     p.set_defaults(func=cmd_send)

@@ -67,7 +67,8 @@ FAKE_AGENT = r"""#!PYTHON
 # SWALLOW (the first Enter after it is lost); FAKE_REDRAW_LATE=S (the input box
 # empties S seconds after the hook, as on a busy machine); /model (a picker, no
 # hook, own status "dialog open"); FAKE_UPSELL=1 (a turn ends in 2.1.332's renderer
-# prompt unless --settings names "tui").  Logs to $FAKE_LOG/<pid>.jsonl.
+# prompt unless --settings names "tui"); FAKE_APIKEY=1 (2.1.332's API-key question,
+# choices without digits, before any hook).  Logs to $FAKE_LOG/<pid>.jsonl.
 # Versions differ; by default it acts like Claude Code 2.1.197.  Like 2.1.330:
 # FAKE_QUEUE=immediate (a message typed during a turn fires UserPromptSubmit at
 # once, with the running turn's prompt_id; its turn fires none), FAKE_PASTE_WRAP=1
@@ -325,8 +326,25 @@ def finish(reply):
     else:
         redraw_box()
 
+def draw_key_question():
+    say("\x1b[2J\x1b[H" + "\u2500" * 40)
+    say("  Detected a custom API key in your environment\n")
+    say("  Do you want to use this API key?\n")
+    for n, choice in enumerate(["Yes", "No (recommended)"], 1):
+        say(("  \u276f %s" if n == state["key_cursor"] else "    %s") % choice)
+    say("\n  Enter to confirm \u00b7 Esc to cancel")
+
+def answer_key_question(answer):
+    log("api key", answer=answer)
+    state["mode"] = "idle"
+    say("\x1b[2J\x1b[H")
+    start()
+
 def enter(text):
     mode = state["mode"]
+    if mode == "apikey":
+        answer_key_question(["Yes", "No"][state["key_cursor"] - 1])
+        return
     if mode == "trust":
         if text in ("", "1"):
             state["mode"] = "idle"
@@ -399,8 +417,13 @@ def escape():
             say("\u276f ")
     elif state["mode"] == "trust":
         sys.exit(1)
+    elif state["mode"] == "apikey":
+        answer_key_question("No")
 
-if os.environ.get("FAKE_TRUST") and not trusted():
+if os.environ.get("FAKE_APIKEY"):
+    state.update(mode="apikey", key_cursor=2)
+    draw_key_question()
+elif os.environ.get("FAKE_TRUST") and not trusted():
     state["mode"] = "trust"
     say("Is this a project you created or one you trust?")
     say("\u276f 1. Yes, I trust this folder\n  2. No, exit")
@@ -451,6 +474,9 @@ while True:
             key, data = ("up" if data[2:3] == b"A" else "down"), data[3:]
             if state["mode"] == "picker":
                 picker_key(key)
+            elif state["mode"] == "apikey":
+                state["key_cursor"] = 1 if key == "up" else 2
+                draw_key_question()
         elif data[:1] == b"\x1b":
             data = data[1:]
             escape()
@@ -513,7 +539,8 @@ class Env(object):
                     "FAKE_DIE_AT_START", "FAKE_START_DELAY", "FAKE_QUEUE", "FAKE_PASTE_WRAP",
                     "FAKE_DEFAULT_MODE", "FAKE_SLASH_AFTER_BLANKS", "FAKE_VERSION",
                     "FAKE_NO_HOOKS", "FAKE_NO_OPTION", "FAKE_DIALOG_GUARD", "FAKE_REDRAW_LATE",
-                    "FAKE_UPSELL", "ORCH_CODEX", "ORCH_GEMINI", "ORCH_AGENT"):
+                    "FAKE_UPSELL", "FAKE_APIKEY", "ORCH_CODEX", "ORCH_GEMINI", "ORCH_AGENT",
+                    "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "CODEX_HOME", "OPENAI_API_KEY"):
             monkeypatch.delenv(var, raising=False)
         env = {"HOME": self.home, "ORCH_STATE": os.path.join(root, "state.json"),
                "ORCH_TMUX_SOCKET": self.socket, "TMUX_TMPDIR": self.tmpdir,
@@ -724,6 +751,84 @@ def test_a_reply_that_quotes_a_dialog_is_no_dialog():
     assert orch.choice_dialog(SCREEN_UPSELL_2_1_332[:-5]) is None     # no keys line
     moved = [r.replace("\u276f 1.", "  1.") for r in SCREEN_UPSELL_2_1_332]
     assert orch.choice_dialog(moved) is None                        # no cursor
+
+
+# First screens, captured from the real CLIs in a fresh HOME (2026-12-04): what
+# each shows before its input box, with its box, cursor and keys as drawn.
+SCREEN_API_KEY_2_1_332 = [
+    "", RULE, "  Detected a custom API key in your environment", "",
+    "  ANTHROPIC_API_KEY: sk-ant-...0123456789abcdefghij", "", "  Do you want to use this API key?",
+    "", "    Yes", "  \u276f No (recommended)", "", "  Enter to confirm \u00b7 Esc to cancel", "", ""]
+SCREEN_API_KEY_2_1_197 = [row.replace("    Yes", "    1. Yes").replace("\u276f No", "\u276f 2. No")
+                          for row in SCREEN_API_KEY_2_1_332]
+SCREEN_TRUST_2_1_332 = [
+    RULE, " Accessing workspace:", "", " /tmp/work", "",
+    " Quick safety check: Is this a project you created or one you trust? (Like your own code, a "
+    "well-known open so", " project, or work from your team). If not, take a moment to review "
+    "what's in this folder first.", "", " Claude Code'll be able to read, edit, and execute files "
+    "here.", "", " Security guide", "", " \u276f No, exit", "   Yes, I trust this folder", "",
+    " Enter to confirm \u00b7 Esc to cancel"]
+SCREEN_CODEX_SIGN_IN_0_171 = [
+    "  Welcome to Codex, OpenAI's command-line coding agent", "",
+    "  Choose how you want to use Codex.", "", "> 1. Sign in with ChatGPT",
+    "     Usage included with Plus, Pro, Business, and Enterprise plans", "",
+    "  2. Sign in with Device Code", "     Sign in from another device with a one-time code", "",
+    "  3. Sign in another way", "     Use an API key or another provider", "",
+    "  Press enter to continue", ""]
+GEMINI_BOX = "\u2502%-100s\u2502"
+SCREEN_GEMINI_AUTH_0_61 = [" Gemini CLI v0.61.0", "", "\u256d" + "\u2500" * 100 + "\u256e"] + [
+    GEMINI_BOX % row for row in (
+        "", " ? Get started", "", "   How would you like to authenticate for this project?", "",
+        "   \u25cf 1. Sign in with Google", "     2. Use Gemini API Key", "     3. Vertex AI", "",
+        "   No authentication method selected.", "", "   (Use Enter to select)", "",
+        "   Terms of Services and Privacy Notice for Gemini CLI", "",
+        "   https://geminicli.com/docs/resources/tos-privacy/", "")] + [
+    "\u2570" + "\u2500" * 100 + "\u256f"]
+
+
+@pytest.mark.parametrize("rows, question, choices, cursor", [
+    (SCREEN_API_KEY_2_1_332, "Do you want to use this API key?", ["Yes", "No (recommended)"], 2),
+    (SCREEN_API_KEY_2_1_197, "Do you want to use this API key?", ["Yes", "No (recommended)"], 2),
+    (SCREEN_TRUST_2_1_332, "Accessing workspace:", ["No, exit", "Yes, I trust this folder"], 1),
+    (SCREEN_CODEX_SIGN_IN_0_171, "Welcome to Codex, OpenAI's command-line coding agent",
+     ["Sign in with ChatGPT", "Sign in with Device Code", "Sign in another way"], 1),
+    (SCREEN_GEMINI_AUTH_0_61, "How would you like to authenticate for this project?",
+     ["Sign in with Google", "Use Gemini API Key", "Vertex AI"], 1),
+])
+def test_first_screens_read_by_their_shape(rows, question, choices, cursor):
+    # Numbered or not, boxed or not, with any of the cursors ❯ > ●.
+    dialog = orch.choice_dialog(rows)
+    assert dialog["question"] == question
+    assert [dialog["choices"][n] for n in sorted(dialog["choices"])] == choices
+    assert dialog["cursor"] == cursor
+
+
+@pytest.mark.parametrize("kind, rows, needs, question", [
+    (orch.ClaudeKind, SCREEN_API_KEY_2_1_332, "api-key", "Do you want to use this API key?"),
+    (orch.ClaudeKind, SCREEN_API_KEY_2_1_197, "api-key", "Do you want to use this API key?"),
+    (orch.ClaudeKind, SCREEN_TRUST_2_1_332, "trust",
+     "Is this a project you created or one you trust?"),
+    (orch.CodexKind, SCREEN_CODEX_SIGN_IN_0_171, "sign-in", "Choose how you want to use Codex."),
+    (orch.GeminiKind, SCREEN_GEMINI_AUTH_0_61, "sign-in",
+     "How would you like to authenticate for this project?"),
+    # A screen no kind knows still stands in the way, under its own question.
+    (orch.ClaudeKind, SCREEN_UPSELL_2_1_332[6:], "dialog", "Try the new fullscreen renderer?"),
+    (orch.CodexKind, SCREEN_UPSELL_2_1_332[6:], "dialog", "Try the new fullscreen renderer?"),
+])
+def test_each_kind_names_the_first_screens_it_knows(kind, rows, needs, question):
+    assert kind.screen_start(rows) == ("needs-input", needs, question)
+    assert (kind.first_screen(rows)["fix"] is None) == (needs != "sign-in")
+
+
+def test_no_first_screen_where_the_input_box_is():
+    assert orch.ClaudeKind.first_screen(SCREEN_IDLE_QUOTING_A_DIALOG) is None
+    assert orch.CodexKind.screen_start(CODEX_IDLE) == ("idle", None, None)
+    typed = [RULE, "\u276f half typed", "  and more", RULE, "  esc to interrupt"]
+    assert orch.choice_dialog(typed) is None        # an input line is no cursor's choice
+    boxed = SCREEN_GEMINI_AUTH_0_61 + ["\u2500" * 60, " > Type your message or @path/to/file",
+                                       "\u2500" * 60]
+    assert orch.GeminiKind.first_screen(boxed) is None
+    assert orch.CommandKind.screen_start(SCREEN_API_KEY_2_1_332) is None
 
 
 @pytest.mark.parametrize("name", ["", "a b", "a.b", "a:b", "a/b", "-a", "_a", "é", "a" * 41,
@@ -2366,12 +2471,13 @@ CODEX_DIALOG = ["\u203a TOOL please", "", "\u2022 Running touch x", "",
 
 
 def test_codex_screens():
-    assert orch.CodexKind.screen_start(CODEX_IDLE) == ("idle", None)
+    assert orch.CodexKind.screen_start(CODEX_IDLE) == ("idle", None, None)
     assert orch.CodexKind.screen_start(CODEX_STARTING) is None    # trust not decided yet
-    assert orch.CodexKind.screen_start(CODEX_DIALOG) is None
+    assert orch.CodexKind.screen_start(CODEX_DIALOG) == (      # never idle at a dialog
+        "needs-input", "dialog", "Would you like to run the following command?")
     trust = ["  Folder access", "  /tmp/repo", "  Trust this folder? Codex can read...",
              "\u203a 1. Trust and continue", "  2. Back", "  enter continue \u00b7 esc back"]
-    assert orch.CodexKind.screen_start(trust) == ("needs-input", "trust")
+    assert orch.CodexKind.screen_start(trust) == ("needs-input", "trust", "Trust this folder?")
     dialog = orch.codex_dialog(CODEX_DIALOG)
     assert dialog["question"] == "Would you like to run the following command?"
     assert "  $ touch x" in dialog["above"]
@@ -3335,6 +3441,57 @@ def test_untrusted_folder_needs_input_and_send_refuses(env, capsys, monkeypatch)
     code, _, err = run(capsys, "send", "a1", "hello")
     assert code == orch.EXIT_NEEDS_INPUT and "trust" in err
     assert env.messages() == []
+
+
+def test_api_key_question_stops_spawn_and_approve_answers_it(env, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_APIKEY", "1")
+    code, out, _ = run(capsys, "spawn", "a1", "the task")
+    assert code == orch.EXIT_NEEDS_INPUT and out.count("\n") == 1, out
+    assert "API-key question \"Do you want to use this API key?\"" in out
+    assert "`orch approve a1 --choice N` (1. Yes, 2. No (recommended))" in out
+    assert "first message was not typed: orch keeps it" in out
+    row = status(capsys, "a1")
+    assert (row["status"], row["needs"], row["detail"]) == (
+        "needs-input", "api-key", "Do you want to use this API key?")
+    assert "needs-input (api-key: Do you want to use this API key?)" in run(capsys, "list")[1]
+    assert run(capsys, "wait", "a1", "--timeout", "5")[:2] == (
+        0, "a1: needs-input (api-key: Do you want to use this API key?)\n")
+    assert "1 needs input" in run(capsys, "status-line")[1]
+    for force in ([], ["--force"]):
+        code, _, err = run(capsys, "send", "a1", "typed anyway", *force)
+        assert code == orch.EXIT_NEEDS_INPUT and "nothing was typed" in err, err
+    assert run(capsys, "approve", "a1")[0] == orch.EXIT_NEEDS_INPUT    # names no choice
+    assert env.records("api key") == [] and env.messages() == []
+    code, out, err = run(capsys, "approve", "a1", "--choice", "1")
+    assert code == 0, err
+    assert out == ("a1: picked 1. Yes in the dialog \"Do you want to use this API key?\"\n"
+                   "a1: first message submitted\n")
+    assert [r["answer"] for r in env.records("api key")] == ["Yes"]
+    assert env.messages() == ["the task"]
+    assert wait_status(capsys, "a1", "idle")["needs"] is None
+    assert run(capsys, "send", "a1", "next")[:2] == (0, "a1: submitted\n")
+    code, _, err = run(capsys, "send", "a1", "--kept")      # typed once: nothing kept now
+    assert code == orch.EXIT_USAGE and "no first message kept" in err
+    assert env.messages() == ["the task", "next"]
+
+
+def test_a_kept_first_message_goes_once_by_resume_or_send_kept(env, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_APIKEY", "1")
+    assert run(capsys, "spawn", "a1", "/kept task")[0] == orch.EXIT_NEEDS_INPUT
+    assert run(capsys, "kill", "a1")[0] == 0
+    code, out, _ = run(capsys, "resume", "a1")      # at the same screen again: still kept
+    assert code == orch.EXIT_NEEDS_INPUT and "keeps it" in out
+    tmux_cmd("send-keys", "-t", env.state()["agents"]["a1"]["tmux"]["pane"], "Up", "Enter")
+    assert wait_status(capsys, "a1", "idle")
+    code, out, err = run(capsys, "send", "a1", "--kept")   # a person answered it by hand
+    assert (code, out) == (0, "a1: submitted\n"), err
+    assert env.messages() == ["\\/kept task"]      # escaped at spawn, as every first message
+    run(capsys, "kill", "a1")
+    code, out, _ = run(capsys, "resume", "a1")      # nothing left to keep
+    assert code == orch.EXIT_NEEDS_INPUT and "first message" not in out, out
+    code, _, err = run(capsys, "send", "a1", "--kept", "text too")
+    assert code == orch.EXIT_USAGE and "only its name" in err
+    assert env.messages() == ["\\/kept task"]
 
 
 def test_spawn_trust_marks_folder_and_keeps_other_keys(env, capsys, monkeypatch):
