@@ -980,6 +980,23 @@ def choice_dialog(rows, said=False):
             "keys": rows[keys].strip()}
 
 
+ENTRY_KEYS = r"(?i)\benter to (submit|continue|confirm)\b"
+
+
+def entry_dialog(rows):
+    """A screen that takes Enter and offers no choices (a field to fill, a notice), or None.
+
+    Gemini's "Enter Gemini API Key" box; a "Press enter to continue" page.
+    Returns {question, keys} like choice_dialog, without choices.
+    """
+    rows = unboxed(rows)
+    keys = next((i for i in range(len(rows) - 1, -1, -1) if re.search(KEYS_ROW, rows[i])), None)
+    if keys is None or not re.search(ENTRY_KEYS, rows[keys]) or has_input_box(rows[keys:]) \
+            or numbered_choices(rows, keys) or unnumbered_choices(rows, keys):
+        return None
+    return {"question": dialog_question(rows, keys), "keys": rows[keys].strip()}
+
+
 def numbered_choices(rows, keys):
     """(choices, cursor, first row) of "1. …" rows above the keys line, or None.
 
@@ -1053,18 +1070,19 @@ def sentence_at(row, start, end):
 
 
 def known_screen(rows, screens):
-    """The first of screens [(needs, words, fix)] whose words the screen shows, with its question.
+    """The first of screens [(needs, words, keys, fix)] whose words the screen shows.
 
-    Returns {needs, question, fix} or None; the question is the sentence the
-    words were found in.
+    Returns {needs, question, keys, fix} or None; the question is the
+    sentence the words were found in.
     """
     rows = unboxed(rows[-40:])
-    for needs, words, fix in screens:
+    for needs, words, keys, fix in screens:
         said = [sentence_at(row, m.start(), m.end()) for row in rows
                 for m in [re.search(words, row)] if m]
         if said:    # the question, where the words are in a choice too ("Yes, I trust…")
             asked = [s for s in said if s.endswith("?")]
-            return {"needs": needs, "question": (asked[-1:] or said)[0], "fix": fix}
+            return {"needs": needs, "question": (asked[-1:] or said)[0], "keys": keys,
+                    "fix": fix}
     return None
 
 
@@ -1713,6 +1731,22 @@ def wait_until_started(agent, timeout):
         st = retry_until(exit_known, 1.0) or st
         raise exited_at_start(agent, st)
     return st
+
+
+def settle_start(agent, timeout):
+    """wait_until_started, then until its input box is usable or a screen stands before it.
+
+    Gemini's hooks say it started before it draws its first screen.
+    """
+    st = wait_until_started(agent, timeout)
+    if st["status"] in ("starting", "exited") or at_first_screen(st):
+        return st
+
+    def settled():
+        now = status_of(agent)
+        return now if at_first_screen(now) or now["status"] != "idle" or \
+            kind_of(agent).ready(agent) else None
+    return retry_until(settled, min(timeout, 15)) or st
 
 
 HOOK_GRACE = 5.0    # seconds from claude's own status file to its SessionStart hook (~0.6 s seen)
@@ -3250,15 +3284,37 @@ def approve_permission(agent, args):
     return EXIT_OK
 
 
+def submit_entry(agent, entry, choice):
+    """Press Enter at a first screen that offers no choices (what it shows is submitted)."""
+    name, question = agent["name"], json.dumps(entry["question"], ensure_ascii=False)
+    if choice is not None:
+        raise OrchError("agent %s's screen (%s) offers no choices; `orch approve %s` presses "
+                        "Enter there (%s), or `orch attach %s`" % (name, question, name,
+                                                                  entry["keys"], name),
+                        EXIT_USAGE)
+
+    def shown(rows):
+        found = entry_dialog(rows)
+        return found if found and found["question"] == entry["question"] else None
+    if not answer_dialog(agent, ["Enter"], entry["question"], find=shown):
+        raise OrchError("agent %s still shows %s after orch pressed Enter: look with `orch tail "
+                        "%s`" % (name, question, name), EXIT_UNCONFIRMED)
+    print("%s: pressed Enter at %s" % (name, question))
+
+
 def cmd_approve(args):
     name = check_name(args.name)
     agent = find_agent(load_state(), name)
     with SendLock(name):
         first = at_first_screen(status_of(agent))
         dialog = unhooked_dialog(agent)
-        if not dialog or args.tool:
+        entry = first and not dialog and entry_dialog(agent_screen(agent))
+        if entry and not args.tool:
+            submit_entry(agent, entry, args.choice)
+        elif not dialog or args.tool:
             return approve_permission(agent, args)
-        approve_unhooked(agent, dialog, args.choice)
+        else:
+            approve_unhooked(agent, dialog, args.choice)
     return after_first_screen(agent) if first else EXIT_OK
 
 
@@ -3306,17 +3362,19 @@ def screen_advice(agent, st):
     """One sentence: which screen the agent shows, its question, and what answers it."""
     name, kind = agent["name"], kind_of(agent)
     rows = agent_screen(agent)
-    known = kind.first_screen(rows) or {"fix": None}
+    known = kind.first_screen(rows) or {"keys": True, "fix": None}
     title = SCREEN_TITLES.get(st["needs"], "a dialog of %s's") % kind.name
     said = "%s %s" % (title, json.dumps(st["detail"] or "unreadable", ensure_ascii=False))
-    if known["fix"]:
+    if not known["keys"]:
         return ("%s, which no key in its window answers: %s, then `orch kill %s` and `orch "
                 "resume %s`" % (said, known["fix"], name, name))
     dialog = choice_dialog(rows, said=True)
-    choices = " (%s)" % choices_text(dialog) if dialog else ""
-    trust = ", or start it with --trust" if st["needs"] == "trust" else ""
-    return "%s: answer with `orch approve %s --choice N`%s or `orch attach %s`%s" % (
-        said, name, choices, name, trust)
+    entry = not dialog and entry_dialog(rows)
+    how = "`orch approve %s` (Enter: %s)" % (name, entry["keys"]) if entry else \
+        "`orch approve %s --choice N`%s" % (name, " (%s)" % choices_text(dialog) if dialog else "")
+    also = ", or start it with --trust" if st["needs"] == "trust" else \
+        " (%s)" % known["fix"] if known["fix"] else ""
+    return "%s: answer with %s or `orch attach %s`%s" % (said, how, name, also)
 
 
 def first_screen_refusal(agent, st):
@@ -3373,7 +3431,7 @@ def after_first_screen(agent):
     Returns the exit code; prints what happened.
     """
     name = agent["name"]
-    st = wait_until_started(agent, env_seconds("ORCH_START_TIMEOUT", 60))
+    st = settle_start(agent, env_seconds("ORCH_START_TIMEOUT", 60))
     if at_first_screen(st):
         print("%s: now waits at %s%s" % (name, screen_advice(agent, st),
                                          "; its first message is still kept"
@@ -4364,7 +4422,7 @@ def tmux_confirm_start(agent, first):
             outcome = ", first message " + send_message(agent, first, raw=True)
         return EXIT_OK, " (%s, tmux)%s" % (kind.label(agent), outcome), hint
     timeout = env_seconds("ORCH_START_TIMEOUT", 60)
-    st = wait_until_started(agent, timeout)
+    st = settle_start(agent, timeout)
     if at_first_screen(st):
         return EXIT_NEEDS_INPUT, ", but it waits at %s%s" % (
             screen_advice(agent, st), kept_words(agent, first)), None
@@ -4384,8 +4442,8 @@ def kept_words(agent, first):
     if first is None:
         return ""
     keep_first(name, first)
-    how = "`orch resume %s` types it" % name if (kind_of(agent).first_screen(
-        agent_screen(agent)) or {}).get("fix") else "`orch approve %s --choice N` types it once the " \
+    how = "`orch resume %s` types it" % name if not (kind_of(agent).first_screen(
+        agent_screen(agent)) or {"keys": True})["keys"] else "`orch approve %s --choice N` types it once the " \
         "screen is answered (`orch send %s --kept` if you answer it yourself)" % (name, name)
     return "; its first message was not typed: orch keeps it, and %s" % how
 
@@ -5734,7 +5792,8 @@ class AgentKind(object):
     QUIT_REASONS = ()   # reasons of its SessionEnd that mean someone quit it (/exit)
     # gemini's is "exit" for /quit and SIGTERM alike (a shutdown too): it cannot tell.
     # The screens it may show before its input box that orch knows by name:
-    # (needs, words on the screen, what to do where no key in its window answers it).
+    # (needs, words on the screen, whether a key in its window answers it, what
+    # else to do or None).
     FIRST_SCREENS = ()
     hooks_before_screens = False    # its hooks say it started while such a screen is up
 
@@ -5748,8 +5807,9 @@ class AgentKind(object):
         found = known_screen(rows, cls.FIRST_SCREENS)
         if found:
             return found
-        dialog = choice_dialog(rows)
-        return dialog and {"needs": "dialog", "question": dialog["question"], "fix": None}
+        dialog = choice_dialog(rows) or entry_dialog(rows)
+        return dialog and {"needs": "dialog", "question": dialog["question"], "keys": True,
+                           "fix": None}
 
     @classmethod
     def screen_start(cls, rows):
@@ -5796,8 +5856,9 @@ class ClaudeKind(AgentKind):
     headless = True     # `claude -p` runs under orch's supervisor too
     QUIT_REASONS = ("prompt_input_exit", "logout")      # signals say "other"
     # No hook fires before these are answered (2.1.197-2.1.332).
-    FIRST_SCREENS = (("trust", r"trust this folder|one you trust|Do you trust the files", None),
-                     ("api-key", r"Do you want to use this API key\?", None))
+    FIRST_SCREENS = (("trust", r"trust this folder|one you trust|Do you trust the files", True,
+                      None),
+                     ("api-key", r"Do you want to use this API key\?", True, None))
     sign_in_problem = staticmethod(lambda: claude_sign_in_problem())
 
     command = staticmethod(default_program)
@@ -5853,8 +5914,8 @@ class CodexKind(AgentKind):
               "PermissionRequest": "PermissionRequest", "Stop": "Stop",
               "Interrupt": "Interrupted", "SessionEnd": "SessionEnd"}
     COMPOSER = "\u203a"     # "›": codex's input line, and its dialogs' cursor
-    FIRST_SCREENS = (("trust", r"Trust this folder\?", None),
-                     ("sign-in", r"Choose how you want to use Codex|Sign in with ChatGPT",
+    FIRST_SCREENS = (("trust", r"Trust this folder\?", True, None),
+                     ("sign-in", r"Choose how you want to use Codex|Sign in with ChatGPT", False,
                       "run `codex login` in a shell (or `codex login --with-api-key`), or give "
                       "codex a model_provider of your own"))
     sign_in_problem = staticmethod(lambda: codex_sign_in_problem())
@@ -5952,10 +6013,13 @@ class GeminiKind(AgentKind):
     PLACEHOLDER = "Type your message or @path/to/file"
     CANCELLED = "Request cancelled."     # what it says when a dialog is cancelled (0.61.0)
     LOADING = ("Resuming session", "Executing Hook")    # input typed then can be lost
-    FIRST_SCREENS = (("trust", r"Do you trust (this folder|the files in this folder)\?", None),
-                     ("sign-in", r"How would you like to authenticate",
-                      "run `gemini` once in a terminal and choose how to sign in (with "
-                      "GEMINI_API_KEY set: \"Use Gemini API Key\")"))
+    FIRST_SCREENS = (("trust", r"Do you trust (this folder|the files in this folder)\?", True,
+                      None),
+                     ("sign-in", r"How would you like to authenticate", True,
+                      "with GEMINI_API_KEY set, \"Use Gemini API Key\" takes it; run `gemini` "
+                      "once in a terminal to be asked no more"),
+                     # Shown after "Use Gemini API Key", the key from GEMINI_API_KEY filled in.
+                     ("api-key", r"Enter Gemini API Key", True, None))
     hooks_before_screens = True     # SessionStart fires, then the sign-in screen (0.61.0)
     sign_in_problem = staticmethod(lambda: gemini_sign_in_problem())
 

@@ -8,6 +8,7 @@ orch.py as a separate process, once per interpreter in `make test-pythons`.
 """
 
 import argparse
+import hashlib
 import http.server
 import io
 import json
@@ -817,7 +818,7 @@ def test_first_screens_read_by_their_shape(rows, question, choices, cursor):
 ])
 def test_each_kind_names_the_first_screens_it_knows(kind, rows, needs, question):
     assert kind.screen_start(rows) == ("needs-input", needs, question)
-    assert (kind.first_screen(rows)["fix"] is None) == (needs != "sign-in")
+    assert kind.first_screen(rows)["keys"] == (kind is not orch.CodexKind or needs != "sign-in")
 
 
 def test_no_first_screen_where_the_input_box_is():
@@ -2977,15 +2978,84 @@ def doctor(capsys):
     return code, dict((f["check"], (f["level"], f["message"])) for f in found)
 
 
+def tree_of(folder):
+    """Every file and folder under folder with its content's hash and mode."""
+    found = {}
+    for top, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(top, name)
+            info = os.lstat(path)
+            data = b""
+            if stat.S_ISREG(info.st_mode):
+                with open(path, "rb") as f:
+                    data = f.read()
+            found[os.path.relpath(path, folder)] = (info.st_mode, hashlib.sha256(data).hexdigest())
+    return found
+
+
 def test_doctor_all_well_and_changes_nothing(env, capsys, monkeypatch):
+    write_claude_config(env.home, [], {"oauthAccount": {"emailAddress": "a@example.com"}})
+    before = tree_of(env.home)
     code, found = doctor(capsys)
-    assert code == 0 and [level for level, _ in found.values()] == ["ok"] * 9
+    assert code == 0 and [level for level, _ in found.values()] == ["ok"] * 9, found
+    assert tree_of(env.home) == before
     assert "tmux 3" in found["tmux"][1] and "Claude Code 2.1.197" in found["claude"][1]
     assert "needed only for --agent codex" in found["codex"][1] or "Codex CLI" in found["codex"][1]
     assert "does not exist yet" in found["state"][1] and "does not exist yet" in found["data"][1]
     assert not os.path.exists(os.environ["ORCH_STATE"]) and not os.path.exists(orch.data_dir())
     monkeypatch.setenv("TMUX", "/tmp/elsewhere,1,0")
     assert "orch ignores it" in doctor(capsys)[1]["$TMUX"][1]
+
+
+def test_doctor_warns_where_claude_would_stop_at_a_first_screen(env, capsys, monkeypatch):
+    assert "never been set up" in doctor(capsys)[1]["sign-in"][1]
+    key = "sk-ant-api03-secret-part-0123456789abcdefWXYZ"
+    monkeypatch.setenv("ANTHROPIC_API_KEY", key)
+    write_claude_config(env.home, [], {"customApiKeyResponses": {"approved": [], "rejected": []}})
+    before = tree_of(env.home)
+    code, out, _ = run(capsys, "doctor")
+    assert code == 0 and key[:-4] not in out and "WXYZ" in out
+    level, message = doctor(capsys)[1]["sign-in"]
+    assert level == "warning" and message.startswith("claude ")
+    assert "Do you want to use this API key?" in message and "orch approve" in message
+    write_claude_config(env.home, [], {"customApiKeyResponses": {"approved": [],
+                                                                 "rejected": [key[-20:]]}})
+    assert "told not to use" in doctor(capsys)[1]["sign-in"][1]
+    write_claude_config(env.home, [], {"customApiKeyResponses": {"approved": [key[-20:]]}})
+    assert "sign-in" not in doctor(capsys)[1]
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    assert "no API key and no login" in doctor(capsys)[1]["sign-in"][1]
+    write_claude_config(env.home, [], {"oauthAccount": {"emailAddress": "a@example.com"}})
+    before = tree_of(env.home)
+    assert "sign-in" not in doctor(capsys)[1]
+    assert tree_of(env.home) == before
+
+
+def test_doctor_warns_where_codex_or_gemini_would_stop_at_sign_in(env, capsys, monkeypatch):
+    write_claude_config(env.home, [], {"oauthAccount": {"emailAddress": "a@example.com"}})
+    for name, says in (("codex", "codex-cli 0.169.0"), ("gemini", "0.61.0")):
+        path = os.path.join(env.root, name)
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\necho '%s'\n" % says)
+        os.chmod(path, 0o755)
+        monkeypatch.setenv("ORCH_" + name.upper(), path)
+    codex_home = os.path.join(env.home, ".codex")
+    os.makedirs(codex_home)
+    os.makedirs(os.path.join(env.home, ".gemini"))
+    found = [f for f in json.loads(run(capsys, "doctor", "--json")[1]) if f["check"] == "sign-in"]
+    assert [f["message"].split()[0] for f in found] == ["codex", "gemini"]
+    assert "codex login" in found[0]["message"] and "run `gemini` once" in found[1]["message"]
+    with open(os.path.join(codex_home, "config.toml"), "w") as f:
+        f.write('model_provider = "mine"\n[model_providers.mine]\nname = "m"\n')
+    with open(os.path.join(env.home, ".gemini", "settings.json"), "w") as f:
+        json.dump({"security": {"auth": {"selectedType": "gemini-api-key"}}}, f)
+    before = tree_of(env.home)
+    assert "sign-in" not in doctor(capsys)[1]
+    assert tree_of(env.home) == before
+    os.unlink(os.path.join(codex_home, "config.toml"))
+    with open(os.path.join(codex_home, "auth.json"), "w") as f:
+        json.dump({"auth_mode": "apikey", "OPENAI_API_KEY": "sk-x"}, f)
+    assert "sign-in" not in doctor(capsys)[1]
 
 
 def test_doctor_warns_about_untested_claude_and_gone_agents(env, capsys, monkeypatch):
@@ -5065,6 +5135,43 @@ def test_e2e_round_trip_on_a_remote_host(claude, monkeypatch):
         world.stop()
 
 
+def sign_in_warning(capsys, cli="claude"):
+    """doctor's sign-in warning (level, message) about one CLI, or None."""
+    found = [f for f in json.loads(run(capsys, "doctor", "--json")[1]) if f["check"] == "sign-in"
+             and f["message"].startswith(cli + " ")]
+    assert len(found) <= 1, found
+    return (found[0]["level"], found[0]["message"]) if found else None
+
+
+def test_e2e_api_key_question_first_contact(claude, capsys):
+    # A new user's first screen: claude never asked about the key in the environment.
+    write_claude_config(claude.home, [claude.work],
+                        {"customApiKeyResponses": {"approved": [], "rejected": []}})
+    level, message = sign_in_warning(capsys)
+    assert level == "warning" and "Do you want to use this API key?" in message
+    assert E2E_KEY[:-4] not in message and E2E_KEY[-4:] in message
+    code, out, err = run(capsys, "spawn", "k1", "first words")
+    assert code == orch.EXIT_NEEDS_INPUT, (out, err)
+    assert "API-key question \"Do you want to use this API key?\"" in out
+    assert "`orch approve k1 --choice N` (1. Yes, 2. No (recommended))" in out
+    assert "its first message was not typed: orch keeps it" in out
+    row = status(capsys, "k1")
+    assert (row["status"], row["needs"], row["detail"]) == (
+        "needs-input", "api-key", "Do you want to use this API key?")
+    for force in ([], ["--force"]):
+        code, _, err = run(capsys, "send", "k1", "typed anyway", *force)
+        assert code == orch.EXIT_NEEDS_INPUT and "nothing was typed" in err
+    assert "typed anyway" not in run(capsys, "tail", "k1")[1]
+    assert claude.api.texts() == []
+    code, out, err = run(capsys, "approve", "k1", "--choice", "1")
+    assert code == 0 and "picked 1. Yes" in out and "k1: first message submitted" in out, (out, err)
+    assert retry_until(lambda: claude.api.texts()) == ["first words"]
+    assert run(capsys, "wait", "k1", "--timeout", "60")[:2] == (0, "k1: idle\n")
+    assert run(capsys, "send", "k1", "and then")[:2] == (0, "k1: submitted\n")
+    assert retry_until(lambda: claude.api.texts()[1:]) == ["and then"]
+    assert sign_in_warning(capsys) is None      # claude recorded the answer itself
+
+
 def test_e2e_untrusted_folder_and_spawn_trust(claude, capsys, tmp_path):
     fresh = tmp_path / "untrusted"
     fresh.mkdir()
@@ -5672,6 +5779,36 @@ def test_e2e_codex_approve_once_and_deny(codex, capsys):
     approve_once_and_deny(codex, capsys, "codex", "Bash")
 
 
+def test_e2e_codex_sign_in_screen_first_contact(codex, capsys):
+    # A new user: never signed in, and no model_provider of their own.
+    with open(codex.codex_config) as f:
+        theirs = f.read()
+    with open(codex.codex_config, "w") as f:
+        f.write("\n".join(line for line in theirs.splitlines()
+                          if not line.startswith("model_provider")))
+    level, message = sign_in_warning(capsys, "codex")
+    assert level == "warning" and message.startswith("codex is not signed in")
+    code, out, err = run(capsys, "spawn", "c1", "--agent", "codex", "first words")
+    assert code == orch.EXIT_NEEDS_INPUT, (out, err)
+    assert "sign-in screen \"Choose how you want to use Codex.\"" in out
+    assert "no key in its window answers: run `codex login`" in out
+    assert "orch keeps it, and `orch resume c1` types it" in out
+    row = status(capsys, "c1")
+    assert (row["status"], row["needs"], row["detail"]) == (
+        "needs-input", "sign-in", "Choose how you want to use Codex.")
+    for force in ([], ["--force"]):
+        assert run(capsys, "send", "c1", "typed anyway", *force)[0] == orch.EXIT_NEEDS_INPUT
+    assert codex.api.texts() == [] and "typed anyway" not in run(capsys, "tail", "c1")[1]
+    with open(codex.codex_config, "w") as f:        # signed in their own way: a provider
+        f.write(theirs)
+    assert sign_in_warning(capsys, "codex") is None
+    assert run(capsys, "kill", "c1")[0] == 0
+    code, out, err = run(capsys, "resume", "c1")
+    assert code == 0 and "first message submitted" in out, (out, err)
+    assert retry_until(lambda: codex.api.texts()) == ["first words"]
+    assert run(capsys, "wait", "c1", "--timeout", "60")[:2] == (0, "c1: idle\n")
+
+
 def test_e2e_codex_trust_and_the_users_files(codex, capsys, tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -5843,6 +5980,38 @@ def gemini(env, monkeypatch):
     stop_recorded_agents()
     env.stop()
     api.stop()
+
+
+def test_e2e_gemini_sign_in_screen_first_contact(gemini, capsys):
+    # No auth method chosen yet: gemini asks, even with GEMINI_API_KEY set (0.61.0).
+    write_gemini_settings(gemini.home, [gemini.work], {"security": {}})
+    level, message = sign_in_warning(capsys, "gemini")
+    assert level == "warning" and message.startswith("gemini has no auth method selected")
+    code, out, err = run(capsys, "spawn", "g1", "--agent", "gemini", "first words")
+    assert code == orch.EXIT_NEEDS_INPUT, (out, err)
+    assert "sign-in screen \"How would you like to authenticate for this project?\"" in out
+    assert "`orch approve g1 --choice N` (1. Sign in with Google, 2. Use Gemini API Key" in out
+    row = status(capsys, "g1")      # its hooks said it started: still not idle
+    assert (row["status"], row["needs"], row["detail"]) == (
+        "needs-input", "sign-in", "How would you like to authenticate for this project?")
+    assert run(capsys, "wait", "g1", "--timeout", "5")[0] == 0
+    for force in ([], ["--force"]):
+        assert run(capsys, "send", "g1", "typed anyway", *force)[0] == orch.EXIT_NEEDS_INPUT
+    assert gemini.api.texts() == []
+    code, out, err = run(capsys, "approve", "g1", "--choice", "2")
+    assert code == orch.EXIT_NEEDS_INPUT and "picked 2. Use Gemini API Key" in out, (out, err)
+    # Then a field with the key from GEMINI_API_KEY in it, which Enter submits.
+    assert "now waits at gemini's API-key question \"Enter Gemini API Key\"" in out, out
+    assert "`orch approve g1` (Enter: " in out and "orch-e2e-key" not in out
+    assert status(capsys, "g1")["needs"] == "api-key"
+    code, out, err = run(capsys, "approve", "g1")
+    assert code == 0 and "pressed Enter" in out, (out, err)
+    assert "g1: first message submitted" in out, (out, err)
+    assert retry_until(lambda: gemini.api.texts()) == ["first words"]
+    assert run(capsys, "wait", "g1", "--timeout", "60")[:2] == (0, "g1: idle\n")
+    assert run(capsys, "send", "g1", "and then")[:2] == (0, "g1: submitted\n")
+    with open(gemini.gemini_settings) as f:     # the answer went to the agent's own copy
+        assert "selectedType" not in f.read()
 
 
 def test_e2e_gemini_spawn_send_wait_reply_log_kill_resume(gemini, capsys):
