@@ -5,7 +5,9 @@
 #                    (make e2e CLAUDE_CODE_VERSIONS=x.y.z tests another one)
 # make bench         timings at 10, 100 and 300 stand-in agents (--cmd and claude-path) against the floor,
 #                    over ssh against `ssh HOST true`, and resume --all after a reboot against
-#                    a loop of resume NAME
+#                    a loop of resume NAME, and how soon spawn returns at each CLI's first-run
+#                    screen (`python3 test_orch.py bench first` alone; the real CLIs with
+#                    ORCH_E2E_CLAUDE, ORCH_E2E_CODEX, ORCH_E2E_GEMINI)
 
 PYTHON ?= python3
 VENV := .venv

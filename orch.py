@@ -5259,13 +5259,29 @@ def resume_start(name, message, args, unless_running=False):
                             "%s`" % (name, agent["cwd"], name))
         close_window(agent)
         kind = kind_of(agent)
-        agent["session_id"] = kind.session_id(agent)
+        fresh = never_began(agent)
+        agent["session_id"] = kind.new_session_id() if fresh else kind.session_id(agent)
         program = kind.program(args, agent)
-        backend_of(agent).start(agent, program, message, resume_id=agent["session_id"])
+        backend_of(agent).start(agent, program, message,
+                                resume_id=None if fresh else agent["session_id"])
         started.append(agent)
         agent["resumed"] = agent.get("resumed", 0) + 1
         agent.pop("stopped", None)
     return agent
+
+
+def never_began(agent):
+    """True when the agent's session never began: nothing to resume, so start it afresh.
+
+    Its first message still kept (a first-run screen stopped it), or no hook
+    ever fired: claude keeps no conversation to `--resume` before one.
+    """
+    if kept_first(agent["name"]) is not None:
+        return True
+    if agent.get("backend", "tmux") != "tmux" or not kind_of(agent).hooks:
+        return False    # no hooks to tell: its own session id says it all
+    return not any(e.get("event") in ("SessionStart", "UserPromptSubmit")
+                   for e in read_events(agent["name"]))
 
 
 # ###########################################################################

@@ -3527,6 +3527,15 @@ def test_api_key_question_stops_spawn_and_approve_answers_it(env, capsys, monkey
     assert run(capsys, "wait", "a1", "--timeout", "5")[:2] == (
         0, "a1: needs-input (api-key: Do you want to use this API key?)\n")
     assert "1 needs input" in run(capsys, "status-line")[1]
+    feed = subprocess.Popen([sys.executable, ORCH, "events", "a1", "--json", "--since", "600"],
+                            stdout=subprocess.PIPE, universal_newlines=True)
+    try:
+        change = json.loads(next_line(feed_lines(feed)))
+        assert (change["to"], change["needs"], change["detail"]) == (
+            "needs-input", "api-key", "Do you want to use this API key?")
+    finally:
+        feed.kill()
+        feed.communicate()
     for force in ([], ["--force"]):
         code, _, err = run(capsys, "send", "a1", "typed anyway", *force)
         assert code == orch.EXIT_NEEDS_INPUT and "nothing was typed" in err, err
@@ -5170,6 +5179,17 @@ def test_e2e_api_key_question_first_contact(claude, capsys):
     assert run(capsys, "send", "k1", "and then")[:2] == (0, "k1: submitted\n")
     assert retry_until(lambda: claude.api.texts()[1:]) == ["and then"]
     assert sign_in_warning(capsys) is None      # claude recorded the answer itself
+    # Stopped at the question and then killed: resume starts it afresh (claude keeps
+    # no conversation before one), at the same question, the message still kept.
+    write_claude_config(claude.home, [claude.work],
+                        {"customApiKeyResponses": {"approved": [], "rejected": []}})
+    assert run(capsys, "spawn", "k2", "second agent's words")[0] == orch.EXIT_NEEDS_INPUT
+    assert run(capsys, "kill", "k2")[0] == 0
+    code, out, err = run(capsys, "resume", "k2")
+    assert code == orch.EXIT_NEEDS_INPUT and "orch keeps it" in out, (out, err)
+    code, out, err = run(capsys, "approve", "k2", "--choice", "1")
+    assert code == 0 and "k2: first message submitted" in out, (out, err)
+    assert retry_until(lambda: claude.api.texts(sid_of("k2"))) == ["second agent's words"]
 
 
 def test_e2e_untrusted_folder_and_spawn_trust(claude, capsys, tmp_path):
@@ -6473,6 +6493,89 @@ def bench_resume_all(agents=20, stagger=1.0):
         shutil.rmtree(root, ignore_errors=True)
 
 
+def first_screen_setups(root, work):
+    """(label, kind, env changes, spawn args) of each CLI at its first-run screen, as measured."""
+    setups = [("stand-in", orch.ClaudeKind, {"ORCH_CLAUDE": write_fake_agent(root),
+                                             "FAKE_APIKEY": "1"}, [])]
+    claude_bin = os.environ.get("ORCH_E2E_CLAUDE")
+    if claude_bin:
+        write_claude_config(root, [work], {"customApiKeyResponses": {"approved": []}})
+        setups.append(("claude %s" % ".".join(map(str, claude_version(claude_bin))),
+                       orch.ClaudeKind, {"ORCH_CLAUDE": claude_bin, "ANTHROPIC_API_KEY": E2E_KEY,
+                                         "ANTHROPIC_BASE_URL": "http://127.0.0.1:9",
+                                         "DISABLE_AUTOUPDATER": "1",
+                                         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}, []))
+    if os.environ.get("ORCH_E2E_CODEX"):
+        os.makedirs(os.path.join(root, ".codex"), exist_ok=True)
+        with open(os.path.join(root, ".codex", "config.toml"), "w") as f:
+            f.write('[projects."%s"]\ntrust_level = "trusted"\n' % work)
+        setups.append(("codex", orch.CodexKind, {"ORCH_CODEX": os.environ["ORCH_E2E_CODEX"]},
+                       ["--agent", "codex"]))
+    if os.environ.get("ORCH_E2E_GEMINI"):
+        write_gemini_settings(root, [work], {"security": {}})
+        setups.append(("gemini", orch.GeminiKind, {"ORCH_GEMINI": os.environ["ORCH_E2E_GEMINI"],
+                                                   "GEMINI_API_KEY": "bench-key"},
+                       ["--agent", "gemini"]))
+    return setups
+
+
+def bench_first_screens(repeat=3):
+    """How soon `spawn` returns at each CLI's first-run screen, against the screen's own start.
+
+    The floor is the same CLI started in a plain tmux window, its screen read
+    every 50 ms until the kind recognises the screen.  The real CLIs where
+    ORCH_E2E_CLAUDE, ORCH_E2E_CODEX, ORCH_E2E_GEMINI name them; the stand-in always.
+    """
+    root = tempfile.mkdtemp(prefix="obf", dir="/tmp")
+    work, logs = os.path.join(root, "work"), os.path.join(root, "logs")
+    os.makedirs(work)
+    os.makedirs(logs)
+    socket = "orchbenchf%d" % os.getpid()
+    base = dict(os.environ, HOME=root, ORCH_STATE=os.path.join(root, "state.json"),
+                ORCH_TMUX_SOCKET=socket, TMUX_TMPDIR=root, FAKE_LOG=logs)
+    for var in ("TMUX", "ORCH_TRACE", "ORCH_AGENT", "CI"):
+        base.pop(var, None)
+    orch_cmd = [sys.executable, ORCH]
+    print("\nspawn at a first-run screen (median of %d, s): when spawn returned; when the screen "
+          "was up" % repeat)
+    try:
+        for label, kind, extra, args in first_screen_setups(root, work):
+            env = dict(base, **extra)
+            program = extra.get("ORCH_CLAUDE") or extra.get("ORCH_CODEX") or extra["ORCH_GEMINI"]
+            spawned, drawn = [], []
+            for i in range(repeat):
+                start = time.time()
+                code = subprocess.run(orch_cmd + ["spawn", "f%d" % i, "hi", "--cwd", work] + args,
+                                      env=env, stdout=subprocess.DEVNULL).returncode
+                spawned.append(time.time() - start)
+                assert code == orch.EXIT_NEEDS_INPUT, (label, code)
+                subprocess.run(orch_cmd + ["rm", "--force", "f%d" % i], env=env,
+                               stdout=subprocess.DEVNULL)
+                script = os.path.join(root, "plain.sh")
+                with open(script, "w") as f:
+                    f.write("cd %s\n" % shlex.quote(work) + "".join(
+                        "export %s=%s\n" % (k, shlex.quote(v)) for k, v in env.items()
+                        if re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k)) + "exec %s\n"
+                        % shlex.quote(program))
+                start = time.time()
+                pane = subprocess.run(["tmux", "-L", socket, "new-session", "-d", "-P", "-F",
+                                       "#{pane_id}", "-x", "120", "-y", "40", "/bin/sh", script],
+                                      env=env,
+                                      stdout=subprocess.PIPE, universal_newlines=True,
+                                      check=True).stdout.strip()
+                while not kind.first_screen(subprocess.run(
+                        ["tmux", "-L", socket, "capture-pane", "-p", "-t", pane], env=env,
+                        stdout=subprocess.PIPE, universal_newlines=True).stdout.split("\n")):
+                    time.sleep(0.05)
+                drawn.append(time.time() - start)
+                subprocess.run(["tmux", "-L", socket, "kill-pane", "-t", pane], env=env)
+            s, d = statistics.median(spawned), statistics.median(drawn)
+            print("  %-16s spawn %.2f s, screen %.2f s (%.2fx)" % (label, s, d, s / d))
+    finally:
+        reboot(base)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def bench_table(rows):
     table = [["", "median", "min", "max", "tmux calls", ""]] + rows
     widths = [max(len(r[i]) for r in table) for i in range(6)]
@@ -6487,10 +6590,13 @@ if __name__ == "__main__" and sys.argv[1:2] == ["bench"]:
         bench_hosts(15)
     elif sys.argv[2:] == ["resume"]:
         bench_resume_all()
+    elif sys.argv[2:] == ["first"]:
+        bench_first_screens()
     else:
         bench(tuple(int(n) for n in sys.argv[2:]) or (10, 100, 300))
         bench_hosts(15)
         bench_resume_all()
+        bench_first_screens()
 elif __name__ == "__main__":
     # Run the fake API by hand: python3 test_orch.py PORT
     api = FakeAPI()
