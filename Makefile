@@ -18,7 +18,7 @@ E2E_DIR := .e2e
 claude_bin = $(E2E_DIR)/$(1)/node_modules/@anthropic-ai/claude-code/bin/claude.exe
 CLAUDE_BINS := $(foreach v,$(CLAUDE_CODE_VERSIONS),$(call claude_bin,$(v)))
 # The Codex CLI versions orch is tested against.
-CODEX_VERSIONS ?= 0.169.0
+CODEX_VERSIONS ?= 0.169.0 0.171.0
 codex_bin = $(E2E_DIR)/codex-$(1)/node_modules/.bin/codex
 CODEX_BINS := $(foreach v,$(CODEX_VERSIONS),$(call codex_bin,$(v)))
 # The Gemini CLI versions orch is tested against.

@@ -33,7 +33,7 @@ MIN_TMUX = (3, 0)
 # The range of Claude Code versions `make e2e` tests: the oldest supported and the newest.
 TESTED_CLAUDE = ((2, 1, 197), (2, 1, 332))
 # The Codex CLI versions `make e2e` tests (CODEX_VERSIONS in the Makefile).
-TESTED_CODEX = ((0, 169, 0),)
+TESTED_CODEX = ((0, 169, 0), (0, 171, 0))
 TESTED_GEMINI = ((0, 61, 0),)     # GEMINI_VERSIONS
 
 # Exit codes: scripts branch on these, so they are part of the interface.
@@ -922,10 +922,7 @@ def claude_session_file_status(agent, pid, newer_than=None):
     return data.get("status"), data.get("waitingFor"), changed
 
 
-# ---------------------------------------------------------------------------
-# Dialogs read by their shape: a question, choices with a cursor, a keys line
-# ---------------------------------------------------------------------------
-#
+# Dialogs read by their shape: a question, choices with a cursor, a keys line.
 # Every CLI stops at screens of its own before its input box is usable (an
 # API-key question, a sign-in picker, folder trust) and brings new ones with
 # new releases, so orch recognises a dialog by its shape, not its words:
@@ -5812,6 +5809,7 @@ class AgentKind(object):
     # else to do or None).
     FIRST_SCREENS = ()
     hooks_before_screens = False    # its hooks say it started while such a screen is up
+    keys_lines = True   # each of its dialogs has a keys line ("Enter to confirm")
 
     @classmethod
     def first_screen(cls, rows):
@@ -5820,10 +5818,11 @@ class AgentKind(object):
         A screen the kind names is known by its words; any other dialog by its
         shape (needs "dialog"), so a screen orch has never seen is no idle one.
         """
-        found = known_screen(rows, cls.FIRST_SCREENS)
+        dialog = choice_dialog(rows) or entry_dialog(rows)
+        # Its words alone could be a resumed conversation quoting them: a dialog's shape too.
+        found = known_screen(rows, cls.FIRST_SCREENS) if dialog or not cls.keys_lines else None
         if found:
             return found
-        dialog = choice_dialog(rows) or entry_dialog(rows)
         return dialog and {"needs": "dialog", "question": dialog["question"], "keys": True,
                            "fix": None}
 
@@ -6037,6 +6036,7 @@ class GeminiKind(AgentKind):
                      # Shown after "Use Gemini API Key", the key from GEMINI_API_KEY filled in.
                      ("api-key", r"Enter Gemini API Key", True, None))
     hooks_before_screens = True     # SessionStart fires, then the sign-in screen (0.61.0)
+    keys_lines = False  # its trust dialog has none (0.61.0); its input box rules out the rest
     sign_in_problem = staticmethod(lambda: gemini_sign_in_problem())
 
     command = staticmethod(lambda: os.environ.get("ORCH_GEMINI") or "gemini")

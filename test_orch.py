@@ -427,7 +427,7 @@ if os.environ.get("FAKE_APIKEY"):
 elif os.environ.get("FAKE_TRUST") and not trusted():
     state["mode"] = "trust"
     say("Is this a project you created or one you trust?")
-    say("\u276f 1. Yes, I trust this folder\n  2. No, exit")
+    say("\u276f 1. Yes, I trust this folder\n  2. No, exit\n Enter to confirm \u00b7 Esc to cancel")
 else:
     start()
 
@@ -830,6 +830,18 @@ def test_no_first_screen_where_the_input_box_is():
                                        "\u2500" * 60]
     assert orch.GeminiKind.first_screen(boxed) is None
     assert orch.CommandKind.screen_start(SCREEN_API_KEY_2_1_332) is None
+    quoted = ["\u276f what did it ask?", "\u25cf It asked: Do you want to use this API key?",
+              "  and whether you trust this folder", RULE, "\u276f ", RULE]
+    assert orch.ClaudeKind.first_screen(quoted) is None     # a resumed conversation, words only
+
+
+def test_gemini_trust_has_no_keys_line_and_still_stands_in_the_way():
+    rows = ["\u256d" + "\u2500" * 60] + [GEMINI_BOX % row for row in (
+        " Do you trust the files in this folder?", "", " Trusting a folder allows Gemini CLI to "
+        "load its local configurations", "", " \u25cf 1. Trust folder (work)",
+        "   2. Trust parent folder (tmp)", "   3. Don't trust", "")] + ["\u2570" + "\u2500" * 60]
+    assert orch.GeminiKind.screen_start(rows) == (
+        "needs-input", "trust", "Do you trust the files in this folder?")
 
 
 @pytest.mark.parametrize("name", ["", "a b", "a.b", "a:b", "a/b", "-a", "_a", "é", "a" * 41,
