@@ -4426,9 +4426,10 @@ def tmux_confirm_start(agent, first):
     if st["status"] == "starting":
         raise OrchError("agent %s is running but did not report ready within %gs; "
                         "look with `orch tail %s`" % (name, timeout, name), EXIT_UNCONFIRMED)
-    drop_kept(name)     # typed now: never again by approve or resume
-    outcome = ", first message " + send_message(agent, first, raw=True) if first is not None \
-        else ""
+    outcome = ""
+    if first is not None:
+        drop_kept(name)     # typed now (or replaced): never again by approve or resume
+        outcome = ", first message " + send_message(agent, first, raw=True)
     session = kind.session_id(agent) or "named at its first message"
     return EXIT_OK, " (%s, tmux, session %s)%s" % (kind.label(agent), session, outcome), hint
 
@@ -5337,7 +5338,7 @@ def resume_all(args):
             if started:
                 time.sleep(args.stagger)
             wait_for_memory(args.min_free, name)
-            agent = resume_start(name, None, args, unless_running=True)
+            agent = resume_start(name, kept_first(name), args, unless_running=True)
             if agent is None:
                 print("%s: running (resumed meanwhile by another orch), left as it is" % name)
                 continue
@@ -5347,7 +5348,7 @@ def resume_all(args):
             worst = worse(e.code, worst)
     for agent in started:
         try:
-            code, words, _ = backend_of(agent).confirm_start(agent, None)
+            code, words, _ = backend_of(agent).confirm_start(agent, kept_first(agent["name"]))
             print("%s: resumed%s" % (agent["name"], words))
             worst = worse(code, worst)
         except OrchError as e:

@@ -5164,6 +5164,25 @@ def sign_in_warning(capsys, cli="claude"):
     return (found[0]["level"], found[0]["message"]) if found else None
 
 
+def spawn_at_first_screen(capsys, name, args, needs, question):
+    """Spawn an agent that stops at a first-run screen; return spawn's line.
+
+    Exit 4 with one line quoting the question, the first message kept;
+    `list` says needs-input with the screen's name and question; a send is
+    refused, with --force too, and types nothing.
+    """
+    code, out, err = run(capsys, "spawn", name, *args)
+    assert code == orch.EXIT_NEEDS_INPUT and out.count("\n") == 1, (out, err)
+    assert json.dumps(question) in out and "its first message was not typed: orch keeps it" in out
+    row = status(capsys, name)
+    assert (row["status"], row["needs"], row["detail"]) == ("needs-input", needs, question)
+    for force in ([], ["--force"]):
+        code, _, err = run(capsys, "send", name, "typed anyway", *force)
+        assert code == orch.EXIT_NEEDS_INPUT and "nothing was typed" in err, err
+    assert "typed anyway" not in run(capsys, "tail", name)[1]
+    return out
+
+
 def test_e2e_api_key_question_first_contact(claude, capsys):
     # A new user's first screen: claude never asked about the key in the environment.
     write_claude_config(claude.home, [claude.work],
@@ -5171,18 +5190,10 @@ def test_e2e_api_key_question_first_contact(claude, capsys):
     level, message = sign_in_warning(capsys)
     assert level == "warning" and "Do you want to use this API key?" in message
     assert E2E_KEY[:-4] not in message and E2E_KEY[-4:] in message
-    code, out, err = run(capsys, "spawn", "k1", "first words")
-    assert code == orch.EXIT_NEEDS_INPUT, (out, err)
-    assert "API-key question \"Do you want to use this API key?\"" in out
+    out = spawn_at_first_screen(capsys, "k1", ["first words"], "api-key",
+                                "Do you want to use this API key?")
+    assert "claude's API-key question" in out
     assert "`orch approve k1 --choice N` (1. Yes, 2. No (recommended))" in out
-    assert "its first message was not typed: orch keeps it" in out
-    row = status(capsys, "k1")
-    assert (row["status"], row["needs"], row["detail"]) == (
-        "needs-input", "api-key", "Do you want to use this API key?")
-    for force in ([], ["--force"]):
-        code, _, err = run(capsys, "send", "k1", "typed anyway", *force)
-        assert code == orch.EXIT_NEEDS_INPUT and "nothing was typed" in err
-    assert "typed anyway" not in run(capsys, "tail", "k1")[1]
     assert claude.api.texts() == []
     code, out, err = run(capsys, "approve", "k1", "--choice", "1")
     assert code == 0 and "picked 1. Yes" in out and "k1: first message submitted" in out, (out, err)
@@ -5820,17 +5831,12 @@ def test_e2e_codex_sign_in_screen_first_contact(codex, capsys):
                           if not line.startswith("model_provider")))
     level, message = sign_in_warning(capsys, "codex")
     assert level == "warning" and message.startswith("codex is not signed in")
-    code, out, err = run(capsys, "spawn", "c1", "--agent", "codex", "first words")
-    assert code == orch.EXIT_NEEDS_INPUT, (out, err)
-    assert "sign-in screen \"Choose how you want to use Codex.\"" in out
+    out = spawn_at_first_screen(capsys, "c1", ["--agent", "codex", "first words"], "sign-in",
+                                "Choose how you want to use Codex.")
+    assert "codex's sign-in screen" in out
     assert "no key in its window answers: run `codex login`" in out
     assert "orch keeps it, and `orch resume c1` types it" in out
-    row = status(capsys, "c1")
-    assert (row["status"], row["needs"], row["detail"]) == (
-        "needs-input", "sign-in", "Choose how you want to use Codex.")
-    for force in ([], ["--force"]):
-        assert run(capsys, "send", "c1", "typed anyway", *force)[0] == orch.EXIT_NEEDS_INPUT
-    assert codex.api.texts() == [] and "typed anyway" not in run(capsys, "tail", "c1")[1]
+    assert codex.api.texts() == []
     with open(codex.codex_config, "w") as f:        # signed in their own way: a provider
         f.write(theirs)
     assert sign_in_warning(capsys, "codex") is None
@@ -6019,16 +6025,11 @@ def test_e2e_gemini_sign_in_screen_first_contact(gemini, capsys):
     write_gemini_settings(gemini.home, [gemini.work], {"security": {}})
     level, message = sign_in_warning(capsys, "gemini")
     assert level == "warning" and message.startswith("gemini has no auth method selected")
-    code, out, err = run(capsys, "spawn", "g1", "--agent", "gemini", "first words")
-    assert code == orch.EXIT_NEEDS_INPUT, (out, err)
-    assert "sign-in screen \"How would you like to authenticate for this project?\"" in out
+    # Its hooks say it started: still never idle.
+    out = spawn_at_first_screen(capsys, "g1", ["--agent", "gemini", "first words"], "sign-in",
+                                "How would you like to authenticate for this project?")
     assert "`orch approve g1 --choice N` (1. Sign in with Google, 2. Use Gemini API Key" in out
-    row = status(capsys, "g1")      # its hooks said it started: still not idle
-    assert (row["status"], row["needs"], row["detail"]) == (
-        "needs-input", "sign-in", "How would you like to authenticate for this project?")
     assert run(capsys, "wait", "g1", "--timeout", "5")[0] == 0
-    for force in ([], ["--force"]):
-        assert run(capsys, "send", "g1", "typed anyway", *force)[0] == orch.EXIT_NEEDS_INPUT
     assert gemini.api.texts() == []
     code, out, err = run(capsys, "approve", "g1", "--choice", "2")
     assert code == orch.EXIT_NEEDS_INPUT and "picked 2. Use Gemini API Key" in out, (out, err)
@@ -6444,6 +6445,20 @@ def bench_hosts(repeat, agents=100):
         shutil.rmtree(world.root, ignore_errors=True)
 
 
+def bench_world(letter):
+    """A private HOME (root), work folder, state and tmux server for one bench: (root, work, env)."""
+    root = tempfile.mkdtemp(prefix="ob" + letter, dir="/tmp")
+    work, logs = os.path.join(root, "work"), os.path.join(root, "logs")
+    os.makedirs(work)
+    os.makedirs(logs)
+    env = dict(os.environ, HOME=root, ORCH_STATE=os.path.join(root, "state.json"),
+               ORCH_TMUX_SOCKET="orchbench%s%d" % (letter, os.getpid()), TMUX_TMPDIR=root,
+               FAKE_LOG=logs)
+    for var in ("TMUX", "ORCH_TRACE", "ORCH_AGENT", "CI"):
+        env.pop(var, None)
+    return root, work, env
+
+
 def bench_resume_all(agents=20, stagger=1.0):
     """After a reboot: `resume --all --stagger S` against a loop of `resume NAME; sleep S`.
 
@@ -6451,15 +6466,7 @@ def bench_resume_all(agents=20, stagger=1.0):
     claude when ORCH_E2E_CLAUDE names one (offline, against the fake API),
     else the stand-in agent.
     """
-    root = tempfile.mkdtemp(prefix="obr", dir="/tmp")
-    work, logs = os.path.join(root, "work"), os.path.join(root, "logs")
-    os.makedirs(work)
-    os.makedirs(logs)
-    socket = "orchbenchr%d" % os.getpid()
-    env = dict(os.environ, HOME=root, ORCH_STATE=os.path.join(root, "state.json"),
-               ORCH_TMUX_SOCKET=socket, TMUX_TMPDIR=root, FAKE_LOG=logs)
-    for var in ("TMUX", "ORCH_TRACE", "ORCH_AGENT"):
-        env.pop(var, None)
+    root, work, env = bench_world("r")
     real = os.environ.get("ORCH_E2E_CLAUDE")
     api = None
     if real:
@@ -6538,15 +6545,8 @@ def bench_first_screens(repeat=3):
     every 50 ms until the kind recognises the screen.  The real CLIs where
     ORCH_E2E_CLAUDE, ORCH_E2E_CODEX, ORCH_E2E_GEMINI name them; the stand-in always.
     """
-    root = tempfile.mkdtemp(prefix="obf", dir="/tmp")
-    work, logs = os.path.join(root, "work"), os.path.join(root, "logs")
-    os.makedirs(work)
-    os.makedirs(logs)
-    socket = "orchbenchf%d" % os.getpid()
-    base = dict(os.environ, HOME=root, ORCH_STATE=os.path.join(root, "state.json"),
-                ORCH_TMUX_SOCKET=socket, TMUX_TMPDIR=root, FAKE_LOG=logs)
-    for var in ("TMUX", "ORCH_TRACE", "ORCH_AGENT", "CI"):
-        base.pop(var, None)
+    root, work, base = bench_world("f")
+    socket = base["ORCH_TMUX_SOCKET"]
     orch_cmd = [sys.executable, ORCH]
     print("\nspawn at a first-run screen (median of %d, s): when spawn returned; when the screen "
           "was up" % repeat)
