@@ -7,7 +7,8 @@
 #                    over ssh against `ssh HOST true`, and resume --all after a reboot against
 #                    a loop of resume NAME, and how soon spawn returns at each CLI's first-run
 #                    screen (`python3 test_orch.py bench first` alone; the real CLIs with
-#                    ORCH_E2E_CLAUDE, ORCH_E2E_CODEX, ORCH_E2E_GEMINI)
+#                    ORCH_E2E_CLAUDE, ORCH_E2E_CODEX, ORCH_E2E_GEMINI), and what notifications
+#                    cost a hook and how soon they arrive (`bench notify`)
 
 PYTHON ?= python3
 VENV := .venv

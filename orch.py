@@ -1136,7 +1136,7 @@ def replay_events(events, seen=None):
     seen = dict(seen or {"status": None, "needs": None, "detail": None, "since": None,
                          "turn": None, "waiting": 0, "last_prompt": None, "session_id": None,
                          "permission_mode": None, "reported_in": False, "last_event": None,
-                         "tool": None})
+                         "tool": None, "ended": None, "asked": None})
     for event in events:
         kind = event.get("event")
         seen["last_event"] = event.get("t")
@@ -1159,6 +1159,9 @@ def replay_events(events, seen=None):
                 seen["session_id"] = event["session_id"]     # a new one after /clear
         elif kind == "Stop":
             turn_ended(seen)
+            seen["ended"] = event.get("t")      # when the last turn ended (notifications)
+        elif kind == "PermissionRequest":
+            seen["asked"] = event.get("t")
         elif kind == "Interrupted":         # codex: Escape ended the turn, no Stop comes
             seen.update(turn=None, waiting=0)
         found = event_status(event)
@@ -1280,6 +1283,7 @@ def agent_status(agent, panes, read_screen=None, cache=None):
     if not hooked:
         return screen_status(result, pane)
     result["source"] = "hooks"
+    result.update(ended=seen.get("ended"), asked=seen.get("asked"))
     if seen["status"]:
         result.update(status=seen["status"], needs=seen["needs"], since=seen["since"],
                       detail=seen["detail"], tool=seen["tool"],
@@ -1799,11 +1803,11 @@ def wait_for_screen(agent, timeout=15):
 # Sending: paste, Enter, then confirm from the agent's own hook event
 # ###########################################################################
 
-class SendLock(object):
-    """Serialise sends to one agent: two pastes before one Enter would merge."""
+class FileLock(object):
+    """An exclusive flock on a private file, held for a with-block."""
 
-    def __init__(self, name):
-        self.path = os.path.join(agent_dir(name), "send.lock")
+    def __init__(self, path):
+        self.path = path
         self.fd = None
 
     def __enter__(self):
@@ -1816,6 +1820,13 @@ class SendLock(object):
     def __exit__(self, *exc):
         os.close(self.fd)
         return False
+
+
+class SendLock(FileLock):
+    """Serialise sends to one agent: two pastes before one Enter would merge."""
+
+    def __init__(self, name):
+        FileLock.__init__(self, os.path.join(agent_dir(name), "send.lock"))
 
 
 def submitted(agent, text, since):
@@ -1888,14 +1899,24 @@ def refuse_unless_ready(agent, st, force):
                         EXIT_NEEDS_INPUT)
 
 
-def send_message(agent, text, raw=False, force=False, timeout=None):
-    """Type text into the agent and submit it; return 'submitted', 'queued' or 'sent (unconfirmed)'."""
+def send_message(agent, text, raw=False, force=False, timeout=None, idle_only=False):
+    """Type text into the agent and submit it; return 'submitted', 'queued' or 'sent (unconfirmed)'.
+
+    idle_only: refuse (exit 4, nothing typed) unless the agent is idle when
+    orch holds its send lock, so the message is never merged into a turn.
+    """
     if timeout is None:
         timeout = env_seconds("ORCH_SEND_TIMEOUT", 10)
-    return backend_of(agent).send(agent, text, raw, force, timeout)
+    return backend_of(agent).send(agent, text, raw, force, timeout, idle_only)
 
 
-def tmux_send(agent, text, raw, force, timeout):
+def refuse_busy(agent, st):
+    if st["status"] != "idle":
+        raise OrchError("agent %s is %s; nothing was typed: it takes this message only when "
+                        "idle" % (agent["name"], wait_label(st)), EXIT_NEEDS_INPUT)
+
+
+def tmux_send(agent, text, raw, force, timeout, idle_only=False):
     """send_message into a tmux window: paste, Enter, then the hooks (or the screen) confirm."""
     st = status_of(agent)
     if st["status"] == "starting":
@@ -1917,6 +1938,9 @@ def tmux_send(agent, text, raw, force, timeout):
     with SendLock(agent["name"]):
         since = time.time()
         try:
+            if idle_only:
+                st = status_of(agent)
+                refuse_busy(agent, st)
             prepare_pane(agent, st, force)
             append_line(hpath(agent["name"], "sent"), json.dumps(
                 {"t": since, "sha": prompt_sha(text), "prompt": normalize_prompt(text)[:4096]}))
@@ -2427,7 +2451,7 @@ def user_line(text):
     return json.dumps({"type": "user", "message": {"role": "user", "content": text}}) + "\n"
 
 
-def headless_send(agent, text, raw, force, timeout):
+def headless_send(agent, text, raw, force, timeout, idle_only=False):
     """send_message to claude -p: one stream-json line, confirmed by its echo (no input box,
     so nothing for force to clear)."""
     name = agent["name"]
@@ -2436,6 +2460,8 @@ def headless_send(agent, text, raw, force, timeout):
     with SendLock(name):
         st = headless_status(agent)
         refuse_unless_ready(agent, st, force=False)     # headless never waits at a dialog
+        if idle_only:
+            refuse_busy(agent, st)
         busy = st["status"] == "working"
         offset = log_size(name)
         record = {"t": time.time(), "sha": prompt_sha(text), "prompt": normalize_prompt(text)[:200],
@@ -4023,7 +4049,8 @@ def reads_stdin(args):
     text = getattr(args, "message", getattr(args, "prompt", "")) if args.verb in (
         "send", "spawn", "resume") else ""
     return text == "-" or getattr(args, "prompt_file", None) == "-" or (
-        args.verb == "send" and text is None)
+        args.verb == "send" and text is None) or (
+        args.verb == "notify" and "-" in (args.webhook, args.ntfy, args.exec_))
 
 
 def run_remote(host, argv, args):
@@ -4094,9 +4121,10 @@ def run_by_host(argv, args, named):
     if len(groups) == 1:
         return run_remote(groups[0], for_group(argv, args, named, groups[0]), args)
     # Each host's output is printed when it is done: fine for these, not for a feed.
-    if args.verb not in ("wait", "send", "rm"):
+    if args.verb not in ("wait", "send", "rm") or args.verb == "wait" and args.any:
         raise OrchError("%s takes agents on one host at a time: run one `orch %s` per host"
-                        % (args.verb, args.verb), EXIT_USAGE)
+                        % (args.verb + (" --any" if args.verb == "wait" else ""), args.verb),
+                        EXIT_USAGE)
     data = sys.stdin.buffer.read() if reads_stdin(args) else None
     results = {}
 
@@ -4387,6 +4415,7 @@ def spawning_agent(state, name):
 
 def finish_start(agent, first, verb):
     """Confirm a just-launched agent is running and has its first message; report it."""
+    ensure_watcher(held=bool(load_held(agent["name"])))    # channels, held messages
     code, words, hint = backend_of(agent).confirm_start(agent, first)
     print("%s agent %s%s" % (verb, agent["name"], words))
     if hint:
@@ -4510,6 +4539,7 @@ def cmd_send(args):
     if not many and args.name is None:
         raise OrchError("the following arguments are required: name", EXIT_USAGE)
     message = args.name if many else args.message
+    ensure_watcher()        # a watcher that was killed comes back with the next message
     if args.kept:
         if many or message is not None:
             raise OrchError("--kept sends the first message orch kept for one agent: give "
@@ -4519,18 +4549,92 @@ def cmd_send(args):
         return EXIT_OK
     state = load_state()
     agents = chosen_agents(state, args) if many else [find_agent(state, check_name(args.name))]
+    if many and (args.if_idle or args.wait or args.when_idle or args.cancel_held):
+        raise OrchError("--if-idle, --when-idle, --cancel-held and --wait are for one agent: "
+                        "`orch send NAME --wait MESSAGE`", EXIT_USAGE)
+    if [args.if_idle, args.wait, args.when_idle, args.kept, args.cancel_held].count(True) > 1:
+        raise OrchError("choose one of --if-idle, --when-idle, --wait, --kept and --cancel-held",
+                        EXIT_USAGE)
+    if args.cancel_held:
+        if message is not None:
+            raise OrchError("--cancel-held takes only the agent's name", EXIT_USAGE)
+        agent = find_agent(load_state(), check_name(args.name))
+        print("%s: dropped %d held messages" % (agent["name"], cancel_held(agent["name"])))
+        return EXIT_OK
     text = read_text("-" if message in (None, "-") else message, what="message")
     if not text.strip():
         raise OrchError("empty message: nothing to send", EXIT_USAGE)
     if not many:
-        print("%s: %s" % (agents[0]["name"], send_message(
-            agents[0], text, raw=args.raw, force=args.force, timeout=args.timeout)))
-        return EXIT_OK
+        return send_one(agents[0], text, args)
     if not agents:
         sys.stderr.write("orch: no %s agents: nothing sent\n" % ("idle" if args.idle else
                                                                  "running"))
         return EXIT_OK
     return send_to_many(agents, text, args.raw, args.force, args.timeout)
+
+
+def send_one(agent, text, args):
+    """send NAME: --if-idle refuses a busy agent; --wait prints the answer to this message."""
+    name = agent["name"]
+    if args.wait and not kind_of(agent).hooks:
+        raise kind_of(agent).unsupported(agent, "reports no answers to wait for")
+    if args.when_idle:
+        return send_when_idle(agent, text, args)
+    since = time.time()
+    outcome = send_message(agent, text, raw=args.raw, force=args.force, timeout=args.timeout,
+                           idle_only=args.if_idle)
+    if not args.wait:
+        print("%s: %s" % (name, outcome))
+        return EXIT_OK
+    sys.stderr.write("orch: note: %s: %s; waiting for the turn to end\n" % (name, outcome))
+    return print_turn_reply(agent, since)
+
+
+def send_when_idle(agent, text, args):
+    """Submit now if the agent is idle, else hold the message for the watcher to type later."""
+    name = agent["name"]
+    if not load_held(name):     # held ones go first, in order
+        try:
+            print("%s: %s" % (name, send_message(agent, text, raw=args.raw, force=args.force,
+                                                 timeout=args.timeout, idle_only=True)))
+            return EXIT_OK
+        except OrchError as e:
+            if e.code not in (EXIT_NEEDS_INPUT, EXIT_NOT_RUNNING):
+                raise       # typed, or something else went wrong: not for holding
+    waiting = hold_message(agent, text, args.raw)
+    ensure_watcher(held=True)
+    running = status_of(agent)["status"] != "exited"
+    print("%s: held (%d waiting%s)" % (name, waiting, "" if running else
+                                       "; it is not running: `orch resume %s` delivers them"
+                                       % name))
+    return EXIT_OK
+
+
+def print_turn_reply(agent, since):
+    """Wait for the turn a message just started to end; print its answer (send --wait)."""
+    name = agent["name"]
+
+    def settled():
+        st = status_of(agent)
+        return st if st["status"] in ("idle", "needs-input", "exited") else None
+    st = retry_until(settled, 1e9, interval=0.25)
+    if st["status"] == "exited":
+        raise OrchError("agent %s exited before its turn ended (exit code %s)"
+                        % (name, st["exit_code"]), EXIT_NOT_RUNNING)
+    if st["status"] == "needs-input":
+        raise OrchError("agent %s stopped before its turn ended: %s; answer it, then `orch "
+                        "wait %s` and `orch reply %s`" % (name, wait_label(st), name, name),
+                        EXIT_NEEDS_INPUT)
+
+    def answered():
+        found = last_reply(agent)
+        return found if found and found["t"] >= since else None
+    found = retry_until(answered, 10.0)
+    if found is None:
+        raise OrchError("agent %s is idle but wrote no answer to this message; `orch log %s` "
+                        "shows the turn" % (name, name), EXIT_UNCONFIRMED)
+    sys.stdout.write(found["text"] if found["text"].endswith("\n") else found["text"] + "\n")
+    return EXIT_OK
 
 
 def cmd_log(args):
@@ -4760,7 +4864,9 @@ def agent_row(agent, st):
             "worktree": (agent.get("worktree") or {}).get("path"),
             "branch": (agent.get("worktree") or {}).get("branch"),
             "base": (agent.get("worktree") or {}).get("base"),
-            "parent": agent.get("parent"), "stopped": bool(agent.get("stopped"))}
+            "parent": agent.get("parent"), "stopped": bool(agent.get("stopped")),
+            "pending": len(load_held(agent["name"])) if os.path.exists(
+                held_path(agent["name"])) else 0}
 
 
 def cmd_list(args):
@@ -4928,6 +5034,8 @@ def status_label(row):
         label += " (%s)" % row["detail"]
     if row["status_source"] == "activity" and row["status"] != "exited":
         label += "?"        # guessed from screen activity: the program has no hooks
+    if row.get("pending"):
+        label += " (%d held)" % row["pending"]
     return label
 
 
@@ -5145,26 +5253,45 @@ def close_window(agent):
 
 def cmd_wait(args):
     names = [check_name(n) for n in args.names]
+    if args.all == bool(names):
+        raise OrchError("name the agents to wait for, or pass --all" if not names else
+                        "give agent names or --all, not both", EXIT_USAGE)
     state = load_state()
     agents = [find_agent(state, n) for n in names]
+    if args.all:
+        every = sorted(state["agents"].values(), key=lambda a: a["created"])
+        found = statuses(every)
+        agents = [a for a in every if found[a["name"]]["status"] != "exited"]
+        if not agents:
+            print("no running agents")
+            return EXIT_OK
+        names = [a["name"] for a in agents]
     goals = {"idle": ("idle",), "exited": ("exited",), "needs-input": ("needs-input",),
              None: ("idle", "exited", "needs-input")}[args.until]
     found = {}
 
+    def settled():
+        return [n for n in names if found[n]["status"] in goals]
+
     def reached():
         found.update(statuses(agents))
-        return all(found[n]["status"] in goals for n in names)
+        return settled() if args.any else len(settled()) == len(names)
     done = retry_until(reached, args.timeout if args.timeout is not None else 1e9, interval=0.25)
+    if args.any and done:
+        # The one that settled first; the order given breaks a tie.
+        names = [min(done, key=lambda n: (found[n]["since"] or 0, names.index(n)))]
     for name in names:
-        st = found[name]
-        print("%s: %s" % (name, status_label({"status": st["status"], "needs": st["needs"],
-                                               "exit_code": st["exit_code"],
-                                               "detail": st["detail"],
-                                               "status_source": st["source"]})))
+        print("%s: %s" % (name, wait_label(found[name])))
     if not done:
-        raise OrchError("timed out after %gs waiting for %s" % (args.timeout, " ".join(names)),
-                        EXIT_TIMEOUT)
+        raise OrchError("timed out after %gs waiting for %s%s" % (
+            args.timeout, "any of " if args.any else "", " ".join(names)), EXIT_TIMEOUT)
     return EXIT_OK
+
+
+def wait_label(st):
+    return status_label({"status": st["status"], "needs": st["needs"],
+                         "exit_code": st["exit_code"], "detail": st["detail"],
+                         "status_source": st["source"]})
 
 
 def cmd_interrupt(args):
@@ -5346,6 +5473,8 @@ def resume_all(args):
         except OrchError as e:      # one agent that cannot come back never stops the others
             sys.stderr.write("orch: error: %s\n" % e)
             worst = worse(e.code, worst)
+    if started:
+        ensure_watcher(held=any(load_held(a["name"]) for a in started))
     for agent in started:
         try:
             code, words, _ = backend_of(agent).confirm_start(agent, kept_first(agent["name"]))
@@ -5398,6 +5527,563 @@ def wait_for_memory(floor, name):
     raise OrchError("agent %s not resumed: only %d MiB of memory available after %gs, and "
                     "--min-free is %d MiB" % (name, (memory_available() or (0, 0))[0], patience,
                                              floor))
+
+
+# ###########################################################################
+# Notifications: telling the person without being asked
+# ###########################################################################
+#
+# One watcher per data folder (`orch.py _watch`, detached, one at a time by
+# a lock) looks at every agent as `list` does, twice a second, and turns
+# what changed into events: started, needs-input, done, failed, exited.  It
+# never runs inside an agent's hook, so a dead server slows no agent, and no
+# verb waits on it: spawn, resume and `notify add` only make sure it runs.
+# What it must not lose is in one private file written atomically: what it
+# last saw of each agent and every notification not yet delivered.  So a
+# killed watcher or a reboot loses nothing and sends nothing twice when
+# nothing failed; what happened while none ran is sent when one starts,
+# marked late.  The channels (their URLs are secrets) are in another.
+
+NOTIFY_EVENTS = ("needs-input", "done", "failed", "exited", "started")
+NOTIFY_DEFAULT = ("needs-input", "failed", "exited")
+NOTIFY_TIMEOUT = 10         # seconds one delivery may take
+NOTIFY_RETRY_FOR = 600      # seconds a failing notification is retried before it is given up
+WATCH_TICK = 0.5            # seconds between two looks at the agents
+LATE_AFTER = 10             # seconds before the watcher started: what changed then is late
+
+
+def notify_file():
+    return os.path.join(data_dir(), "notify.json")
+
+
+def watch_file():
+    return os.path.join(data_dir(), "watch.json")
+
+
+def notify_log_file():
+    return os.path.join(data_dir(), "notify-log.jsonl")
+
+
+def load_channels():
+    """{name: channel} from the private channels file ({} when there is none)."""
+    found = read_json(notify_file())
+    channels = found.get("channels") if isinstance(found, dict) else None
+    return channels if isinstance(channels, dict) else {}
+
+
+def save_channels(channels):
+    write_file_atomic(notify_file(), json.dumps({"version": 1, "channels": channels}, indent=1))
+
+
+def masked(target):
+    """A channel's target as orch shows it: its host (or program) and its last 4 characters."""
+    import urllib.parse
+    parts = urllib.parse.urlsplit(target)
+    head = parts.hostname if parts.scheme in ("http", "https") and parts.hostname else \
+        (target.split() or ["?"])[0][:20]
+    return "%s \u2026%s" % (head, target[-4:]) if len(target) > 8 else head
+
+
+def channel_matches(channel, event):
+    import fnmatch
+    return event["event"] in channel["on"] and fnmatch.fnmatchcase(event["agent"],
+                                                                    channel["agents"])
+
+
+def check_target(kind, target):
+    """Refuse a target orch could never deliver to, before it is saved."""
+    import urllib.parse
+    if kind in ("webhook", "ntfy"):
+        parts = urllib.parse.urlsplit(target)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise OrchError("--%s takes an http:// or https:// URL, not %r" % (
+                kind, shorten(masked(target), 40)), EXIT_USAGE)
+        if kind == "ntfy" and parts.path.strip("/") == "":
+            raise OrchError("--ntfy takes a topic URL (https://ntfy.sh/TOPIC), with the topic",
+                            EXIT_USAGE)
+    elif not target.strip():
+        raise OrchError("--exec takes a command", EXIT_USAGE)
+
+
+def hint_for(name, st, event):
+    """The orch command that acts on an event."""
+    if event == "needs-input":
+        return "orch approve %s" % name if st.get("needs") == "permission" else \
+            "orch attach %s" % name
+    return {"done": "orch reply %s", "failed": "orch log %s", "exited": "orch resume %s",
+            "started": "orch tail %s"}[event] % name
+
+
+def make_event(agent, st, event, late=False, detail=None):
+    """One event as every channel gets it."""
+    import socket
+    reply = None
+    if event == "done":
+        try:
+            found = last_reply(agent)
+        except OrchError:
+            found = None
+        reply = (found["text"].strip().splitlines() or [""])[0][:300] if found else None
+    now = time.time()
+    return {"event": event, "agent": agent["name"], "host": socket.gethostname(),
+            "status": st["status"], "detail": detail if detail is not None else st.get("detail"),
+            "reply": reply, "hint": hint_for(agent["name"], st, event),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now)), "t": now,
+            "late": late}
+
+
+def event_line(event):
+    """The event in one line of text (ntfy's body, exec's ORCH_EVENT_DETAIL aside)."""
+    what = {"needs-input": "needs input", "done": "finished its turn", "failed":
+            "turn failed", "exited": "exited", "started": "started"}[event["event"]]
+    line = "%s %s" % (event["agent"], what)
+    extra = event["reply"] if event["event"] == "done" else event["detail"]
+    if extra:
+        line += ": %s" % extra
+    return "%s%s \u2014 %s" % ("(late) " if event["late"] else "", shorten(line, 300),
+                                event["hint"])
+
+
+def deliver(channel, event):
+    """Send one event over one channel; raise OrchError saying why not (retry: e.retry)."""
+    kind, target = channel["kind"], channel["target"]
+    body = json.dumps(dict((k, v) for k, v in event.items() if k != "t"), ensure_ascii=False)
+    if kind == "webhook":
+        http_post(target, body.encode("utf-8"), {"Content-Type": "application/json"})
+    elif kind == "ntfy":
+        high = event["event"] in ("needs-input", "failed")
+        tags = {"needs-input": "warning", "done": "white_check_mark", "failed": "x",
+                "exited": "stop_sign", "started": "rocket"}[event["event"]]
+        http_post(target, event_line(event).encode("utf-8"), {
+            "Title": "orch: %s %s" % (event["agent"], event["event"]),
+            "Priority": "high" if high else "default", "Tags": tags,
+            "Content-Type": "text/plain; charset=utf-8"})
+    else:
+        run_exec(target, body, event)
+
+
+class DeliveryError(OrchError):
+    def __init__(self, message, retry=True):
+        OrchError.__init__(self, message)
+        self.retry = retry
+
+
+def http_post(url, data, headers):
+    import urllib.error
+    import urllib.request
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=NOTIFY_TIMEOUT) as response:
+            response.read(65536)
+    except urllib.error.HTTPError as e:
+        # A server error may pass; a refusal (a wrong topic, a bad token) will not.
+        raise DeliveryError("HTTP %d %s" % (e.code, e.reason), retry=e.code >= 500 or
+                            e.code in (408, 429))
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise DeliveryError(str(getattr(e, "reason", None) or e))
+
+
+def run_exec(command, body, event):
+    """Run the user's command line; the event goes on stdin and in the environment, never in it."""
+    # As bytes: an answer in any language is UTF-8 there, whatever the locale (3.6 under C).
+    env = dict(os.environb)
+    env.update((k.encode(), v.encode("utf-8", "replace")) for k, v in (
+        ("ORCH_EVENT", body), ("ORCH_EVENT_NAME", event["event"]),
+        ("ORCH_EVENT_AGENT", event["agent"]), ("ORCH_EVENT_STATUS", event["status"]),
+        ("ORCH_EVENT_DETAIL", event["detail"] or "")))
+    try:
+        done = subprocess.run(["/bin/sh", "-c", command], input=body.encode("utf-8"), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              timeout=NOTIFY_TIMEOUT, cwd=os.path.expanduser("~"))
+    except subprocess.TimeoutExpired:
+        raise DeliveryError("the command ran more than %ds" % NOTIFY_TIMEOUT)
+    except OSError as e:
+        raise DeliveryError(str(e))
+    if done.returncode:
+        said = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise DeliveryError("exit code %d%s" % (done.returncode, (": " + shorten(said[-1], 100))
+                                                if said else ""))
+
+
+def log_delivery(item, outcome, error=None):
+    line = {"t": time.time(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "channel": item["channel"], "event": item["event"]["event"],
+            "agent": item["event"]["agent"], "late": item["event"]["late"],
+            "attempts": item["attempts"], "outcome": outcome, "error": error,
+            "id": item["id"]}
+    append_line(notify_log_file(), json.dumps(line, ensure_ascii=False))
+
+
+# Held messages: typed by the watcher when the turn ends ----------------------
+
+def held_path(name):
+    return os.path.join(agent_dir(name), "held.json")
+
+
+def load_held(name):
+    found = read_json(held_path(name))
+    return found if isinstance(found, list) else []
+
+
+def hold_message(agent, text, raw):
+    """Keep a message to type once the agent is idle; return how many wait now."""
+    with FileLock(held_path(agent["name"]) + ".lock"):
+        items = load_held(agent["name"]) + [{"t": time.time(), "text": text, "raw": raw}]
+        write_file_atomic(held_path(agent["name"]), json.dumps(items))
+    return len(items)
+
+
+def cancel_held(name):
+    with FileLock(held_path(name) + ".lock"):
+        items = load_held(name)
+        if items:
+            write_file_atomic(held_path(name), "[]")
+    return len(items)
+
+
+def take_held(name, item, how):
+    """Drop one held message (typed, or found typed), recording how."""
+    with FileLock(held_path(name) + ".lock"):
+        items = [i for i in load_held(name) if i["t"] != item["t"]]
+        write_file_atomic(held_path(name), json.dumps(items))
+    append_line(os.path.join(agent_dir(name), "held-log.jsonl"),
+                json.dumps({"t": time.time(), "held": item["t"], "outcome": how}))
+
+
+def deliver_held(agent):
+    """Type the oldest held message into the idle agent, confirmed as every send.
+
+    It is marked before it is typed: a watcher killed meanwhile leaves the
+    mark, and the next one asks the agent's hooks whether it arrived, so it
+    is neither lost nor typed twice.
+    """
+    name = agent["name"]
+    with FileLock(held_path(name) + ".lock"):
+        items = load_held(name)
+        if not items:
+            return
+        item = items[0]
+        marked = item.get("typing")
+        item["typing"] = time.time()
+        write_file_atomic(held_path(name), json.dumps(items))
+    typed = item["text"] if item["raw"] else escape_leading(item["text"])
+    if marked and kind_of(agent).hooks and submitted(agent, typed, marked):
+        return take_held(name, item, "submitted (found after a restart)")
+    try:
+        outcome = send_message(agent, item["text"], raw=item["raw"], idle_only=True)
+    except OrchError as e:
+        if e.code in (EXIT_NEEDS_INPUT, EXIT_NOT_RUNNING):
+            return      # nothing was typed: it waits for the next idle
+        return take_held(name, item, "typed, unconfirmed: %s" % e)     # never twice
+    take_held(name, item, outcome)
+
+
+# The watcher -----------------------------------------------------------------
+
+def watcher_running():
+    """True when a watcher holds the watch lock (a second one would exit at once)."""
+    import fcntl
+    path = os.path.join(data_dir(), "watch.lock")
+    if not os.path.exists(path):
+        return False
+    fd = open_private(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def ensure_watcher(held=False):
+    """Start the watcher if there is work for it (channels, held messages) and none runs.
+
+    It never waits on the watcher.
+    """
+    if not (held or load_channels()) or watcher_running():
+        return
+    subprocess.Popen([sys.executable, os.path.abspath(__file__), "_watch"],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True, cwd="/")
+
+
+def agent_memory(agent, st, old=None):
+    """What the watcher keeps of an agent to tell what changed next time.
+
+    The times of its last turn end and last permission request only grow: a
+    look that could not read them (the window gone) forgets nothing.
+    """
+    def latest(key):
+        return max(st.get(key) or 0, (old or {}).get(key) or 0) or None
+    return {"launched": agent.get("launched", agent.get("created")), "status": st["status"],
+            "needs": st["needs"], "detail": st.get("detail"), "ended": latest("ended"),
+            "asked": latest("asked")}
+
+
+def changes(agent, st, old, late):
+    """The events between what the watcher saw of an agent (old) and its status now."""
+    new = agent_memory(agent, st, old)
+    found = []
+    if old is not None and old["launched"] != new["launched"] and old["status"] != "exited":
+        # Started again before the watcher saw it end (a reboot, then resume --all).
+        found.append(make_event(agent, dict(st, status="exited"), "exited", True,
+                                detail="ended while no watcher looked (a reboot?)"))
+    if old is None or old["launched"] != new["launched"]:
+        if st["status"] != "exited":
+            found.append(make_event(agent, st, "started", late))
+        # What it did since: turns and requests of this launch only.
+        old = dict(old or {}, status="starting", needs=None, detail=None)
+    if new["ended"] != old.get("ended"):
+        found.append(make_event(agent, st, "done", late))
+    if st["status"] == "needs-input" and (old["status"] != "needs-input" or new["asked"] != old.get(
+            "asked") or (old["needs"], old["detail"]) != (new["needs"], new["detail"])):
+        found.append(make_event(agent, st, "needs-input", late))
+    if st["status"] == "exited" and old["status"] != "exited" and not agent.get("stopped"):
+        how = "exit code %s" % st["exit_code"] if st["exit_code"] is not None else \
+            "its window or tmux server is gone"
+        found.append(make_event(agent, st, "exited", late, detail=how))
+    return found
+
+
+def watch_tick(memory, started, first):
+    """Look at every agent once; queue what changed for each channel that wants it."""
+    channels = load_channels()
+    state = load_state()
+    agents = list(state["agents"].values())
+    now = statuses(agents)
+    seen, queued = memory.setdefault("agents", {}), False
+    for agent in agents:
+        name, st = agent["name"], now[agent["name"]]
+        old = seen.get(name)
+        if old is None and memory.get("new") and agent.get("launched", 0) < min(
+                [c.get("created", 0) for c in channels.values()] or [0]):
+            old = agent_memory(agent, st)   # the first watcher: what was before the channels is no news
+        late = first and (st["since"] or 0) < started - LATE_AFTER
+        for event in changes(agent, st, old, late):
+            for cname, channel in sorted(channels.items()):
+                if channel_matches(channel, event):
+                    memory["seq"] = memory.get("seq", 0) + 1
+                    memory.setdefault("outbox", []).append(
+                        {"id": "%d-%d" % (int(started), memory["seq"]), "channel": cname,
+                         "event": event, "attempts": 0, "first": time.time(), "next": 0})
+                    queued = True
+        seen[name] = agent_memory(agent, st, old)
+    for name in list(seen):
+        if name not in state["agents"]:
+            del seen[name]
+    memory.pop("new", None)
+    running = any(st["status"] != "exited" for st in now.values())
+    holding = [a for a in agents if now[a["name"]]["status"] != "exited"
+               and os.path.exists(held_path(a["name"])) and load_held(a["name"])]
+    for agent in holding:
+        if now[agent["name"]]["status"] == "idle":
+            type_held(agent)
+    return queued, running and (channels or holding), channels
+
+
+HELD_TYPING = set()     # agents the watcher is typing a held message into (one thread each)
+
+
+def type_held(agent):
+    """Deliver the agent's next held message in a thread of its own (sends wait up to 10 s)."""
+    import threading
+    name = agent["name"]
+    if name in HELD_TYPING:
+        return
+    HELD_TYPING.add(name)
+
+    def run():
+        try:
+            deliver_held(agent)
+        except Exception:
+            pass        # it stays held; the next tick tries again
+        finally:
+            HELD_TYPING.discard(name)
+    threading.Thread(target=run, daemon=True).start()
+
+
+def deliver_due(memory, channels, inflight, done):
+    """Start a thread for each notification that is due; fold in those that finished.
+
+    done gets (item, outcome, error) for each that is finished with: the
+    caller logs them once the outbox without them is on disk, so a watcher
+    killed in between never sends one again.
+    """
+    import threading
+    outbox, now = memory.get("outbox", []), time.time()
+    for item in list(outbox):
+        result = inflight.get(item["id"])
+        if result is not None and result.get("done"):
+            del inflight[item["id"]]
+            item["attempts"] += 1
+            error = result.get("error")
+            if error is None:
+                outbox.remove(item)
+                done.append((item, "sent", None))
+            elif not result.get("retry") or now - item["first"] > NOTIFY_RETRY_FOR:
+                outbox.remove(item)
+                done.append((item, "failed", error))
+            else:
+                item["next"] = now + min(60, 2 ** item["attempts"])
+                item["error"] = error
+    busy = set()        # one at a time per channel, in order: a person reads them in turn
+    for item in list(outbox):
+        channel = channels.get(item["channel"])
+        if channel is None:
+            outbox.remove(item)     # `notify rm`: nothing left to send it to
+            continue
+        if item["channel"] in busy:
+            continue
+        busy.add(item["channel"])
+        if item["id"] in inflight or item["next"] > now:
+            continue
+        result = inflight[item["id"]] = {}
+
+        def send(channel=channel, item=item, result=result):
+            try:
+                deliver(channel, item["event"])
+            except DeliveryError as e:
+                result.update(error=str(e), retry=e.retry)
+            except Exception as e:          # a bug must not end the watcher
+                result.update(error="%s: %s" % (type(e).__name__, e), retry=False)
+            result["done"] = True
+        threading.Thread(target=send, daemon=True).start()
+    return bool(outbox) or bool(inflight)
+
+
+def watch():
+    """The watcher's loop: until no channel is left, or nothing runs and nothing is pending."""
+    import fcntl
+    lock = open_private(os.path.join(make_private_dir(data_dir()), "watch.lock"))
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return EXIT_OK      # another watcher runs
+    write_file_atomic(os.path.join(data_dir(), "watch.pid"), "%d\n" % os.getpid())
+    memory = read_json(watch_file())
+    memory = memory if isinstance(memory, dict) else {"new": True}
+    started, first, inflight, idle_since = time.time(), True, {}, None
+    while True:
+        before = json.dumps(memory, sort_keys=True)
+        try:
+            queued, running, channels = watch_tick(memory, started, first)
+        except Exception as e:      # a state being written, a tmux that hangs, a bug: go on
+            append_line(os.path.join(data_dir(), "watch-errors.log"), "%s %s: %s" % (
+                time.strftime("%Y-%m-%dT%H:%M:%S"), type(e).__name__, shorten(str(e), 300)))
+            queued, running, channels = False, True, load_channels()
+        first, done = False, []
+        pending = deliver_due(memory, channels, inflight, done)
+        if json.dumps(memory, sort_keys=True) != before:
+            write_file_atomic(watch_file(), json.dumps(memory))
+        for item, outcome, error in done:
+            log_delivery(item, outcome, error)
+        busy = pending or running or HELD_TYPING
+        idle_since = None if busy else idle_since or time.time()
+        if idle_since and time.time() - idle_since > 5:
+            return EXIT_OK
+        time.sleep(WATCH_TICK)
+
+
+def cmd_watch(args):
+    return watch()
+
+
+# The notify verb -------------------------------------------------------------
+
+def cmd_notify(args):
+    if (args.name is None) == (args.action in ("add", "rm", "test")):
+        raise OrchError("notify %s %s" % (args.action, "takes a channel NAME" if args.name is None
+                                          else "takes no name"), EXIT_USAGE)
+    return {"add": notify_add, "list": notify_list, "rm": notify_rm, "test": notify_test,
+            "log": notify_log}[args.action](args)
+
+
+def notify_add(args):
+    name = check_name(args.name)
+    given = [(k, v) for k, v in (("webhook", args.webhook), ("ntfy", args.ntfy),
+                                 ("exec", args.exec_)) if v is not None]
+    if len(given) != 1:
+        raise OrchError("give one of --webhook URL, --ntfy URL or --exec COMMAND", EXIT_USAGE)
+    kind, target = given[0]
+    if target == "-":       # off the command line: from stdin
+        target = read_text("-", what="--%s" % kind).strip()
+    check_target(kind, target)
+    on = [e.strip() for e in (args.on or ",".join(NOTIFY_DEFAULT)).split(",") if e.strip()]
+    unknown = [e for e in on if e not in NOTIFY_EVENTS]
+    if unknown or not on:
+        raise OrchError("--on takes a comma list of %s (not %s)" % (
+            ", ".join(NOTIFY_EVENTS), ", ".join(unknown) or "nothing"), EXIT_USAGE)
+    with FileLock(notify_file() + ".lock"):
+        channels = load_channels()
+        if name in channels:
+            raise OrchError("a channel named %s exists: `orch notify rm %s` first" % (name, name))
+        channels[name] = {"kind": kind, "target": target, "on": on,
+                          "agents": args.agents or "*", "created": time.time()}
+        save_channels(channels)
+    ensure_watcher()
+    print("added %s: %s %s, on %s, for agents %s" % (name, kind, masked(target), ",".join(on),
+                                                    args.agents or "*"))
+    return EXIT_OK
+
+
+def notify_list(args):
+    rows = [{"name": n, "kind": c["kind"], "target": masked(c["target"]), "on": c["on"],
+             "agents": c["agents"]} for n, c in sorted(load_channels().items())]
+    if args.json:
+        print_json_array(rows)
+    elif not rows:
+        print("no channels: `orch notify add NAME --ntfy URL` adds one")
+    else:
+        print("%-12s %-8s %-28s %-28s %s" % ("NAME", "KIND", "TARGET", "ON", "AGENTS"))
+        for r in rows:
+            print("%-12s %-8s %-28s %-28s %s" % (r["name"], r["kind"], r["target"],
+                                                 ",".join(r["on"]), r["agents"]))
+    return EXIT_OK
+
+
+def notify_rm(args):
+    name = check_name(args.name)
+    with FileLock(notify_file() + ".lock"):
+        channels = load_channels()
+        if name not in channels:
+            raise OrchError("no channel named %s (`orch notify list`)" % name)
+        del channels[name]
+        save_channels(channels)
+    print("removed %s" % name)
+    return EXIT_OK
+
+
+def notify_test(args):
+    name = check_name(args.name)
+    channel = load_channels().get(name)
+    if channel is None:
+        raise OrchError("no channel named %s (`orch notify list`)" % name)
+    st = {"status": "needs-input", "needs": "permission", "detail": "a test from orch notify"}
+    event = make_event({"name": "orch-test", "created": time.time()}, st, "needs-input")
+    item = {"id": "test-%d" % int(time.time() * 1000), "channel": name, "event": event,
+            "attempts": 1}
+    try:
+        deliver(channel, event)
+    except DeliveryError as e:
+        log_delivery(item, "failed", str(e))
+        raise OrchError("%s: not delivered: %s" % (name, e))
+    log_delivery(item, "sent")
+    print("%s: delivered a test event to %s" % (name, masked(channel["target"])))
+    return EXIT_OK
+
+
+def notify_log(args):
+    entries, _ = read_new_lines(notify_log_file(), 0)
+    if args.json:
+        print_json_array(entries)
+        return EXIT_OK
+    for e in entries:
+        print("%s  %-7s %-12s %-12s %-11s%s%s" % (
+            e.get("time", "?")[:19], e.get("outcome"), e.get("channel"), e.get("agent"),
+            e.get("event"), " late" if e.get("late") else "",
+            "  (%s)" % e["error"] if e.get("error") else ""))
+    return EXIT_OK
 
 
 # ###########################################################################
@@ -5679,6 +6365,24 @@ def check_data_dir():
     return [finding("ok", "data", "%s (mode 700)" % folder)]
 
 
+def check_notify():
+    """The notification channels, and whether the watcher that sends them runs."""
+    channels = load_channels()
+    if not channels:
+        return [finding("ok", "notify", "no channels (`orch notify add` adds one)")]
+    entries, _ = read_new_lines(notify_log_file(), 0)
+    failed = [e for e in entries[-200:] if e.get("outcome") == "failed"]
+    found = [finding("ok", "notify", "%d channels (%s); the watcher %s" % (
+        len(channels), ", ".join(sorted(channels)), "runs" if watcher_running() else
+        "is not running (it starts with the next spawn, resume or send)"))]
+    if failed:
+        found.append(finding("warning", "notify", "%d of the last %d notifications failed, the "
+                             "last to %s: %s; see `orch notify log`" % (
+                                 len(failed), min(200, len(entries)), failed[-1]["channel"],
+                                 failed[-1].get("error"))))
+    return found
+
+
 def check_claude_settings():
     off = hooks_turned_off(os.getcwd())
     if off:
@@ -5690,7 +6394,7 @@ def check_claude_settings():
 
 DOCTOR_CHECKS = (check_python, check_tmux, check_claude, check_claude_settings, check_codex,
                  check_gemini,
-                 check_tmux_variable, check_state, check_data_dir)
+                 check_tmux_variable, check_state, check_data_dir, check_notify)
 
 
 def cmd_doctor(args):
@@ -6562,6 +7266,14 @@ def add_send(sub, verb):
     p.add_argument("--force", action="store_true",
                    help="clear text someone left in the input box first; type even at a "
                         "dialog (Enter answers it!)")
+    p.add_argument("--if-idle", action="store_true",
+                   help="type nothing, exit 4, when the agent is busy with a turn")
+    p.add_argument("--when-idle", action="store_true",
+                   help="if the agent is busy, hold the message and type it when its turn ends")
+    p.add_argument("--cancel-held", action="store_true",
+                   help="drop the messages held for the agent")
+    p.add_argument("--wait", action="store_true",
+                   help="then wait for that turn to end and print its answer")
     p.add_argument("--kept", action="store_true",
                    help="type the first message orch kept when the agent stopped at a screen "
                         "before its input box (after you answered it yourself)")
@@ -6669,8 +7381,13 @@ def add_install(sub, verb):
 
 
 def add_wait(sub, verb):
-    p = sub.add_parser(verb, help="block until agents are idle, exited or need input")
-    p.add_argument("names", nargs="+", metavar="NAME")
+    p = sub.add_parser(verb, help="block until agents are idle, exited or need input",
+                       usage="orch wait (NAME... | --all) [--any] [--timeout SECONDS] "
+                             "[--until STATUS]")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--any", action="store_true",
+                   help="return as soon as the first of them settles, and print that one")
+    p.add_argument("--all", action="store_true", help="wait on every running agent")
     p.add_argument("--timeout", type=SECONDS, metavar="SECONDS",
                    help="give up after SECONDS (exit 6); 0 checks once")
     p.add_argument("--until", choices=("idle", "exited", "needs-input"))
@@ -6738,6 +7455,33 @@ def add_resume(sub, verb):
     p.set_defaults(func=cmd_resume)
 
 
+def add_notify(sub, verb):
+    p = sub.add_parser(verb, help="tell you when agents need you: webhook, ntfy or a command",
+                       description="Channels that get an event when an agent needs input, "
+                       "finishes a turn, fails or exits; a watcher of orch's sends them.",
+                       usage="orch notify add NAME (--webhook URL | --ntfy URL | --exec COMMAND)"
+                             " [--on EVENTS] [--agents PATTERN]\n"
+                             "       orch notify (list | log) [--json]\n"
+                             "       orch notify (rm | test) NAME")
+    p.add_argument("action", choices=("add", "list", "rm", "test", "log"))
+    p.add_argument("name", nargs="?")
+    p.add_argument("--webhook", metavar="URL", help="POST each event as JSON ('-': from stdin)")
+    p.add_argument("--ntfy", metavar="URL", help="an ntfy topic URL ('-': from stdin)")
+    p.add_argument("--exec", dest="exec_", metavar="COMMAND",
+                   help="run COMMAND with the event as JSON on stdin and in ORCH_EVENT")
+    p.add_argument("--on", metavar="EVENTS",
+                   help="comma list of %s (default %s)" % (",".join(NOTIFY_EVENTS),
+                                                           ",".join(NOTIFY_DEFAULT)))
+    p.add_argument("--agents", metavar="PATTERN", help="only agents whose name matches ('web-*')")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_notify)
+
+
+def add_watch(sub, verb):
+    p = sub.add_parser(verb)     # internal, no help: the watcher that sends notifications
+    p.set_defaults(func=cmd_watch)
+
+
 def add_supervise(sub, verb):
     p = sub.add_parser(verb)     # internal, no help: runs a headless agent
     p.add_argument("folder")
@@ -6768,8 +7512,10 @@ VERBS = (
     ("rm", add_rm),
     ("resume", add_resume),
     ("doctor", add_doctor),
+    ("notify", add_notify),
     ("install", add_install),
     ("_supervise", add_supervise),
+    ("_watch", add_watch),
 )
 
 

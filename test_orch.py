@@ -562,6 +562,7 @@ class Env(object):
                         "-s", "keep", "sleep", "100000"], env=env, check=True)
 
     def stop(self):
+        stop_watcher(os.path.join(self.root, "state.d"))
         env = dict(os.environ)
         env.pop("TMUX", None)
         # The test's own server, and the default one of its private TMUX_TMPDIR
@@ -587,6 +588,28 @@ class Env(object):
     def state(self):
         with open(os.environ["ORCH_STATE"]) as f:
             return json.load(f)
+
+
+def stop_watcher(folder):
+    """End the notification watcher of a data folder, by the pid it wrote (never by name)."""
+    try:
+        with open(os.path.join(folder, "watch.pid")) as f:
+            pid = int(f.read())
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            if b"_watch" not in f.read():
+                return
+        os.kill(pid, signal.SIGKILL)
+    except (OSError, ValueError):
+        return
+    retry_until(lambda: not os.path.exists("/proc/%d" % pid) or zombie(pid), 10)
+
+
+def zombie(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 @pytest.fixture
@@ -1781,6 +1804,101 @@ def test_wait_until_exited(env, capsys):
     assert (code, out) == (0, "a1: exited (0)\n")
 
 
+def test_wait_any_returns_with_the_first_to_settle(env, capsys):
+    assert run(capsys, "spawn", "a1", "SLOW-60 long")[0] == 0
+    assert run(capsys, "spawn", "a2", "SLOW-2 short")[0] == 0
+    assert run(capsys, "spawn", "a3", "ASKSLOW-1 a tool")[0] == 0
+    assert wait_status(capsys, "a3", "needs-input")
+    code, out, _ = run(capsys, "wait", "--any", "a1", "a3", "--timeout", "30")
+    assert (code, out) == (0, "a3: needs-input (permission)\n")
+    code, out, _ = run(capsys, "wait", "--any", "a1", "a2", "--timeout", "60")
+    assert (code, out) == (0, "a2: idle\n")
+    assert status(capsys, "a1")["status"] == "working"
+    code, out, err = run(capsys, "wait", "--any", "a1", "--until", "idle", "--timeout", "0")
+    assert code == orch.EXIT_TIMEOUT and out == "a1: working\n" and "any of a1" in err
+    run(capsys, "kill", "a2")
+    code, out, _ = run(capsys, "wait", "--any", "a2", "a1", "--until", "exited")
+    assert (code, out) == (0, "a2: exited (143)\n")
+    code, out, _ = run(capsys, "wait", "--any", "--all", "--until", "idle", "--timeout", "0")
+    assert code == orch.EXIT_TIMEOUT and out == "a1: working\na3: needs-input (permission)\n"
+    run(capsys, "approve", "a3")
+    code, out, _ = run(capsys, "wait", "--any", "--all", "--until", "idle", "--timeout", "30")
+    assert (code, out) == (0, "a3: idle\n")        # a2 has exited: not among the running
+    assert run(capsys, "wait")[0] == orch.EXIT_USAGE
+    assert run(capsys, "wait", "a1", "--all")[0] == orch.EXIT_USAGE
+
+
+def test_send_if_idle_and_send_wait(env, capsys):
+    assert run(capsys, "spawn", "a1", "SLOW-30 busy")[0] == 0
+    code, _, err = run(capsys, "send", "a1", "--if-idle", "not now")
+    assert code == orch.EXIT_NEEDS_INPUT and "nothing was typed" in err and "working" in err
+    run(capsys, "interrupt", "a1")
+    assert wait_status(capsys, "a1", "idle")
+    assert run(capsys, "send", "a1", "--if-idle", "now then")[:2] == (0, "a1: submitted\n")
+    assert run(capsys, "wait", "a1", "--timeout", "30")[0] == 0
+    code, out, err = run(capsys, "send", "a1", "--wait", "SLOW-2 what is it")
+    assert (code, out) == (0, "slow reply done\n"), err
+    assert "a1: submitted; waiting for the turn to end" in err
+    code, out, err = run(capsys, "send", "a1", "--wait", "ASK may I")
+    assert code == orch.EXIT_NEEDS_INPUT and out == "" and "needs-input (permission)" in err
+    assert env.messages() == ["SLOW-30 busy", "now then", "SLOW-2 what is it", "ASK may I"]
+    assert run(capsys, "send", "--to", "a1", "--wait", "x")[0] == orch.EXIT_USAGE
+    assert run(capsys, "spawn", "c1", "--cmd", "cat")[0] == 0
+    code, _, err = run(capsys, "send", "c1", "--wait", "x")
+    assert code == 1 and "reports no answers" in err
+
+
+def test_send_when_idle_holds_each_message_for_a_turn_of_its_own(env, capsys):
+    assert run(capsys, "spawn", "a1", "SLOW-3 busy")[0] == 0
+    assert run(capsys, "send", "a1", "--when-idle", "first held") == (
+        0, "a1: held (1 waiting)\n", "")
+    assert run(capsys, "send", "a1", "--when-idle", "/second held")[1] == "a1: held (2 waiting)\n"
+    assert status(capsys, "a1")["pending"] == 2
+    assert "(2 held)" in run(capsys, "list")[1]
+    assert env.messages() == ["SLOW-3 busy"]        # never merged into the running turn
+    assert retry_until(lambda: len(env.messages()) == 3, 30)
+    turns = env.records("message")
+    assert [r["text"] for r in turns] == ["SLOW-3 busy", "first held", "\\/second held"]
+    assert turns[1]["t"] >= turns[0]["t"] + 3      # typed once the busy turn had ended
+    assert retry_until(lambda: status(capsys, "a1")["pending"] == 0, 10)
+    assert run(capsys, "send", "a1", "--when-idle", "now")[:2] == (0, "a1: submitted\n")
+    assert run(capsys, "spawn", "a2", "SLOW-30 long")[0] == 0
+    run(capsys, "send", "a2", "--when-idle", "one")
+    run(capsys, "send", "a2", "--when-idle", "two")
+    assert run(capsys, "send", "a2", "--cancel-held") == (0, "a2: dropped 2 held messages\n", "")
+    assert status(capsys, "a2")["pending"] == 0
+    for bad in (["--to", "a1,a2", "--when-idle", "x"], ["a1", "--when-idle", "--wait", "x"],
+                ["a1", "--cancel-held", "x"]):
+        assert run(capsys, "send", *bad)[0] == orch.EXIT_USAGE, bad
+    assert env.messages("a2") == ["SLOW-30 long"]
+
+
+def test_held_messages_survive_a_killed_watcher_and_a_reboot(env, capsys):
+    assert run(capsys, "spawn", "a1", "SLOW-5 busy")[0] == 0
+    assert run(capsys, "send", "a1", "--when-idle", "after the reboot")[0] == 0
+    stop_watcher(orch.data_dir())
+    reboot()
+    row = status(capsys, "a1")
+    assert (row["status"], row["pending"]) == ("exited", 1)
+    code, out, _ = run(capsys, "send", "a1", "--when-idle", "and this")
+    assert code == 0 and "held (2 waiting; it is not running" in out
+    assert run(capsys, "resume", "a1")[0] == 0
+    assert retry_until(lambda: env.messages()[-2:] == ["after the reboot", "and this"], 30)
+    assert retry_until(lambda: status(capsys, "a1")["pending"] == 0, 10)
+    # A watcher killed while it typed one: the next asks the hooks, and types it only once.
+    assert run(capsys, "wait", "a1", "--timeout", "30")[0] == 0
+    before = time.time()
+    assert run(capsys, "send", "a1", "typed just before the kill")[0] == 0
+    with open(orch.held_path("a1"), "w") as f:
+        json.dump([{"t": before, "text": "typed just before the kill", "raw": False,
+                    "typing": before}], f)
+    assert run(capsys, "wait", "a1", "--timeout", "30")[0] == 0
+    assert run(capsys, "send", "a1", "--when-idle", "the next one")[0] == 0
+    assert retry_until(lambda: env.messages()[-1] == "the next one", 30)
+    assert env.messages().count("typed just before the kill") == 1
+    assert env.messages().count("after the reboot") == 1
+
+
 def test_kill_keeps_record_and_exit_code(env, capsys):
     assert run(capsys, "spawn", "a1")[0] == 0
     code, out, _ = run(capsys, "kill", "a1")
@@ -2192,6 +2310,8 @@ class Hosts(object):
                             "exit", "x"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for name in list(self.procs):
             self.stop_sshd(name)
+        for name in self.sockets:
+            stop_watcher(os.path.join(self.env.root, name, "state.d"))
         for sock in self.sockets.values():
             subprocess.run(["tmux", "-L", sock, "kill-server"], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, env=dict(os.environ, TMUX_TMPDIR=self.env.tmpdir))
@@ -2280,6 +2400,19 @@ def test_cli_hosts_every_verb_over_ssh(hosts, capsys):
     assert hosts.state("h1")["agents"] == {}
     assert hosts.env.messages() == ["first task", "SLOW-20 second", "from stdin", "ASK please",
                                     "ASK again", "back again"]
+
+
+def test_hosts_notifications_are_sent_from_the_host(hosts, capsys, receiver):
+    code, out, err = cli("--host", "h1", "notify", "add", "hook", "--webhook", "-", "--on",
+                         "started,done", stdin=receiver.url + "\n", python=cli_python())
+    assert code == 0 and "secret-token" not in out and "\u2026abcd" in out, err
+    assert os.path.exists(os.path.join(hosts.env.root, "h1", "state.d", "notify.json"))
+    assert not os.path.exists(os.path.join(orch.data_dir(), "notify.json"))    # none here
+    assert cli("--host", "h1", "spawn", "a1", "hello", python=cli_python())[0] == 0
+    found = events_of(receiver, "a1", 2)
+    assert [e["event"] for e in found] == ["started", "done"] and found[1]["reply"]
+    rows = json.loads(cli("--host", "h1", "notify", "list", "--json")[1])
+    assert [(r["name"], r["target"]) for r in rows] == [("hook", "127.0.0.1 \u2026abcd")]
 
 
 def test_hosts_attach_gets_a_terminal(hosts, capsys):
@@ -3009,7 +3142,7 @@ def test_doctor_all_well_and_changes_nothing(env, capsys, monkeypatch):
     write_claude_config(env.home, [], {"oauthAccount": {"emailAddress": "a@example.com"}})
     before = tree_of(env.home)
     code, found = doctor(capsys)
-    assert code == 0 and [level for level, _ in found.values()] == ["ok"] * 9, found
+    assert code == 0 and [level for level, _ in found.values()] == ["ok"] * 10, found
     assert tree_of(env.home) == before
     assert "tmux 3" in found["tmux"][1] and "Claude Code 2.1.197" in found["claude"][1]
     assert "needed only for --agent codex" in found["codex"][1] or "Codex CLI" in found["codex"][1]
@@ -3294,6 +3427,10 @@ def test_cli_every_verb_in_bare_environments(repo, kind):
     def orch_cli(*args, **kw):
         used.add(args[0])
         return bare_cli(bare, cli_python(), *args, **kw)
+    told = os.path.join(env.root, "told.jsonl")
+    code, out, err = orch_cli("notify", "add", "n1", "--exec", "cat >> '%s'; echo >> '%s'"
+                              % (told, told), "--on", "done")
+    assert code == 0, err
     code, out, err = orch_cli("spawn", "a1", "caf\u00e9 \u6f22\u5b57 \U0001F680 task")
     assert code == 0, err
     assert orch_cli("send", "a1", "na\u00efve SLOW-20 message")[:2] == (0, "a1: submitted\n")
@@ -3309,6 +3446,15 @@ def test_cli_every_verb_in_bare_environments(repo, kind):
     assert (code, out) == (0, "a1: submitted\n")
     assert orch_cli("wait", "a1", "--timeout", "30")[0] == 0
     assert orch_cli("reply", "a1")[:2] == (0, "reply: from stdin \u00e9\n")
+
+    def told_replies():
+        with open(told, encoding="utf-8") as f:
+            return [json.loads(line)["reply"] for line in f if line.strip()]
+    assert retry_until(lambda: os.path.exists(told) and "reply: from stdin \u00e9" in
+                       told_replies(), 30)
+    assert orch_cli("notify", "test", "n1")[0] == 0
+    assert "n1" in orch_cli("notify", "list")[1] and "sent" in orch_cli("notify", "log")[1]
+    assert orch_cli("notify", "rm", "n1")[0] == 0
     code, out, _ = orch_cli("log", "a1")
     assert code == 0 and "> caf\u00e9 \u6f22\u5b57" in out and "\u25cf reply: from stdin" in out
     assert orch_cli("status-line")[:2] == (0, "orch: 1 idle\n")
@@ -4012,7 +4158,7 @@ BAD_STATES = {
 }
 HANG_TMUX = "#!/bin/sh\nexec sleep 1000\n"
 # Verbs that touch neither the state file nor tmux: the state and tmux cases do not apply.
-STATELESS_VERBS = ("install",)
+STATELESS_VERBS = ("install", "notify")    # they never read the state file
 
 
 def help_verbs():
@@ -4030,7 +4176,7 @@ def verb_arguments(verb):
 
 def base_args(verb, actions, name="x1"):
     """A command line for verb that would be valid but for the one bad input."""
-    args = [verb]
+    args = [verb] + (["test"] if verb == "notify" else [])      # a channel's name
     for action in actions:
         if not action.option_strings and action.dest in ("name", "names"):
             args.append(name)
@@ -4642,6 +4788,253 @@ def test_headless_refuses_cmd_and_bad_backend(headless, capsys):
 
 
 # ###########################################################################
+# Notifications: a real HTTP server on 127.0.0.1 receives them
+# ###########################################################################
+
+class Receiver(object):
+    """An HTTP server on 127.0.0.1 that records every POST; `fail` answers that status."""
+
+    def __init__(self, port=0):
+        self.posts, self.fail = [], None
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                code = receiver.fail or 200
+                if code == 200:
+                    receiver.posts.append({"path": self.path, "headers": dict(self.headers),
+                                           "body": body.decode("utf-8"), "t": time.time()})
+                self.send_response(code)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(("127.0.0.1", port), Handler)
+        self.port = self.server.server_address[1]
+        self.url = "http://127.0.0.1:%d/hook/secret-token-abcd" % self.port
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def events(self):
+        return [json.loads(p["body"]) for p in self.posts]
+
+
+@pytest.fixture
+def receiver():
+    server = Receiver()
+    yield server
+    server.stop()
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def events_of(receiver, agent, n, timeout=30):
+    """The first n events the receiver got for agent, once it has them."""
+    def mine():
+        found = [e for e in receiver.events() if e["agent"] == agent]
+        return found if len(found) >= n else None
+    try:
+        return retry_until(mine, timeout)
+    except AssertionError:
+        raise AssertionError("%d events for %s wanted, got %s" % (n, agent, receiver.events()))
+
+
+def test_notify_channels_are_private_and_never_shown_in_full(env, capsys, receiver):
+    code, out, err = run(capsys, "notify", "add", "hook", "--webhook", receiver.url)
+    assert code == 0 and "secret-token" not in out and "127.0.0.1 \u2026abcd" in out, err
+    code, out, _ = run(capsys, "notify", "add", "phone", "--ntfy", "-", "--on", "done,failed",
+                       "--agents", "web-*", stdin="https://ntfy.example/my-secret-topic\n")
+    assert code == 0 and "my-secret" not in out
+    path = os.path.join(orch.data_dir(), "notify.json")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    code, out, _ = run(capsys, "notify", "list", "--json")
+    rows = json.loads(out)
+    assert [(r["name"], r["kind"], r["target"], r["on"], r["agents"]) for r in rows] == [
+        ("hook", "webhook", "127.0.0.1 \u2026abcd", ["needs-input", "failed", "exited"], "*"),
+        ("phone", "ntfy", "ntfy.example \u2026opic", ["done", "failed"], "web-*")]
+    listed = run(capsys, "notify", "list")[1]
+    assert "secret" not in listed and "hook" in listed and "phone" in listed
+    for bad in (["add", "x", "--webhook", "ftp://h/x"], ["add", "x", "--ntfy", "https://ntfy.sh/"],
+                ["add", "x"], ["add", "x", "--webhook", receiver.url, "--exec", "true"],
+                ["add", "x", "--exec", "true", "--on", "done,bogus"], ["rm"], ["list", "x"]):
+        code, out, err = run(capsys, "notify", *bad)
+        assert code == orch.EXIT_USAGE and err.count("\n") == 1 and "secret" not in err, bad
+    assert run(capsys, "notify", "add", "hook", "--exec", "true")[0] == orch.EXIT_ERROR
+    assert run(capsys, "notify", "rm", "phone") == (0, "removed phone\n", "")
+    assert run(capsys, "notify", "rm", "phone")[0] == orch.EXIT_ERROR
+    assert [r["name"] for r in json.loads(run(capsys, "notify", "list", "--json")[1])] == ["hook"]
+
+
+def test_notify_test_says_whether_it_was_delivered(env, capsys, receiver):
+    assert run(capsys, "notify", "add", "hook", "--webhook", receiver.url)[0] == 0
+    assert run(capsys, "notify", "add", "gone", "--webhook",
+               "http://127.0.0.1:%d/x" % free_port())[0] == 0
+    code, out, err = run(capsys, "notify", "test", "hook")
+    assert code == 0 and "delivered" in out, err
+    sample = receiver.events()[0]
+    assert set(sample) == {"event", "agent", "host", "status", "detail", "reply", "hint",
+                           "time", "late"}
+    assert receiver.posts[0]["path"] == "/hook/secret-token-abcd"
+    code, out, err = run(capsys, "notify", "test", "gone")
+    assert code == orch.EXIT_ERROR and "gone: not delivered" in err
+    receiver.fail = 500
+    assert run(capsys, "notify", "test", "hook")[0] == orch.EXIT_ERROR
+    log = json.loads(run(capsys, "notify", "log", "--json")[1])
+    assert [(e["channel"], e["outcome"]) for e in log] == [("hook", "sent"), ("gone", "failed"),
+                                                           ("hook", "failed")]
+    assert "HTTP 500" in log[-1]["error"]
+    found = [f for f in json.loads(run(capsys, "doctor", "--json")[1]) if f["check"] == "notify"]
+    assert [f["level"] for f in found] == ["ok", "warning"] and "HTTP 500" in found[1]["message"]
+    assert "secret" not in json.dumps(found)
+
+
+def test_notify_each_transition_once(env, capsys, receiver):
+    assert run(capsys, "notify", "add", "hook", "--webhook", receiver.url,
+               "--on", "started,needs-input,done,exited")[0] == 0
+    assert run(capsys, "spawn", "a1", "SLOW-1 first job")[0] == 0
+    started, done = events_of(receiver, "a1", 2)
+    assert (started["event"], started["late"]) == ("started", False)
+    assert (done["event"], done["reply"], done["hint"]) == ("done", "slow reply done",
+                                                            "orch reply a1")
+    assert run(capsys, "send", "a1", "ASK may I")[0] == 0
+    asked = events_of(receiver, "a1", 3)[2]
+    assert (asked["event"], asked["detail"], asked["hint"]) == (
+        "needs-input", "Bash", "orch approve a1")
+    assert run(capsys, "approve", "a1")[0] == 0
+    assert events_of(receiver, "a1", 4)[3]["event"] == "done"
+    assert run(capsys, "send", "a1", "EXIT-3 bye")[0] == 0
+    gone = events_of(receiver, "a1", 5)[4]
+    assert (gone["event"], gone["detail"], gone["hint"]) == ("exited", "exit code 3",
+                                                             "orch resume a1")
+    assert run(capsys, "resume", "a1")[0] == 0
+    assert events_of(receiver, "a1", 6)[5]["event"] == "started"
+    assert run(capsys, "kill", "a1")[0] == 0       # stopped on purpose: nobody is told
+    assert run(capsys, "spawn", "a2", "hello")[0] == 0
+    events_of(receiver, "a2", 2)
+    log = retry_until(lambda: [e for e in json.loads(run(capsys, "notify", "log", "--json")[1])
+                               if e["outcome"] == "sent"][7:] and
+                      json.loads(run(capsys, "notify", "log", "--json")[1]), 10)
+    assert len(receiver.posts) == len(log) == 8 and all(e["outcome"] == "sent" for e in log)
+    assert [e["event"] for e in receiver.events() if e["agent"] == "a1"] == [
+        "started", "done", "needs-input", "done", "exited", "started"]
+
+
+def test_notify_ntfy_and_a_command(env, capsys, receiver):
+    out_file = os.path.join(env.root, "exec-out")
+    command = ("cat > '%s.stdin'; printf '%%s|%%s|%%s' \"$ORCH_EVENT_AGENT\" "
+               "\"$ORCH_EVENT_STATUS\" \"$ORCH_EVENT_DETAIL\" > '%s.env'" % (out_file, out_file))
+    assert run(capsys, "notify", "add", "phone", "--ntfy", receiver.url.replace("hook", "topic"),
+               "--on", "needs-input,done")[0] == 0
+    assert run(capsys, "notify", "add", "cmd", "--exec", command, "--on", "done")[0] == 0
+    nasty = "$(touch pwned) `touch pwned2` \"dq\" 'sq' ; | &"
+    assert run(capsys, "spawn", "a1", nasty)[0] == 0
+    post = retry_until(lambda: receiver.posts and receiver.posts[0], 30)
+    assert post["headers"]["Title"] == "orch: a1 done"
+    assert (post["headers"]["Priority"], post["headers"]["Tags"]) == ("default",
+                                                                       "white_check_mark")
+    assert post["body"] == "a1 finished its turn: reply: %s \u2014 orch reply a1" % nasty[:53]
+    assert retry_until(lambda: os.path.exists(out_file + ".env"), 30)
+    with open(out_file + ".stdin") as f:
+        event = json.loads(f.read())
+    assert (event["event"], event["agent"], event["reply"]) == ("done", "a1",
+                                                                 "reply: " + nasty[:53])
+    with open(out_file + ".env") as f:
+        assert f.read() == "a1|idle|"
+    assert run(capsys, "send", "a1", "ASK may I")[0] == 0
+    asked = retry_until(lambda: len(receiver.posts) > 1 and receiver.posts[1], 30)
+    assert asked["headers"]["Priority"] == "high" and "orch approve a1" in asked["body"]
+    assert not [n for n in os.listdir(env.work) + os.listdir(orch.os.path.expanduser("~"))
+                if n.startswith("pwned")]
+
+
+def test_notify_a_command_agent_tells_only_its_exit(env, capsys, receiver):
+    assert run(capsys, "notify", "add", "hook", "--webhook", receiver.url,
+               "--on", "needs-input,done,exited")[0] == 0
+    assert run(capsys, "spawn", "c1", "--cmd", "sh -c 'read line; exit 7'")[0] == 0
+    assert run(capsys, "send", "c1", "go")[0] == 0
+    gone = events_of(receiver, "c1", 1)[0]
+    assert (gone["event"], gone["detail"]) == ("exited", "exit code 7")
+    assert run(capsys, "wait", "c1", "--until", "exited", "--timeout", "5")[0] == 0
+    assert [e["event"] for e in receiver.events()] == ["exited"]
+
+
+def test_notify_retried_until_the_server_is_up_and_sent_once(env, capsys):
+    port = free_port()
+    url = "http://127.0.0.1:%d/hook/secret-token-abcd" % port
+    assert run(capsys, "notify", "add", "hook", "--webhook", url, "--on", "done")[0] == 0
+    assert run(capsys, "spawn", "a1", "first")[0] == 0
+    assert run(capsys, "wait", "a1", "--timeout", "30")[0] == 0
+    watch = os.path.join(orch.data_dir(), "watch.json")
+    assert retry_until(lambda: (orch.read_json(watch) or {}).get("outbox") and
+                       orch.read_json(watch)["outbox"][0].get("error"), 30)
+    started = time.time()
+    assert run(capsys, "list")[0] == 0 and time.time() - started < 5     # no verb waits
+    server = Receiver(port)
+    try:
+        assert events_of(server, "a1", 1)[0]["event"] == "done"
+        log = retry_until(lambda: json.loads(run(capsys, "notify", "log", "--json")[1]), 10)
+        assert [(e["outcome"], e["attempts"] > 1) for e in log] == [("sent", True)]
+        assert run(capsys, "send", "a1", "again")[0] == 0
+        events_of(server, "a1", 2)
+        assert [e["event"] for e in server.events()] == ["done", "done"]
+    finally:
+        server.stop()
+
+
+def test_notify_twenty_agents_twenty_notifications(env, capsys, receiver):
+    assert run(capsys, "notify", "add", "hook", "--webhook", receiver.url, "--on", "done")[0] == 0
+    names = ["n%02d" % i for i in range(20)]
+    for name in names:
+        assert run(capsys, "spawn", name)[0] == 0
+    code, out, err = run(capsys, "send", "--all", "SLOW-2 together")
+    assert code == 0, err
+    found = retry_until(lambda: len(receiver.posts) >= 20 and receiver.events(), 60)
+    assert sorted(e["agent"] for e in found) == names
+    assert run(capsys, "wait", "--all", "--timeout", "30")[0] == 0
+    time.sleep(2)       # ticks after the last turn: none sent again
+    assert len(receiver.posts) == 20
+
+
+def test_notify_after_a_reboot_late_and_not_twice(env, capsys, receiver):
+    assert run(capsys, "notify", "add", "hook", "--webhook", receiver.url,
+               "--on", "started,exited,done")[0] == 0
+    assert run(capsys, "spawn", "a1", "hello")[0] == 0
+    events_of(receiver, "a1", 2)
+    # Killed once both are recorded sent (killed between a post and its record, the
+    # next watcher sends that one again: at least once).
+    retry_until(lambda: len(json.loads(run(capsys, "notify", "log", "--json")[1])) == 2, 10)
+    stop_watcher(orch.data_dir())
+    reboot()
+    assert run(capsys, "resume", "--all")[0] == 0
+    found = events_of(receiver, "a1", 4)
+    assert [(e["event"], e["late"]) for e in found] == [
+        ("started", False), ("done", False), ("exited", True), ("started", False)], [
+            (e["event"], e["time"], e["late"], e["status"]) for e in found]
+    retry_until(lambda: len(json.loads(run(capsys, "notify", "log", "--json")[1])) == 4, 10)
+    stop_watcher(orch.data_dir())       # a killed watcher: the next one sends nothing again
+    assert run(capsys, "send", "a1", "more")[0] == 0
+    assert events_of(receiver, "a1", 5)[4]["event"] == "done", receiver.events()
+    time.sleep(2)
+    assert len(receiver.posts) == 5
+
+
+# ###########################################################################
 # A fake Anthropic Messages API, enough for Claude Code to run offline
 # ###########################################################################
 
@@ -5215,6 +5608,10 @@ def test_e2e_api_key_question_first_contact(claude, capsys):
     assert retry_until(lambda: claude.api.texts(sid_of("k2"))) == ["second agent's words"]
 
 
+def test_e2e_notifications(claude, capsys, receiver):
+    notified_through_each_transition(capsys, receiver, [], ASK_FIRST, "Bash")
+
+
 def test_e2e_untrusted_folder_and_spawn_trust(claude, capsys, tmp_path):
     fresh = tmp_path / "untrusted"
     fresh.mkdir()
@@ -5720,6 +6117,27 @@ def test_e2e_codex_spawn_send_wait_reply_log_kill_resume(codex, capsys):
     assert wait_status(capsys, "c1", "idle")["session_id"] == sid
 
 
+def notified_through_each_transition(capsys, receiver, before, after, tool):
+    """A real agent's transitions reach a webhook, each once: started, done, needs-input, exited."""
+    assert run(capsys, "notify", "add", "hook", "--webhook", receiver.url,
+               "--on", "started,needs-input,done,exited")[0] == 0
+    assert run(capsys, "spawn", "n1", *(before + ["first words"] + after))[0] == 0
+    found = events_of(receiver, "n1", 2, 60)
+    assert [e["event"] for e in found] == ["started", "done"] and found[1]["reply"], found
+    assert run(capsys, "send", "n1", "TOOL please")[0] == 0
+    asked = events_of(receiver, "n1", 3, 60)[2]
+    assert (asked["event"], asked["detail"], asked["hint"]) == (
+        "needs-input", tool, "orch approve n1"), asked
+    assert run(capsys, "approve", "n1")[0] == 0
+    assert events_of(receiver, "n1", 4, 60)[3]["event"] == "done"
+    os.killpg(status(capsys, "n1")["pid"], signal.SIGTERM)      # it ends, not by orch kill
+    gone = events_of(receiver, "n1", 5, 60)[4]
+    assert gone["event"] == "exited" and gone["detail"].startswith("exit code"), gone
+    assert run(capsys, "wait", "n1", "--until", "exited", "--timeout", "10")[0] == 0
+    assert [e["event"] for e in receiver.events()] == [
+        "started", "done", "needs-input", "done", "exited"]
+
+
 def approve_once_and_deny(world, capsys, kind, tool):
     """A dialog asks about a tool: deny (it never runs), then approve once (it runs)."""
     assert run(capsys, "spawn", "a1", "--agent", kind, "TOOL please")[0] == 0
@@ -5816,6 +6234,10 @@ def test_e2e_codex_agent_starts_an_agent(codex, capsys):
 
 def test_e2e_gemini_agent_starts_an_agent(gemini, capsys):
     agent_starts_agent(gemini, capsys, "gemini", "run_shell_command")
+
+
+def test_e2e_codex_notifications(codex, capsys, receiver):
+    notified_through_each_transition(capsys, receiver, ["--agent", "codex"], [], "Bash")
 
 
 def test_e2e_codex_approve_once_and_deny(codex, capsys):
@@ -6075,6 +6497,11 @@ def test_e2e_gemini_spawn_send_wait_reply_log_kill_resume(gemini, capsys):
     with open(gemini.gemini_settings, "rb") as f:
         assert f.read() == before
     retry_until(lambda: os.path.exists(gemini.hook_log))
+
+
+def test_e2e_gemini_notifications(gemini, capsys, receiver):
+    notified_through_each_transition(capsys, receiver, ["--agent", "gemini"], [],
+                                     "run_shell_command")
 
 
 def test_e2e_gemini_approve_once_and_deny(gemini, capsys):
@@ -6588,6 +7015,47 @@ def bench_first_screens(repeat=3):
         shutil.rmtree(root, ignore_errors=True)
 
 
+def bench_notify(rounds=20):
+    """What three notification channels cost an agent's hook, and how soon a turn's end arrives.
+
+    The hook with three channels against none (it does not know of them: the
+    watcher does the sending); then the time from a stand-in agent's Stop
+    hook event to the first of three webhooks' arrival, over `rounds` turns.
+    """
+    root, work, env = bench_world("n")
+    env["ORCH_CLAUDE"] = write_fake_agent(root)
+    receiver = Receiver()
+    orch_cmd = [sys.executable, ORCH]
+    events = os.path.join(root, "state.d", "agents", "b1", "events.jsonl")
+    try:
+        bare = bench_hook(env, 15)[0]
+        for i in range(3):
+            subprocess.run(orch_cmd + ["notify", "add", "c%d" % i, "--webhook", receiver.url,
+                                       "--on", "done"], env=env, stdout=subprocess.DEVNULL,
+                           check=True)
+        three = bench_hook(env, 15)[0]
+        subprocess.run(orch_cmd + ["spawn", "b1", "--cwd", work], env=env,
+                       stdout=subprocess.DEVNULL, check=True)
+        delays = []
+        for i in range(rounds):
+            before = len(receiver.posts)
+            subprocess.run(orch_cmd + ["send", "b1", "round %d" % i], env=env,
+                           stdout=subprocess.DEVNULL, check=True)
+            while len(receiver.posts) < before + 3:
+                time.sleep(0.01)
+            with open(events) as f:
+                stop = [json.loads(l)["t"] for l in f if '"Stop"' in l][-1]
+            delays.append(min(p["t"] for p in receiver.posts[before:]) - stop)
+        print("\nnotifications: a hook event with 3 channels %.1f ms, with none %.1f ms (%.2fx); "
+              "a turn's end to its webhook: median %.2f s, max %.2f s over %d turns"
+              % (three, bare, three / bare, statistics.median(delays), max(delays), rounds))
+    finally:
+        stop_watcher(os.path.join(root, "state.d"))
+        reboot(env)
+        receiver.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def bench_table(rows):
     table = [["", "median", "min", "max", "tmux calls", ""]] + rows
     widths = [max(len(r[i]) for r in table) for i in range(6)]
@@ -6604,11 +7072,14 @@ if __name__ == "__main__" and sys.argv[1:2] == ["bench"]:
         bench_resume_all()
     elif sys.argv[2:] == ["first"]:
         bench_first_screens()
+    elif sys.argv[2:] == ["notify"]:
+        bench_notify()
     else:
         bench(tuple(int(n) for n in sys.argv[2:]) or (10, 100, 300))
         bench_hosts(15)
         bench_resume_all()
         bench_first_screens()
+        bench_notify()
 elif __name__ == "__main__":
     # Run the fake API by hand: python3 test_orch.py PORT
     api = FakeAPI()
