@@ -12,7 +12,9 @@ codex -c, a private GEMINI_CLI_HOME) that append one line per event (session
 start, prompt submitted, tool use, permission dialog, turn end, exit) to the
 agent's event file: that is how orch knows an agent's status and confirms that
 a message was really submitted, without scraping screens.  What differs between
-CLIs lives in one class per agent kind.
+CLIs lives in one class per agent kind.  A watcher of orch's turns what
+changes into notifications (webhook, ntfy, a command) and types messages
+held for the end of a turn.
 
 Standard library only; runs on Python 3.6+ and tmux 3.0+.  See README.md.
 """
