@@ -47,6 +47,7 @@ EXIT_NEEDS_INPUT = 4        # refused: the agent shows a dialog that a keypress 
 EXIT_UNCONFIRMED = 5        # the message was typed but orch did not see it submitted
 EXIT_TIMEOUT = 6            # `wait` ran out of time
 EXIT_MIXED = 7              # submitted, but joined with text orch did not send
+EXIT_FAILED = 8             # the turn ended on an error (a rate limit, an API error), not done
 EXIT_INTERRUPTED = 130
 
 # Variables that must not leak into an agent: they point it at the caller's
@@ -61,7 +62,7 @@ SCRUBBED_ENV = ("TMUX", "TMUX_PANE", "CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT",
                 "CLAUDE_CODE_EXECPATH", "AI_AGENT")
 
 HOOK_EVENTS = ("SessionStart", "UserPromptSubmit", "PreToolUse", "PostToolUse",
-               "PermissionRequest", "Notification", "Stop", "SessionEnd")
+               "PermissionRequest", "Notification", "Stop", "StopFailure", "SessionEnd")
 
 SEP = "\x1e"                # ASCII record separator: never appears in tmux names/paths we use
 
@@ -721,7 +722,7 @@ def main():
         event = "Notification"
     line = {"t": time.time(), "event": event, "session_id": data.get("session_id")}
     for key in ("source", "reason", "notification_type", "tool_name", "prompt_id",
-                "permission_mode"):
+                "permission_mode", "error", "turn_id"):
         if isinstance(data.get(key), str):
             line[key] = data[key]
     prompt = data.get("prompt")
@@ -875,7 +876,7 @@ def event_status(event):
     kind = event.get("event")
     if kind in ("UserPromptSubmit", "PreToolUse", "PostToolUse"):
         return ("working", None)
-    if kind in ("SessionStart", "Stop", "Interrupted"):
+    if kind in ("SessionStart", "Stop", "Interrupted", "StopFailure"):
         return ("idle", None)
     if kind == "PermissionRequest":
         return ("needs-input", "question" if event.get("tool_name") == "AskUserQuestion"
@@ -1138,7 +1139,8 @@ def replay_events(events, seen=None):
     seen = dict(seen or {"status": None, "needs": None, "detail": None, "since": None,
                          "turn": None, "waiting": 0, "last_prompt": None, "session_id": None,
                          "permission_mode": None, "reported_in": False, "last_event": None,
-                         "tool": None, "ended": None, "asked": None})
+                         "tool": None, "ended": None, "asked": None, "error": None,
+                         "error_detail": None, "failed": None})
     for event in events:
         kind = event.get("event")
         seen["last_event"] = event.get("t")
@@ -1154,6 +1156,7 @@ def replay_events(events, seen=None):
             seen["permission_mode"] = event["permission_mode"]
         if kind == "UserPromptSubmit":
             seen["last_prompt"] = event.get("prompt")
+            seen.update(error=None, error_detail=None)      # a new turn: the failure is past
             count_prompt(seen, event)
         elif kind == "SessionStart":
             seen.update(reported_in=True, turn=None, waiting=0)
@@ -1162,6 +1165,10 @@ def replay_events(events, seen=None):
         elif kind == "Stop":
             turn_ended(seen)
             seen["ended"] = event.get("t")      # when the last turn ended (notifications)
+            seen.update(error=None, error_detail=None)
+        elif kind == "StopFailure":         # claude: an API error ended the turn, not done
+            seen.update(turn=None, waiting=0, error=event.get("error") or "unknown",
+                        error_detail=event.get("last_assistant_message"), failed=event.get("t"))
         elif kind == "PermissionRequest":
             seen["asked"] = event.get("t")
         elif kind == "Interrupted":         # codex: Escape ended the turn, no Stop comes
@@ -1267,7 +1274,7 @@ def agent_status(agent, panes, read_screen=None, cache=None):
     launched = agent.get("launched", agent.get("created", 0))
     result = {"status": "exited", "since": None, "needs": None, "detail": None,
               "exit_code": None, "source": "tmux", "last_prompt": None, "pid": None,
-              "permission_mode": None, "pending": False}
+              "permission_mode": None, "pending": False, "error": None}
     kind = kind_of(agent)
     hooked = kind.hooks
     seen = (cache or StatusCache()).summary(agent) if hooked else replay_events([])
@@ -1285,7 +1292,7 @@ def agent_status(agent, panes, read_screen=None, cache=None):
     if not hooked:
         return screen_status(result, pane)
     result["source"] = "hooks"
-    result.update(ended=seen.get("ended"), asked=seen.get("asked"))
+    result.update(ended=seen.get("ended"), asked=seen.get("asked"), failed=seen.get("failed"))
     if seen["status"]:
         result.update(status=seen["status"], needs=seen["needs"], since=seen["since"],
                       detail=seen["detail"], tool=seen["tool"],
@@ -1307,6 +1314,9 @@ def agent_status(agent, panes, read_screen=None, cache=None):
     if result["needs"] == "dialog" and result["source"] != "screen" and read_screen:
         dialog = choice_dialog(read_screen(), said=True)
         result["detail"] = dialog and dialog["question"]
+    if result["status"] == "idle" and seen.get("error"):
+        # Its last turn ended on an error: idle, and not done.
+        result.update(error=seen["error"], detail=seen.get("error_detail"))
     return result
 
 
@@ -2058,6 +2068,7 @@ def clear_input_box(agent):
 
 
 QUEUED_HINT = "Press up to edit queued messages"    # shown in the box while messages wait
+RETRY_HINT = "Resend your message to try again"     # 2.1.332, after a turn failed
 
 
 def typed_text(agent):
@@ -2069,7 +2080,7 @@ def claude_typed_text(agent):
     """What sits in claude's input box now ('' when empty or only claude's hint)."""
     rows = agent_screen(agent)
     text = input_box(rows)[1] or ""
-    return "" if text == QUEUED_HINT else text
+    return "" if text in (QUEUED_HINT, RETRY_HINT) else text
 
 
 def confirm_submit(agent, text, since, was_working, timeout):
@@ -2977,8 +2988,8 @@ def print_entries(entries, as_json):
 
 
 # How bad each outcome of a send is, for the exit code of a send to many.
-SEVERITY = (EXIT_OK, EXIT_NOT_RUNNING, EXIT_NEEDS_INPUT, EXIT_UNCONFIRMED, EXIT_MIXED,
-            EXIT_ERROR)
+SEVERITY = (EXIT_OK, EXIT_NOT_RUNNING, EXIT_NEEDS_INPUT, EXIT_FAILED, EXIT_UNCONFIRMED,
+            EXIT_MIXED, EXIT_ERROR)
 
 
 def worse(code, worst):
@@ -4668,6 +4679,9 @@ def cmd_status_line(args):
     for st in found.values():
         counts[st["status"]] = counts.get(st["status"], 0) + 1
     parts = ["%d %s" % (counts[s], s.replace("-", " ")) for s in STATUS_ORDER if counts[s]]
+    failed = len([st for st in found.values() if st.get("error")])
+    if failed:
+        parts.insert(0, "%d failed" % failed)
     if parts:
         print("orch: " + " \u00b7 ".join(parts))
     return report_problems(state)
@@ -4712,14 +4726,16 @@ def status_change(name, old, new, when=None):
     A change of status or of what it needs; the detail (a tool's name) rides
     along.  With no old status (`--since`), "from" is None.
     """
-    if old and new and (old["status"], old["needs"]) == (new["status"], new["needs"]):
+    if old and new and (old["status"], old["needs"], old.get("error")) == (
+            new["status"], new["needs"], new.get("error")):
         return None
     when = when or time.time()
     return {"t": round(when, 3),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(when)), "name": name,
             "from": old["status"] if old else None,
             "to": new["status"] if new else "removed",
-            "needs": new["needs"] if new else None, "detail": new["detail"] if new else None}
+            "needs": new["needs"] if new else None, "detail": new["detail"] if new else None,
+            "error": new.get("error") if new else None}
 
 
 def print_change(change, as_json):
@@ -4728,21 +4744,31 @@ def print_change(change, as_json):
     else:
         line = "%s  %s  %s \u2192 %s" % (change["time"][11:19], change["name"],
                                         change["from"] or "-", change["to"])
-        line += "".join("  %s" % change[k] for k in ("needs", "detail") if change[k])
+        line += "".join("  %s" % change[k] for k in ("error", "needs", "detail") if change[k])
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
 
 def cmd_reply(args):
     agent = find_agent(load_state(), check_name(args.name))
+    try:
+        st = status_of(agent)
+    except OrchError:
+        st = None       # the answer is on file; only the note needs tmux
+    if st and st.get("error"):
+        # The last message was never answered: an older answer would be a lie.
+        if args.json:
+            print(json.dumps({"name": agent["name"], "reply": None, "error": st["error"],
+                              "detail": st["detail"], "status": st["status"]}))
+        else:
+            sys.stderr.write("orch: error: agent %s's last turn failed (%s: %s): it has no "
+                             "answer to it\n" % (agent["name"], st["error"], st["detail"]))
+        return EXIT_FAILED
     found = last_reply(agent)
     if found is None:
         raise OrchError("agent %s has not finished a turn yet: no answer to show; "
                         "`orch wait %s` first" % (agent["name"], agent["name"]), EXIT_NOT_RUNNING)
-    try:
-        status = status_of(agent)["status"]
-    except OrchError:
-        status = None       # the answer is on file; only the note needs tmux
+    status = st and st["status"]
     if args.json:
         print(json.dumps({"name": agent["name"], "reply": found["text"], "time": found["t"],
                           "status": status}))
@@ -4853,7 +4879,7 @@ def age(seconds):
 def agent_row(agent, st):
     since = st["since"]
     return {"name": agent["name"], "agent": kind_of(agent).name,
-            "status": st["status"], "needs": st["needs"],
+            "status": st["status"], "needs": st["needs"], "error": st.get("error"),
             "status_since": since, "status_source": st["source"],
             "backend": agent.get("backend", "tmux"), "cwd": agent["cwd"],
             "session_id": st.get("session_id") or agent.get("session_id"),
@@ -5024,6 +5050,8 @@ def report_problems(state):
 
 def status_label(row):
     label = row["status"]
+    if row.get("error"):
+        return label + " (failed: %s)" % row["error"]      # the CLI's own word for it
     if row["needs"] in SCREEN_TITLES and row.get("detail"):     # what it asks, in its words
         label += " (%s: %s)" % (row["needs"], shorten(row["detail"], 40))
     elif row["needs"]:
@@ -5287,13 +5315,20 @@ def cmd_wait(args):
     if not done:
         raise OrchError("timed out after %gs waiting for %s%s" % (
             args.timeout, "any of " if args.any else "", " ".join(names)), EXIT_TIMEOUT)
+    failed = [n for n in names if found[n].get("error")]
+    if failed:
+        raise OrchError("%s: the last turn ended on an error (%s), not done: `orch log %s` "
+                        "shows it; send the message again to retry" % (
+                            failed[0], shorten(found[failed[0]]["detail"] or
+                                               found[failed[0]]["error"], 120), failed[0]),
+                        EXIT_FAILED)
     return EXIT_OK
 
 
 def wait_label(st):
     return status_label({"status": st["status"], "needs": st["needs"],
                          "exit_code": st["exit_code"], "detail": st["detail"],
-                         "status_source": st["source"]})
+                         "status_source": st["source"], "error": st.get("error")})
 
 
 def cmd_interrupt(args):
@@ -5820,7 +5855,7 @@ def agent_memory(agent, st, old=None):
         return max(st.get(key) or 0, (old or {}).get(key) or 0) or None
     return {"launched": agent.get("launched", agent.get("created")), "status": st["status"],
             "needs": st["needs"], "detail": st.get("detail"), "ended": latest("ended"),
-            "asked": latest("asked")}
+            "asked": latest("asked"), "failed": latest("failed")}
 
 
 def changes(agent, st, old, late):
@@ -5838,6 +5873,9 @@ def changes(agent, st, old, late):
         old = dict(old or {}, status="starting", needs=None, detail=None)
     if new["ended"] != old.get("ended"):
         found.append(make_event(agent, st, "done", late))
+    if new["failed"] != old.get("failed") and st.get("error"):
+        found.append(make_event(agent, st, "failed", late, detail="%s: %s" % (
+            st["error"], st["detail"] or "")))
     if st["status"] == "needs-input" and (old["status"] != "needs-input" or new["asked"] != old.get(
             "asked") or (old["needs"], old["detail"]) != (new["needs"], new["detail"])):
         found.append(make_event(agent, st, "needs-input", late))
@@ -6712,6 +6750,14 @@ class CodexKind(AgentKind):
         return codex_composer(rows) or ""
 
     @staticmethod
+    def recheck(agent, result, read_screen):
+        """An API error ends a codex turn with no hook: its rollout says so (0.169-0.171)."""
+        if result["status"] == "working":
+            failed = codex_failed_turn(agent)
+            if failed:
+                result.update(status="idle", source="transcript", **failed)
+
+    @staticmethod
     def permission_dialog(rows):
         return codex_dialog(rows)
 
@@ -6969,6 +7015,44 @@ def codex_dialog(rows):
             "options": dict((text, str(n)) for n, text in found["choices"].items())}
 
 
+def codex_failed_turn(agent):
+    """{error, detail, failed, since} when codex's rollout ends the current turn on an error.
+
+    Codex writes `task_complete` with an `error` (its own `codex_error_info`
+    names the kind, e.g. response_too_many_failed_attempts after a 429) and
+    fires no Stop.  Only the tail of the rollout is read.
+    """
+    import calendar
+    events = read_events(agent["name"], agent.get("launched", 0), tail_bytes=32768)
+    turns = [e.get("turn_id") for e in events if e.get("event") == "UserPromptSubmit"]
+    paths = [e.get("transcript_path") for e in events if e.get("transcript_path")]
+    if not turns or not turns[-1] or not paths:
+        return None
+    for entry in reversed(read_json_lines(paths[-1], tail_bytes=16384)):
+        payload = entry.get("payload") if isinstance(entry, dict) else None
+        if not isinstance(payload, dict) or payload.get("type") != "task_complete" \
+                or payload.get("turn_id") != turns[-1]:
+            continue
+        error = payload.get("error")
+        if not isinstance(error, dict):
+            return None
+        info = error.get("codex_error_info")
+        kind = sorted(info)[0] if isinstance(info, dict) and info else str(info or "unknown")
+        stamp = str(entry.get("timestamp") or "")
+        try:
+            when = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S")) + float(
+                "0" + stamp[19:].rstrip("Z"))
+        except ValueError:
+            when = time.time()
+        return {"error": kind, "detail": short_text(error.get("message")), "failed": when,
+                "since": when}
+    return None
+
+
+def short_text(value, n=300):
+    return value[:n] if isinstance(value, str) else None
+
+
 def codex_trusts(path):
     """True if codex's config marks path or a folder above it trusted."""
     home = os.environ.get("CODEX_HOME") or os.path.join(os.path.expanduser("~"), ".codex")
@@ -7199,7 +7283,8 @@ exit codes:
   0 ok   1 error   2 usage or bad name   3 agent not running
   4 refused: agent waits at a dialog, or someone's text is in its input box
   5 message not confirmed as submitted   6 wait timed out
-  7 submitted, but joined with text orch did not send   130 interrupted
+  7 submitted, but joined with text orch did not send
+  8 the last turn ended on an error (wait, reply)   130 interrupted
 
 environment:
   ORCH_STATE  ORCH_TMUX_SOCKET  ORCH_SESSION  ORCH_CLAUDE  ORCH_CODEX  ORCH_GEMINI

@@ -68,7 +68,8 @@ FAKE_AGENT = r"""#!PYTHON
 # SWALLOW (the first Enter after it is lost); FAKE_REDRAW_LATE=S (the input box
 # empties S seconds after the hook, as on a busy machine); /model (a picker, no
 # hook, own status "dialog open"); FAKE_UPSELL=1 (a turn ends in 2.1.332's renderer
-# prompt unless --settings names "tui"); FAKE_APIKEY=1 (2.1.332's API-key question,
+# prompt unless --settings names "tui"); APIFAIL-TYPE (an API error ends the turn:
+# StopFailure, no Stop); FAKE_APIKEY=1 (2.1.332's API-key question,
 # choices without digits, before any hook).  Logs to $FAKE_LOG/<pid>.jsonl.
 # Versions differ; by default it acts like Claude Code 2.1.197.  Like 2.1.330:
 # FAKE_QUEUE=immediate (a message typed during a turn fires UserPromptSubmit at
@@ -220,6 +221,14 @@ def submit(text, hooked=False):
         if w.startswith("EXIT-"):
             hook("SessionEnd", reason="prompt_input_exit")
             sys.exit(int(w[5:]))
+        if w.startswith("APIFAIL-"):    # like claude when an API error ends the turn
+            message = "API Error: Request rejected (429) \u00b7 over the limit"
+            say("\u25cf " + message)
+            state["mode"] = "idle"
+            set_status("idle")
+            hook("StopFailure", error=w[8:], last_assistant_message=message)
+            say("\u276f ")
+            return
         if w.startswith("SLOW-"):
             state.update(mode="busy", until=time.time() + float(w[5:]))
             say("* Working... (esc to interrupt)")
@@ -1897,6 +1906,38 @@ def test_held_messages_survive_a_killed_watcher_and_a_reboot(env, capsys):
     assert retry_until(lambda: env.messages()[-1] == "the next one", 30)
     assert env.messages().count("typed just before the kill") == 1
     assert env.messages().count("after the reboot") == 1
+
+
+def test_a_failed_turn_is_not_a_turn_done(env, capsys, receiver):
+    assert run(capsys, "notify", "add", "hook", "--webhook", receiver.url,
+               "--on", "done,failed")[0] == 0
+    assert run(capsys, "spawn", "a1", "first")[0] == 0
+    assert run(capsys, "wait", "a1", "--timeout", "30")[0] == 0
+    assert run(capsys, "send", "a1", "APIFAIL-rate_limit second")[0] == 0
+    code, out, err = run(capsys, "wait", "a1", "--timeout", "30")
+    assert (code, out) == (orch.EXIT_FAILED, "a1: idle (failed: rate_limit)\n"), err
+    assert "API Error: Request rejected (429)" in err
+    row = status(capsys, "a1")
+    assert (row["status"], row["error"]) == ("idle", "rate_limit")
+    assert row["detail"].startswith("API Error: Request rejected (429)")
+    assert "idle (failed: rate_limit)" in run(capsys, "list")[1]
+    assert run(capsys, "status-line")[1] == "orch: 1 failed \u00b7 1 idle\n"
+    code, out, err = run(capsys, "reply", "a1")        # never the older answer
+    assert (code, out) == (orch.EXIT_FAILED, "") and "last turn failed (rate_limit" in err
+    code, out, _ = run(capsys, "reply", "a1", "--json")
+    assert code == orch.EXIT_FAILED and (json.loads(out)["reply"], json.loads(out)["error"]) == (
+        None, "rate_limit")
+    code, out, _ = run(capsys, "wait", "--any", "a1", "--timeout", "5")
+    assert code == orch.EXIT_FAILED
+    found = events_of(receiver, "a1", 2)
+    assert [e["event"] for e in found] == ["done", "failed"]
+    assert found[1]["detail"].startswith("rate_limit: API Error") and found[1]["hint"] == \
+        "orch log a1"
+    assert run(capsys, "send", "a1", "third")[0] == 0       # the next turn clears it
+    assert run(capsys, "wait", "a1", "--timeout", "30")[:2] == (0, "a1: idle\n")
+    assert status(capsys, "a1")["error"] is None
+    assert run(capsys, "reply", "a1")[:2] == (0, "reply: third\n")
+    assert [e["event"] for e in events_of(receiver, "a1", 3)] == ["done", "failed", "done"]
 
 
 def test_kill_keeps_record_and_exit_code(env, capsys):
@@ -5149,6 +5190,12 @@ class FakeAPI(object):
             self.requests.append(record)
             n = len(self.requests)
         reply, tool = "reply %d: ok" % n, None
+        # Only the newest words: claude sends an unanswered message again with the next.
+        if not side and not tool_result and "FAIL429" in text.rsplit("\n", 1)[-1]:
+            return self.fail(handler, 429, "rate_limit_error",
+                             "This request would exceed your rate limit",
+                             {"retry-after": "1", "anthropic-ratelimit-unified-status": "rejected",
+                              "anthropic-ratelimit-unified-reset": str(int(time.time()) + 3600)})
         if not side and not tool_result:
             if "TOOL" in text:
                 tool = {"command": "touch orch-tool-ran-%d" % n, "description": "make a file"}
@@ -5173,6 +5220,21 @@ class FakeAPI(object):
                 "model": data.get("model", "claude-test"),
                 "content": [{"type": "text", "text": reply}], "stop_reason": "end_turn",
                 "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 5}})
+
+    @staticmethod
+    def fail(handler, code, kind, message, headers, openai=False):
+        """Answer as Anthropic's API (or OpenAI's) does when it refuses: its body and headers."""
+        body = {"error": {"message": message, "type": kind, "param": None,
+                          "code": "rate_limit_exceeded"}} if openai else {
+            "type": "error", "error": {"type": kind, "message": message},
+            "request_id": "req_orch_test"}
+        payload = json.dumps(body).encode("utf-8")
+        handler.send_response(code)
+        for key, value in dict(headers, **{"Content-Type": "application/json",
+                                           "Content-Length": str(len(payload))}).items():
+            handler.send_header(key, value)
+        handler.end_headers()
+        handler.wfile.write(payload)
 
     def stream(self, handler, reply, tool, model):
         handler.send_response(200)
@@ -5608,6 +5670,27 @@ def test_e2e_api_key_question_first_contact(claude, capsys):
     assert retry_until(lambda: claude.api.texts(sid_of("k2"))) == ["second agent's words"]
 
 
+def test_e2e_a_turn_that_ends_on_a_429_is_not_done(claude, capsys, monkeypatch, receiver):
+    monkeypatch.setenv("CLAUDE_CODE_MAX_RETRIES", "1")     # gives up after one retry
+    assert run(capsys, "notify", "add", "hook", "--webhook", receiver.url, "--on", "failed")[0] == 0
+    assert run(capsys, "spawn", "f1", "first words")[0] == 0
+    assert run(capsys, "wait", "f1", "--timeout", "60")[0] == 0
+    assert run(capsys, "send", "f1", "FAIL429 second words")[:2] == (0, "f1: submitted\n")
+    code, out, err = run(capsys, "wait", "f1", "--timeout", "120")
+    assert (code, out) == (orch.EXIT_FAILED, "f1: idle (failed: rate_limit)\n"), (out, err)
+    row = status(capsys, "f1")
+    assert (row["error"], row["detail"][:33]) == ("rate_limit", "API Error: Request rejected (429)")
+    code, out, err = run(capsys, "reply", "f1")
+    assert code == orch.EXIT_FAILED and out == "" and "rate_limit" in err
+    failed = events_of(receiver, "f1", 1)[0]
+    assert failed["event"] == "failed" and failed["detail"].startswith("rate_limit: API Error")
+    # The box may say "Resend your message to try again": a hint, not text left there.
+    assert run(capsys, "send", "f1", "third words")[:2] == (0, "f1: submitted\n")
+    assert run(capsys, "wait", "f1", "--timeout", "60")[:2] == (0, "f1: idle\n")
+    assert status(capsys, "f1")["error"] is None
+    assert run(capsys, "reply", "f1")[0] == 0
+
+
 def test_e2e_notifications(claude, capsys, receiver):
     notified_through_each_transition(capsys, receiver, [], ASK_FIRST, "Bash")
 
@@ -6002,6 +6085,10 @@ class FakeResponses(FakeAPI):
         for word in record["text"].split() if not side and not tool_result else []:
             if word.startswith("SLOW-") and word[5:].isdigit():
                 time.sleep(int(word[5:]))
+        if not side and not tool_result and "FAIL429" in record["text"]:
+            return self.fail(handler, 429, "requests", "Rate limit reached for requests",
+                             {"retry-after": "1", "x-ratelimit-remaining-requests": "0"},
+                             openai=True)
         command = self.command_in(record["text"], n) if not side and not tool_result else None
         if command:
             item = {"type": "function_call", "id": "fc_%d" % n, "call_id": "call_%d" % n,
@@ -6238,6 +6325,26 @@ def test_e2e_gemini_agent_starts_an_agent(gemini, capsys):
 
 def test_e2e_codex_notifications(codex, capsys, receiver):
     notified_through_each_transition(capsys, receiver, ["--agent", "codex"], [], "Bash")
+
+
+def test_e2e_codex_a_turn_that_ends_on_a_429_is_not_done(codex, capsys):
+    with open(codex.codex_config) as f:
+        config = f.read()
+    with open(codex.codex_config, "w") as f:      # give up at once rather than back off
+        f.write(config.replace('wire_api = "responses"', 'wire_api = "responses"\n'
+                               'request_max_retries = 0\nstream_max_retries = 0'))
+    assert run(capsys, "spawn", "f1", "--agent", "codex", "first words")[0] == 0
+    assert run(capsys, "wait", "f1", "--timeout", "60")[0] == 0
+    assert run(capsys, "send", "f1", "FAIL429 second words")[:2] == (0, "f1: submitted\n")
+    code, out, err = run(capsys, "wait", "f1", "--timeout", "60")
+    assert (code, out) == (orch.EXIT_FAILED, "f1: idle (failed: "
+                           "response_too_many_failed_attempts)\n"), (out, err)
+    row = status(capsys, "f1")
+    assert "429" in row["detail"] and row["status_source"] == "transcript"
+    assert run(capsys, "reply", "f1")[0] == orch.EXIT_FAILED
+    assert run(capsys, "send", "f1", "third words")[:2] == (0, "f1: submitted\n")
+    assert run(capsys, "wait", "f1", "--timeout", "60")[:2] == (0, "f1: idle\n")
+    assert status(capsys, "f1")["error"] is None and run(capsys, "reply", "f1")[0] == 0
 
 
 def test_e2e_codex_approve_once_and_deny(codex, capsys):
