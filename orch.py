@@ -4744,7 +4744,8 @@ def print_change(change, as_json):
     else:
         line = "%s  %s  %s \u2192 %s" % (change["time"][11:19], change["name"],
                                         change["from"] or "-", change["to"])
-        line += "".join("  %s" % change[k] for k in ("error", "needs", "detail") if change[k])
+        line += "".join("  %s" % shorten(change[k], 200) for k in ("error", "needs", "detail")
+                        if change[k])
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
@@ -4762,7 +4763,8 @@ def cmd_reply(args):
                               "detail": st["detail"], "status": st["status"]}))
         else:
             sys.stderr.write("orch: error: agent %s's last turn failed (%s: %s): it has no "
-                             "answer to it\n" % (agent["name"], st["error"], st["detail"]))
+                             "answer to it\n" % (agent["name"], st["error"],
+                                                 shorten(st["detail"] or "", 200)))
         return EXIT_FAILED
     found = last_reply(agent)
     if found is None:

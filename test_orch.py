@@ -222,7 +222,8 @@ def submit(text, hooked=False):
             hook("SessionEnd", reason="prompt_input_exit")
             sys.exit(int(w[5:]))
         if w.startswith("APIFAIL-"):    # like claude when an API error ends the turn
-            message = "API Error: Request rejected (429) \u00b7 over the limit"
+            message = ("API Error: Request rejected (429) \u00b7 over the limit\n"
+                       "$(touch pwned) `touch pwned2` \"dq\" 'sq'")
             say("\u25cf " + message)
             state["mode"] = "idle"
             set_status("idle")
@@ -1911,6 +1912,10 @@ def test_held_messages_survive_a_killed_watcher_and_a_reboot(env, capsys):
 def test_a_failed_turn_is_not_a_turn_done(env, capsys, receiver):
     assert run(capsys, "notify", "add", "hook", "--webhook", receiver.url,
                "--on", "done,failed")[0] == 0
+    told = os.path.join(env.root, "told")
+    assert run(capsys, "notify", "add", "cmd", "--on", "failed", "--exec",
+               "cat > '%s.json'; printf %%s \"$ORCH_EVENT_DETAIL\" > '%s.detail'"
+               % (told, told))[0] == 0
     assert run(capsys, "spawn", "a1", "first")[0] == 0
     assert run(capsys, "wait", "a1", "--timeout", "30")[0] == 0
     assert run(capsys, "send", "a1", "APIFAIL-rate_limit second")[0] == 0
@@ -1938,6 +1943,14 @@ def test_a_failed_turn_is_not_a_turn_done(env, capsys, receiver):
     assert status(capsys, "a1")["error"] is None
     assert run(capsys, "reply", "a1")[:2] == (0, "reply: third\n")
     assert [e["event"] for e in events_of(receiver, "a1", 3)] == ["done", "failed", "done"]
+    # A command gets the event's text, newline, $(…) and quotes, as data only.
+    with open(told + ".detail", encoding="utf-8") as f:
+        assert f.read() == ("rate_limit: API Error: Request rejected (429) \u00b7 over the "
+                            "limit\n$(touch pwned) `touch pwned2` \"dq\" 'sq'")
+    with open(told + ".json", encoding="utf-8") as f:
+        assert json.load(f)["detail"].endswith("\"dq\" 'sq'")
+    assert not [n for n in os.listdir(env.work) + os.listdir(os.path.expanduser("~"))
+                if n.startswith("pwned")]
 
 
 def test_kill_keeps_record_and_exit_code(env, capsys):
