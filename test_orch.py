@@ -5053,6 +5053,9 @@ def test_notify_retried_until_the_server_is_up_and_sent_once(env, capsys):
 
 def test_notify_twenty_agents_twenty_notifications(env, capsys, receiver):
     assert run(capsys, "notify", "add", "hook", "--webhook", receiver.url, "--on", "done")[0] == 0
+    some = Receiver()
+    assert run(capsys, "notify", "add", "some", "--webhook", some.url, "--on", "done",
+               "--agents", "n0*")[0] == 0
     names = ["n%02d" % i for i in range(20)]
     for name in names:
         assert run(capsys, "spawn", name)[0] == 0
@@ -5061,8 +5064,13 @@ def test_notify_twenty_agents_twenty_notifications(env, capsys, receiver):
     found = retry_until(lambda: len(receiver.posts) >= 20 and receiver.events(), 60)
     assert sorted(e["agent"] for e in found) == names
     assert run(capsys, "wait", "--all", "--timeout", "30")[0] == 0
-    time.sleep(2)       # ticks after the last turn: none sent again
-    assert len(receiver.posts) == 20
+    try:
+        found = retry_until(lambda: len(some.posts) >= 10 and some.events(), 30)
+        assert sorted(e["agent"] for e in found) == names[:10]     # only those --agents names
+        time.sleep(2)       # ticks after the last turn: none sent again
+        assert (len(receiver.posts), len(some.posts)) == (20, 10)
+    finally:
+        some.stop()
 
 
 def test_notify_after_a_reboot_late_and_not_twice(env, capsys, receiver):
