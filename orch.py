@@ -4638,6 +4638,11 @@ def print_turn_reply(agent, since):
         raise OrchError("agent %s stopped before its turn ended: %s; answer it, then `orch "
                         "wait %s` and `orch reply %s`" % (name, wait_label(st), name, name),
                         EXIT_NEEDS_INPUT)
+    if st.get("error"):
+        raise OrchError("agent %s's turn ended on an error (%s: %s), not an answer; send the "
+                        "message again to retry" % (name, st["error"],
+                                                    shorten(st["detail"] or "", 200)),
+                        EXIT_FAILED)
 
     def answered():
         found = last_reply(agent)
@@ -5576,7 +5581,7 @@ def wait_for_memory(floor, name):
 # a lock) looks at every agent as `list` does, twice a second, and turns
 # what changed into events: started, needs-input, done, failed, exited.  It
 # never runs inside an agent's hook, so a dead server slows no agent, and no
-# verb waits on it: spawn, resume and `notify add` only make sure it runs.
+# verb waits on it: spawn, resume, send and `notify add` only make sure it runs.
 # What it must not lose is in one private file written atomically: what it
 # last saw of each agent and every notification not yet delivered.  So a
 # killed watcher or a reboot loses nothing and sends nothing twice when

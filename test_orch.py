@@ -1934,6 +1934,8 @@ def test_a_failed_turn_is_not_a_turn_done(env, capsys, receiver):
         None, "rate_limit")
     code, out, _ = run(capsys, "wait", "--any", "a1", "--timeout", "5")
     assert code == orch.EXIT_FAILED
+    code, out, err = run(capsys, "send", "a1", "--wait", "APIFAIL-overloaded again")
+    assert (code, out) == (orch.EXIT_FAILED, "") and "ended on an error (overloaded" in err
     found = events_of(receiver, "a1", 2)
     assert [e["event"] for e in found] == ["done", "failed"]
     assert found[1]["detail"].startswith("rate_limit: API Error") and found[1]["hint"] == \
@@ -1942,11 +1944,15 @@ def test_a_failed_turn_is_not_a_turn_done(env, capsys, receiver):
     assert run(capsys, "wait", "a1", "--timeout", "30")[:2] == (0, "a1: idle\n")
     assert status(capsys, "a1")["error"] is None
     assert run(capsys, "reply", "a1")[:2] == (0, "reply: third\n")
-    assert [e["event"] for e in events_of(receiver, "a1", 3)] == ["done", "failed", "done"]
+    assert [e["event"] for e in events_of(receiver, "a1", 4)] == [
+        "done", "failed", "failed", "done"]
     # A command gets the event's text, newline, $(…) and quotes, as data only.
-    with open(told + ".detail", encoding="utf-8") as f:
-        assert f.read() == ("rate_limit: API Error: Request rejected (429) \u00b7 over the "
-                            "limit\n$(touch pwned) `touch pwned2` \"dq\" 'sq'")
+    def told_detail():
+        with open(told + ".detail", encoding="utf-8") as f:
+            return f.read()
+    assert retry_until(lambda: told_detail().startswith("overloaded"), 30)     # the second
+    assert told_detail() == ("overloaded: API Error: Request rejected (429) \u00b7 over the "
+                             "limit\n$(touch pwned) `touch pwned2` \"dq\" 'sq'")
     with open(told + ".json", encoding="utf-8") as f:
         assert json.load(f)["detail"].endswith("\"dq\" 'sq'")
     assert not [n for n in os.listdir(env.work) + os.listdir(os.path.expanduser("~"))
