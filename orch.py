@@ -1121,6 +1121,7 @@ def zombie_exit_code(pid):
 
 
 CONTINUING = "*"     # a turn claude started by itself, for messages queued during the last one
+RECENT = 20          # turn ends and failures kept, each with its time (see watch_tick)
 
 
 def replay_events(events, seen=None):
@@ -1140,7 +1141,7 @@ def replay_events(events, seen=None):
                          "turn": None, "waiting": 0, "last_prompt": None, "session_id": None,
                          "permission_mode": None, "reported_in": False, "last_event": None,
                          "tool": None, "ended": None, "asked": None, "error": None,
-                         "error_detail": None, "failed": None})
+                         "error_detail": None, "failed": None, "ends": [], "failures": []})
     for event in events:
         kind = event.get("event")
         seen["last_event"] = event.get("t")
@@ -1165,10 +1166,14 @@ def replay_events(events, seen=None):
         elif kind == "Stop":
             turn_ended(seen)
             seen["ended"] = event.get("t")      # when the last turn ended (notifications)
+            # The last turn ends and failures, each, for a watcher that looks only now and then.
+            seen["ends"] = (seen.get("ends") or [])[-(RECENT - 1):] + [event.get("t")]
             seen.update(error=None, error_detail=None)
         elif kind == "StopFailure":         # claude: an API error ended the turn, not done
             seen.update(turn=None, waiting=0, error=event.get("error") or "unknown",
                         error_detail=event.get("last_assistant_message"), failed=event.get("t"))
+            seen["failures"] = (seen.get("failures") or [])[-(RECENT - 1):] + [
+                [event.get("t"), seen["error"], seen["error_detail"]]]
         elif kind == "PermissionRequest":
             seen["asked"] = event.get("t")
         elif kind == "Interrupted":         # codex: Escape ended the turn, no Stop comes
@@ -1292,7 +1297,8 @@ def agent_status(agent, panes, read_screen=None, cache=None):
     if not hooked:
         return screen_status(result, pane)
     result["source"] = "hooks"
-    result.update(ended=seen.get("ended"), asked=seen.get("asked"), failed=seen.get("failed"))
+    result.update(ended=seen.get("ended"), asked=seen.get("asked"), failed=seen.get("failed"),
+                  ends=seen.get("ends") or [], failures=seen.get("failures") or [])
     if seen["status"]:
         result.update(status=seen["status"], needs=seen["needs"], since=seen["since"],
                       detail=seen["detail"], tool=seen["tool"],
@@ -5878,9 +5884,17 @@ def changes(agent, st, old, late):
             found.append(make_event(agent, st, "started", late))
         # What it did since: turns and requests of this launch only.
         old = dict(old or {}, status="starting", needs=None, detail=None)
+    # One event per turn that ended since the last look, even two between looks.
+    ends = []
     if new["ended"] != old.get("ended"):
-        found.append(make_event(agent, st, "done", late))
-    if new["failed"] != old.get("failed") and st.get("error"):
+        ends = [(t, None) for t in [t for t in st.get("ends") or [] if t and t > (
+            old.get("ended") or 0)] or [new["ended"]]]
+    failures = [f for f in st.get("failures") or [] if f[0] and f[0] > (old.get("failed") or 0)]
+    for _, failure in sorted(ends + [(f[0], f) for f in failures], key=lambda x: x[0]):
+        found.append(make_event(agent, st, "failed", late, detail="%s: %s" % (
+            failure[1], failure[2] or "")) if failure else make_event(agent, st, "done", late))
+    if not failures and new["failed"] != old.get("failed") and st.get("error"):
+        # codex: read off its rollout, the current turn's only
         found.append(make_event(agent, st, "failed", late, detail="%s: %s" % (
             st["error"], st["detail"] or "")))
     if st["status"] == "needs-input" and (old["status"] != "needs-input" or new["asked"] != old.get(

@@ -1937,7 +1937,7 @@ def test_a_failed_turn_is_not_a_turn_done(env, capsys, receiver):
     code, out, err = run(capsys, "send", "a1", "--wait", "APIFAIL-overloaded again")
     assert (code, out) == (orch.EXIT_FAILED, "") and "ended on an error (overloaded" in err
     found = events_of(receiver, "a1", 2)
-    assert [e["event"] for e in found] == ["done", "failed"]
+    assert [e["event"] for e in found] == ["done", "failed"], [(e["event"], e["detail"], e["time"]) for e in receiver.events()]
     assert found[1]["detail"].startswith("rate_limit: API Error") and found[1]["hint"] == \
         "orch log a1"
     assert run(capsys, "send", "a1", "third")[0] == 0       # the next turn clears it
@@ -4993,6 +4993,25 @@ def test_notify_each_transition_once(env, capsys, receiver):
     assert len(receiver.posts) == len(log) == 8 and all(e["outcome"] == "sent" for e in log)
     assert [e["event"] for e in receiver.events() if e["agent"] == "a1"] == [
         "started", "done", "needs-input", "done", "exited", "started"]
+
+
+def test_notify_every_turn_even_two_between_two_looks(env, capsys, receiver):
+    assert run(capsys, "notify", "add", "hook", "--webhook", receiver.url,
+               "--on", "done,failed")[0] == 0
+    assert run(capsys, "spawn", "a1", "first")[0] == 0
+    events_of(receiver, "a1", 1)
+    with open(os.path.join(orch.data_dir(), "watch.pid")) as f:
+        watcher = int(f.read())
+    os.kill(watcher, signal.SIGSTOP)        # the watcher looks away (a busy machine)
+    try:
+        for text in ("second", "APIFAIL-overloaded third", "fourth"):
+            assert run(capsys, "send", "a1", text)[0] == 0
+            run(capsys, "wait", "a1", "--timeout", "30")
+    finally:
+        os.kill(watcher, signal.SIGCONT)
+    found = events_of(receiver, "a1", 4)
+    assert [e["event"] for e in found] == ["done", "done", "failed", "done"]   # in order
+    assert [e["detail"][:10] for e in found if e["event"] == "failed"] == ["overloaded"]
 
 
 def test_notify_ntfy_and_a_command(env, capsys, receiver):
