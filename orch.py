@@ -1121,7 +1121,7 @@ def zombie_exit_code(pid):
 
 
 CONTINUING = "*"     # a turn claude started by itself, for messages queued during the last one
-RECENT = 20          # turn ends and failures kept, each with its time (see watch_tick)
+RECENT = 20          # turn ends and failures kept, each with its time (see changes)
 
 
 def replay_events(events, seen=None):
