@@ -4372,6 +4372,7 @@ def cmd_spawn(args):
         raise OrchError("%s needs the tmux backend: the headless backend speaks claude's "
                         "stream-json protocol only" % kind.option, EXIT_USAGE)
     argv_program = kind.program(args)
+    short_of_memory(kind)
     if (args.branch is not None or args.base is not None) and not args.worktree:
         raise OrchError("--branch and --base are for --worktree", EXIT_USAGE)
     if backend == "tmux":
@@ -5563,6 +5564,31 @@ def memory_available():
         return None
 
 
+def short_of_memory(kind):
+    """Say so (a note, not a refusal) when one more agent of kind would not fit in memory."""
+    found = memory_available()
+    if found and kind.START_MIB and found[0] < kind.START_MIB:
+        sys.stderr.write("orch: note: only %d MiB of memory available; a %s agent holds about "
+                         "%d MiB once started, more as it works\n"
+                         % (found[0], kind.name, kind.START_MIB))
+
+
+def check_memory():
+    """Available memory against what one more agent of each kind holds at start."""
+    found = memory_available()
+    if found is None:
+        return [finding("ok", "memory", "unknown here (no /proc/meminfo)")]
+    room = ", ".join("%s ~%d MiB" % (k.name, k.START_MIB) for k in (ClaudeKind, CodexKind,
+                                                                   GeminiKind))
+    tight = [k.name for k in (ClaudeKind, CodexKind, GeminiKind) if found[0] < k.START_MIB]
+    if tight:
+        return [finding("warning", "memory", "%d of %d MiB available: not enough for one more "
+                        "%s agent (at start: %s, more as they work)" % (
+                            found[0], found[1], " or ".join(tight), room))]
+    return [finding("ok", "memory", "%d of %d MiB available (an agent at start: %s)"
+                    % (found[0], found[1], room))]
+
+
 def wait_for_memory(floor, name):
     """Wait (up to ORCH_MEMORY_WAIT s) while less than floor MiB of memory is available."""
     found = memory_available()
@@ -6455,7 +6481,8 @@ def check_claude_settings():
 
 DOCTOR_CHECKS = (check_python, check_tmux, check_claude, check_claude_settings, check_codex,
                  check_gemini,
-                 check_tmux_variable, check_state, check_data_dir, check_notify)
+                 check_tmux_variable, check_state, check_data_dir, check_notify,
+                 check_memory)
 
 
 def cmd_doctor(args):
@@ -6576,6 +6603,9 @@ class AgentKind(object):
     FIRST_SCREENS = ()
     hooks_before_screens = False    # its hooks say it started while such a screen is up
     keys_lines = True   # each of its dialogs has a keys line ("Enter to confirm")
+    # MiB its process tree holds, idle just after start (measured offline, 2026-12-04);
+    # it grows as it works.
+    START_MIB = None
 
     @classmethod
     def first_screen(cls, rows):
@@ -6635,6 +6665,7 @@ class ClaudeKind(AgentKind):
     option = "--agent claude"
     EVENTS = dict((event, event) for event in HOOK_EVENTS)    # orch's names are claude's
     headless = True     # `claude -p` runs under orch's supervisor too
+    START_MIB = 210     # 2.1.332
     QUIT_REASONS = ("prompt_input_exit", "logout")      # signals say "other"
     # No hook fires before these are answered (2.1.197-2.1.332).
     FIRST_SCREENS = (("trust", r"trust this folder|one you trust|Do you trust the files", True,
@@ -6701,6 +6732,7 @@ class CodexKind(AgentKind):
                       "codex a model_provider of your own"))
     sign_in_problem = staticmethod(lambda: codex_sign_in_problem())
     quit = staticmethod(lambda event: True)    # SessionEnd on /quit only: none on signals
+    START_MIB = 160     # 0.171.0, the node wrapper and the Rust binary
 
     command = staticmethod(lambda: os.environ.get("ORCH_CODEX") or "codex")
 
@@ -6810,6 +6842,7 @@ class GeminiKind(AgentKind):
                      # Shown after "Use Gemini API Key", the key from GEMINI_API_KEY filled in.
                      ("api-key", r"Enter Gemini API Key", True, None))
     hooks_before_screens = True     # SessionStart fires, then the sign-in screen (0.61.0)
+    START_MIB = 400     # 0.61.0, two node processes
     keys_lines = False  # its trust dialog has none (0.61.0); its input box rules out the rest
     sign_in_problem = staticmethod(lambda: gemini_sign_in_problem())
 

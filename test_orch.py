@@ -3202,7 +3202,7 @@ def test_doctor_all_well_and_changes_nothing(env, capsys, monkeypatch):
     write_claude_config(env.home, [], {"oauthAccount": {"emailAddress": "a@example.com"}})
     before = tree_of(env.home)
     code, found = doctor(capsys)
-    assert code == 0 and [level for level, _ in found.values()] == ["ok"] * 10, found
+    assert code == 0 and [level for level, _ in found.values()] == ["ok"] * 11, found
     assert tree_of(env.home) == before
     assert "tmux 3" in found["tmux"][1] and "Claude Code 2.1.197" in found["claude"][1]
     assert "needed only for --agent codex" in found["codex"][1] or "Codex CLI" in found["codex"][1]
@@ -3261,6 +3261,19 @@ def test_doctor_warns_where_codex_or_gemini_would_stop_at_sign_in(env, capsys, m
     with open(os.path.join(codex_home, "auth.json"), "w") as f:
         json.dump({"auth_mode": "apikey", "OPENAI_API_KEY": "sk-x"}, f)
     assert "sign-in" not in doctor(capsys)[1]
+
+
+def test_doctor_and_spawn_say_when_memory_is_short(env, capsys, monkeypatch):
+    found = orch.memory_available()
+    assert found and 0 < found[0] <= found[1]       # this machine's /proc/meminfo
+    assert doctor(capsys)[1]["memory"][0] == "ok"
+    monkeypatch.setattr(orch, "memory_available", lambda: (300, 4000))
+    level, message = doctor(capsys)[1]["memory"]
+    assert level == "warning" and "300 of 4000 MiB" in message and "gemini" in message
+    assert "claude" not in message.split("(")[0]         # 210 MiB still fit
+    monkeypatch.setattr(orch, "memory_available", lambda: (150, 4000))
+    code, out, err = run(capsys, "spawn", "a1", "hello")
+    assert code == 0 and "only 150 MiB of memory available; a claude agent holds about 210" in err
 
 
 def test_doctor_warns_about_untested_claude_and_gone_agents(env, capsys, monkeypatch):
