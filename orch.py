@@ -1163,6 +1163,8 @@ def replay_events(events, seen=None):
             seen.update(reported_in=True, turn=None, waiting=0)
             if event.get("session_id"):
                 seen["session_id"] = event["session_id"]     # a new one after /clear
+            if event.get("transcript_path"):
+                seen["transcript"] = event["transcript_path"]       # usage is read there
         elif kind == "Stop":
             turn_ended(seen)
             seen["ended"] = event.get("t")      # when the last turn ended (notifications)
@@ -1279,7 +1281,7 @@ def agent_status(agent, panes, read_screen=None, cache=None):
     launched = agent.get("launched", agent.get("created", 0))
     result = {"status": "exited", "since": None, "needs": None, "detail": None,
               "exit_code": None, "source": "tmux", "last_prompt": None, "pid": None,
-              "permission_mode": None, "pending": False, "error": None}
+              "permission_mode": None, "pending": False, "error": None, "resets_at": None}
     kind = kind_of(agent)
     hooked = kind.hooks
     seen = (cache or StatusCache()).summary(agent) if hooked else replay_events([])
@@ -1323,6 +1325,11 @@ def agent_status(agent, panes, read_screen=None, cache=None):
     if result["status"] == "idle" and seen.get("error"):
         # Its last turn ended on an error: idle, and not done.
         result.update(error=seen["error"], detail=seen.get("error_detail"))
+    if result["status"] == "idle" and result["error"]:
+        limit = result.get("limit") or kind.usage_limit(agent, result)
+        if limit:       # a usage limit: it says when it lifts, if the CLI told
+            result.update(status="limited", resets_at=limit["resets_at"],
+                          continues_itself=limit.get("continues_itself", False))
     return result
 
 
@@ -1399,14 +1406,14 @@ def screen_status(result, pane):
     return result
 
 
-def statuses(agents, save=True):
+def statuses(agents, save=True, cache=None):
     """Return {name: status dict} for agents, with one list-panes per tmux server.
 
     save=False: touch no file (doctor), not even the status caches.
     """
     by_socket = {}
     result = {}
-    cache = StatusCache()
+    cache = cache or StatusCache()
     for agent in agents:
         if agent.get("backend") == "headless":
             result[agent["name"]] = headless_status(agent)
@@ -1929,7 +1936,7 @@ def send_message(agent, text, raw=False, force=False, timeout=None, idle_only=Fa
 
 
 def refuse_busy(agent, st):
-    if st["status"] != "idle":
+    if st["status"] not in READY:
         raise OrchError("agent %s is %s; nothing was typed: it takes this message only when "
                         "idle" % (agent["name"], wait_label(st)), EXIT_NEEDS_INPUT)
 
@@ -3050,7 +3057,7 @@ def chosen_agents(state, args):
         return [find_agent(state, name) for name in names]
     agents = sorted(state["agents"].values(), key=lambda a: a["created"])
     found = statuses(agents)
-    wanted = ("idle",) if args.idle else ("starting", "working", "idle", "needs-input")
+    wanted = READY if args.idle else ("starting", "working", "needs-input") + READY
     return [a for a in agents if found[a["name"]]["status"] in wanted]
 
 
@@ -4403,6 +4410,8 @@ def spawn_recorded(args, kind, backend, cwd, worktree, prompt, argv_program, sta
                  "tmux": {"socket": socket_place(args.socket or default_socket()),
                           "session": args.session or default_session()},
                  "parent": spawning_agent(state, name)}
+        if args.on_limit:
+            agent["on_limit"] = args.on_limit
         reset_agent_dir(name)
         first = prompt if prompt is None or args.raw else escape_leading(prompt)
         if backend == "headless":
@@ -4435,7 +4444,8 @@ def spawning_agent(state, name):
 
 def finish_start(agent, first, verb):
     """Confirm a just-launched agent is running and has its first message; report it."""
-    ensure_watcher(held=bool(load_held(agent["name"])))    # channels, held messages
+    # channels, held messages, a limit to continue after
+    ensure_watcher(held=bool(load_held(agent["name"])) or agent.get("on_limit") == "continue")
     code, words, hint = backend_of(agent).confirm_start(agent, first)
     print("%s agent %s%s" % (verb, agent["name"], words))
     if hint:
@@ -4636,7 +4646,7 @@ def print_turn_reply(agent, since):
 
     def settled():
         st = status_of(agent)
-        return st if st["status"] in ("idle", "needs-input", "exited") else None
+        return st if st["status"] in ("needs-input", "exited") + READY else None
     st = retry_until(settled, 1e9, interval=0.25)
     if st["status"] == "exited":
         raise OrchError("agent %s exited before its turn ended (exit code %s)"
@@ -4681,7 +4691,7 @@ def cmd_log(args):
     return EXIT_OK
 
 
-STATUS_ORDER = ("needs-input", "working", "starting", "idle", "exited")
+STATUS_ORDER = ("needs-input", "limited", "working", "starting", "idle", "exited")
 
 
 def cmd_status_line(args):
@@ -4691,7 +4701,7 @@ def cmd_status_line(args):
     for st in found.values():
         counts[st["status"]] = counts.get(st["status"], 0) + 1
     parts = ["%d %s" % (counts[s], s.replace("-", " ")) for s in STATUS_ORDER if counts[s]]
-    failed = len([st for st in found.values() if st.get("error")])
+    failed = len([st for st in found.values() if st.get("error") and st["status"] != "limited"])
     if failed:
         parts.insert(0, "%d failed" % failed)
     if parts:
@@ -4894,6 +4904,7 @@ def agent_row(agent, st):
     since = st["since"]
     return {"name": agent["name"], "agent": kind_of(agent).name,
             "status": st["status"], "needs": st["needs"], "error": st.get("error"),
+            "resets_at": iso_time(st.get("resets_at")),
             "status_since": since, "status_source": st["source"],
             "backend": agent.get("backend", "tmux"), "cwd": agent["cwd"],
             "session_id": st.get("session_id") or agent.get("session_id"),
@@ -4918,8 +4929,10 @@ def cmd_list(args):
                             EXIT_USAGE)
         return watch_list()
     if args.all_hosts:
-        return list_all_hosts(args.json)
+        return list_all_hosts(args.json, args.sort)
     state, rows = listed_rows()
+    if args.sort:
+        rows = sorted_rows(rows, args.sort)
     if args.json:
         # Only worktree agents cost a `git status`, all of them run at once.
         dirty = worktree_dirty([a for a in state["agents"].values() if a.get("worktree")])
@@ -4931,31 +4944,36 @@ def cmd_list(args):
         if not state.get("invalid"):
             print("no agents: start one with `orch spawn NAME \"task\"`")
         return report_problems(state)
-    write_rows(table_lines(rows))
+    write_rows(table_lines(rows, tree=not args.sort))
     return report_problems(state)
 
 
-def list_all_hosts(as_json):
+def list_all_hosts(as_json, sort=None):
     hosts = known_hosts()
     if not hosts:
         raise OrchError("no hosts to list: set ORCH_HOSTS=a,b,c or write them in %s, one per "
                         "line" % hosts_file())
     state, rows, errors = all_hosts_rows(hosts)
+    if sort:
+        rows = sorted_rows(rows, sort)
     if as_json:
         print_json_array(rows)
     elif rows:
-        write_rows(table_lines(rows, hosts=True))
+        write_rows(table_lines(rows, hosts=True, tree=not sort))
     for error in errors:
         sys.stderr.write("orch: error: %s\n" % error)
     return max(report_problems(state), EXIT_ERROR if errors else EXIT_OK)
 
 
 def listed_rows():
-    """The state and one `list` row per agent, oldest first."""
+    """The state and one `list` row per agent, oldest first, with what each has used."""
     state = load_state()
     agents = sorted(state["agents"].values(), key=lambda a: a["created"])
-    found = statuses(agents)
-    return state, [agent_row(a, found[a["name"]]) for a in agents]
+    cache = StatusCache()
+    found = statuses(agents, cache=cache)
+    rows = [agent_row(a, found[a["name"]]) for a in agents]
+    add_usage(agents, rows, cache)
+    return state, rows
 
 
 def tree_order(rows):
@@ -5001,9 +5019,11 @@ def table_lines(rows, mark=False, hosts=False, tree=True):
     placed = tree_order(rows) if tree else [(row, 0) for row in rows]
     rows = [row for row, _ in placed]
     branches = any(row.get("branch") for row in rows)     # a column only when someone has one
+    costs = any(row.get("cost_usd") is not None for row in rows)
     table = [(("HOST",) if hosts else ()) + ("NAME", "STATUS", "FOR", "AGE", "AGENT", "MODE",
                                              "SESSION")
-             + (("BRANCH",) if branches else ()) + ("CWD", "LAST PROMPT")]
+             + (("BRANCH",) if branches else ()) + ("CTX",) + (("COST",) if costs else ())
+             + ("RSS", "CWD", "LAST PROMPT")]
     for row, depth in placed:
         table.append(((row.get("host") or "local",) if hosts else ())
                      + (tree_name(row["name"], depth), status_label(row),
@@ -5012,13 +5032,47 @@ def table_lines(rows, mark=False, hosts=False, tree=True):
                         "%s/%s" % (row.get("agent") or "claude", row["backend"]), mode_label(row),
                         (row["session_id"] or "-")[:8])
                      + ((row.get("branch") or "-",) if branches else ())
-                     + (short_path(row["cwd"]), shorten(row["last_prompt"] or "", 40)))
+                     + (context_label(row),) + ((cost_label(row),) if costs else ())
+                     + (size_label(row.get("rss_bytes")),
+                        short_path(row["cwd"]), shorten(row["last_prompt"] or "", 40)))
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in table]
     if mark:
         lines = ["  " + lines[0]] + [("! " if row["status"] == "needs-input" else "  ") + line
                                      for row, line in zip(rows, lines[1:])]
     return lines
+
+
+def context_label(row):
+    """"62%" of the context window, or its tokens ("45k") where the window is not known."""
+    if row.get("context_used") is not None:
+        return "%d%%" % round(100 * row["context_used"])
+    tokens = row.get("context_tokens")
+    if not tokens:
+        return "-"
+    return "%d" % tokens if tokens < 1000 else "%dk" % (tokens // 1000) if tokens < 10 ** 6 \
+        else "%.1fM" % (tokens / 1e6)
+
+
+def cost_label(row):
+    return "-" if row.get("cost_usd") is None else "$%.2f" % row["cost_usd"]
+
+
+def size_label(size):
+    if size is None:
+        return "-"
+    return "%dM" % (size >> 20) if size < 10 << 30 else "%.1fG" % (size / float(1 << 30))
+
+
+SORT_KEYS = {"ctx": lambda row: row.get("context_used") if row.get("context_used") is not None
+             else (row.get("context_tokens") or 0) / 1e9,      # a known share, then tokens
+             "cost": lambda row: row.get("cost_usd"), "rss": lambda row: row.get("rss_bytes")}
+
+
+def sorted_rows(rows, key):
+    """Rows by --sort, most first; those that do not say last, oldest first among them."""
+    value = SORT_KEYS[key]
+    return sorted(rows, key=lambda row: (value(row) is None, -(value(row) or 0)))
 
 
 def watch_list(interval=2.0):
@@ -5064,6 +5118,8 @@ def report_problems(state):
 
 def status_label(row):
     label = row["status"]
+    if label == "limited":
+        return limit_label(row) + (" (%d held)" % row["pending"] if row.get("pending") else "")
     if row.get("error"):
         return label + " (failed: %s)" % row["error"]      # the CLI's own word for it
     if row["needs"] in SCREEN_TITLES and row.get("detail"):     # what it asks, in its words
@@ -5310,8 +5366,8 @@ def cmd_wait(args):
             print("no running agents")
             return EXIT_OK
         names = [a["name"] for a in agents]
-    goals = {"idle": ("idle",), "exited": ("exited",), "needs-input": ("needs-input",),
-             None: ("idle", "exited", "needs-input")}[args.until]
+    goals = {"idle": READY, "exited": ("exited",), "needs-input": ("needs-input",),
+             None: READY + ("exited", "needs-input")}[args.until]
     found = {}
 
     def settled():
@@ -5330,6 +5386,11 @@ def cmd_wait(args):
         raise OrchError("timed out after %gs waiting for %s%s" % (
             args.timeout, "any of " if args.any else "", " ".join(names)), EXIT_TIMEOUT)
     failed = [n for n in names if found[n].get("error")]
+    if failed and found[failed[0]]["status"] == "limited":
+        st = found[failed[0]]
+        raise OrchError("%s: a usage limit ended the last turn (%s), not done: send the message "
+                        "again once it resets, or resume with --on-limit continue" % (
+                            failed[0], shorten(st["detail"] or st["error"], 120)), EXIT_FAILED)
     if failed:
         raise OrchError("%s: the last turn ended on an error (%s), not done: `orch log %s` "
                         "shows it; send the message again to retry" % (
@@ -5342,7 +5403,8 @@ def cmd_wait(args):
 def wait_label(st):
     return status_label({"status": st["status"], "needs": st["needs"],
                          "exit_code": st["exit_code"], "detail": st["detail"],
-                         "status_source": st["source"], "error": st.get("error")})
+                         "status_source": st["source"], "error": st.get("error"),
+                         "resets_at": st.get("resets_at")})
 
 
 def cmd_interrupt(args):
@@ -5443,6 +5505,8 @@ def resume_start(name, message, args, unless_running=False):
         started.append(agent)
         agent["resumed"] = agent.get("resumed", 0) + 1
         agent.pop("stopped", None)
+        if getattr(args, "on_limit", None):     # resume --all keeps each agent's own
+            agent["on_limit"] = args.on_limit
     return agent
 
 
@@ -5525,7 +5589,8 @@ def resume_all(args):
             sys.stderr.write("orch: error: %s\n" % e)
             worst = worse(e.code, worst)
     if started:
-        ensure_watcher(held=any(load_held(a["name"]) for a in started))
+        ensure_watcher(held=any(load_held(a["name"]) or a.get("on_limit") == "continue"
+                                for a in started))
     for agent in started:
         try:
             code, words, _ = backend_of(agent).confirm_start(agent, kept_first(agent["name"]))
@@ -5603,6 +5668,315 @@ def wait_for_memory(floor, name):
     raise OrchError("agent %s not resumed: only %d MiB of memory available after %gs, and "
                     "--min-free is %d MiB" % (name, (memory_available() or (0, 0))[0], patience,
                                              floor))
+
+
+# ###########################################################################
+# Limits and usage: a fleet through the night
+# ###########################################################################
+#
+# A usage limit ends a turn on an error, like a 429, but it says when it
+# lifts: such an agent is `limited` with `resets_at`.  Each kind reads its own
+# CLI's records for it (claude's transcript and its words, codex's rollout).
+# With --on-limit continue the watcher holds one short message for the agent
+# a minute after the reset, typed as held messages are: once per limit.
+# Tokens, context and cost come from the same records, read incrementally by
+# `list` (UsageCache); memory from /proc, in one pass for every agent.
+
+CONTINUE_MESSAGE = ("The usage limit has reset. Continue the task you were working on; do not "
+                    "repeat work that is already done.")
+READY = ("idle", "limited")     # statuses whose input box takes a message now
+OWN_CONTINUE_PATIENCE = 5       # margins to wait for a CLI that continues by itself
+
+
+def limit_margin():
+    """Seconds after a limit's reset before --on-limit continue types (a clock may be early)."""
+    return env_seconds("ORCH_LIMIT_MARGIN", 60)
+
+
+# "resets 9:18pm (UTC)", "resets Dec 5, 3pm (UTC)": claude's words for a limit's end.
+RESETS_WORDS = re.compile(r"resets (?:([A-Z][a-z]{2}) (\d{1,2}),? )?(\d{1,2})(?::(\d\d))?\s*"
+                          r"([ap]m)\s*\(([^)]+)\)")
+MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def reset_from_words(text, after):
+    """The epoch time claude's words name for a limit's reset (the next one after `after`).
+
+    Only in UTC or this machine's own zone, which orch can convert with no
+    time-zone database (Python 3.6 has none); None otherwise.
+    """
+    import calendar
+    found = RESETS_WORDS.search(text or "")
+    if not found:
+        return None
+    month, day, hour, minute, half, zone = found.groups()
+    hour = int(hour) % 12 + (12 if half == "pm" else 0)
+    if zone == "UTC":
+        to_epoch, parts = calendar.timegm, time.gmtime(after)
+    elif zone in time.tzname or zone == os.environ.get("TZ"):
+        to_epoch, parts = time.mktime, time.localtime(after)
+    else:
+        return None
+    year, mon, mday = parts.tm_year, parts.tm_mon, parts.tm_mday
+    if month in MONTHS:
+        mon, mday = MONTHS.index(month) + 1, int(day)
+    when = to_epoch((year, mon, mday, hour, int(minute or 0), 0, 0, 0, -1))
+    if when < after - 60:       # said before midnight of a reset after it, or Dec of a Jan one
+        when = to_epoch((year + 1, mon, mday, hour, int(minute or 0), 0, 0, 0, -1)) \
+            if month in MONTHS else when + 86400
+    return when
+
+
+# Claude's words when a turn ends on a usage limit, not a passing 429 (2.1.197-2.1.332).
+LIMIT_WORDS = re.compile(r"You[\u2019']ve (?:hit|reached) your .*limit|[Uu]sage limit reached|"
+                         r"out of usage")
+
+
+def claude_usage_limit(agent, result):
+    """{resets_at} when a usage limit ended claude's last turn, else None.
+
+    2.1.332 records the limit in its transcript (apiError usage_limit_reached,
+    quotaLimits.resetsAt); 2.1.197 only says it: "You've hit your session
+    limit \u00b7 resets 9:17pm (UTC)", which its StopFailure hook carries.
+    """
+    if result["error"] != "rate_limit":
+        return None
+    entries = read_json_lines(session_transcript(agent), tail_bytes=32768)
+    for i in range(len(entries) - 1, -1, -1):
+        entry = entries[i]
+        if entry.get("type") == "assistant" and entry.get("isApiErrorMessage"):
+            quota = entry.get("quotaLimits") or {}
+            if entry.get("apiError") == "usage_limit_reached" and isinstance(
+                    quota.get("resetsAt"), (int, float)):
+                return {"resets_at": quota["resetsAt"],
+                        "continues_itself": continues_itself(entries[i + 1:])}
+            break
+    if not LIMIT_WORDS.search(result["detail"] or ""):
+        return None
+    # Said to the minute: the limit may last to that minute's end.
+    said = reset_from_words(result["detail"], result.get("failed") or time.time())
+    return {"resets_at": said and said + 60, "continues_itself": False}
+
+
+def continues_itself(entries):
+    """Whether claude said it will continue by itself once the limit resets (2.1.332 does).
+
+    It says "Usage limit reached \u00b7 set to continue automatically at 9:16pm" and
+    continues 1-2 minutes after the reset (85 s measured), unless it says it stopped.
+    """
+    said = False
+    for entry in entries:
+        words = entry.get("content") if entry.get("type") == "system" else None
+        if isinstance(words, str):
+            if "continue automatically" in words:
+                said = True
+            elif "continue stopped" in words:
+                said = False
+    return said
+
+
+def session_transcript(agent):
+    """The transcript its latest hook events name (cheap), else where claude keeps it."""
+    for event in reversed(read_events(agent["name"], tail_bytes=65536)):
+        if isinstance(event.get("transcript_path"), str):
+            return event["transcript_path"]
+    return transcript_path(agent)
+
+
+def limit_label(row):
+    """"limited until 21:18" (local time), "limited (reset 21:18)" once past, or with its error."""
+    when = epoch_of(row.get("resets_at"))
+    if not when:
+        return "limited (%s)" % (row.get("error") or "no reset time given")
+    clock = time.strftime("%H:%M" if time.localtime(when)[:3] == time.localtime()[:3]
+                          else "%b %d %H:%M", time.localtime(when))
+    return "limited until %s" % clock if when > time.time() else "limited (reset %s)" % clock
+
+
+def epoch_of(value):
+    """Seconds since the epoch from one (kept as is) or from iso_time()'s form."""
+    import calendar
+    if isinstance(value, (int, float)) or value is None:
+        return value
+    try:
+        return calendar.timegm(time.strptime(value, "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError:
+        return None
+
+
+def iso_time(when):
+    """ISO 8601 in UTC for --json, or None."""
+    if not when:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
+def add_usage(agents, rows, cache):
+    """Give each row its tokens, context and cost (UsageCache) and its memory (/proc)."""
+    usage = UsageCache()
+    table = process_table()
+    for agent, row in zip(agents, rows):
+        found = usage.of(agent, cache) or {}
+        row.update(tokens=found.get("tokens"), context_tokens=found.get("context_tokens"),
+                   context_used=found.get("context_used"), cost_usd=found.get("cost_usd"),
+                   rss_bytes=tree_rss(row["pid"], table) if row["status"] != "exited" else None)
+    usage.save()
+
+
+class UsageCache(object):
+    """What each agent has used, folded from its CLI's own records as they grow.
+
+    Like StatusCache: per agent the file read (a transcript, a rollout), the
+    byte offset read so far and the totals, so `list` reads only what was
+    written since it last looked.  Lost or stale, it is rebuilt from the files.
+    """
+
+    def __init__(self):
+        self.path = os.path.join(data_dir(), "usage-cache.json")
+        self.loaded = None
+        self.changed = False
+
+    @property
+    def entries(self):
+        if self.loaded is None:
+            found = read_json(self.path)
+            self.loaded = found if isinstance(found, dict) else {}
+        return self.loaded
+
+    def of(self, agent, cache):
+        """{tokens, context_tokens, context_used, cost_usd} of the agent's session, or None."""
+        kind = kind_of(agent)
+        if not kind.hooks or agent.get("backend") == "headless":
+            return None
+        name = agent["name"]
+        entry = self.entries.get(name)
+        entry = entry if isinstance(entry, dict) and isinstance(entry.get("totals"), dict) \
+            and isinstance(entry.get("offset"), int) else {}
+        path = cache.summary(agent).get("transcript") or entry.get("path") \
+            or kind.usage_file(agent)
+        try:
+            size = os.path.getsize(path) if path else None
+        except OSError:
+            size = None
+        if size is None:
+            return None
+        if entry.get("path") != path or entry["offset"] > size:     # another session, or rewritten
+            entry = {"path": path, "offset": 0, "totals": {}}
+        if entry["offset"] < size:
+            lines, end = read_new_lines(path, entry["offset"])
+            entry = {"path": path, "offset": end, "totals": kind.fold_usage(entry["totals"], lines)}
+            self.entries[name] = entry
+            self.changed = True
+        return usage_fields(entry["totals"])
+
+    def save(self):
+        if not self.changed:
+            return
+        agents = os.path.join(data_dir(), "agents")
+        kept = dict((name, entry) for name, entry in self.entries.items()
+                    if os.path.isdir(os.path.join(agents, name)))
+        try:
+            write_file_atomic(self.path, json.dumps(kept))
+        except OrchError:
+            pass
+
+
+def usage_fields(totals):
+    """The `list --json` fields from a kind's folded totals."""
+    tokens = totals.get("tokens")
+    used = [a + b for a, b in zip(tokens, totals.get("pending") or [0] * 4)] if tokens else None
+    context, window = totals.get("context"), totals.get("window")
+    return {"tokens": dict(zip(("input", "output", "cache_read", "cache_write"), used))
+            if used else None, "context_tokens": context,
+            "context_used": round(float(context) / window, 4) if context is not None and window
+            else None, "cost_usd": totals.get("cost")}
+
+
+def claude_usage(totals, entries):
+    """Fold claude transcript entries: each API answer's usage, once per message, and its cost.
+
+    Claude writes one entry per content block of an answer, each with the
+    answer's usage: an answer counts when the next one begins (its last
+    entry holds the final counts).  Context is what the last answer of the
+    main thread held.  The cost is claude's own (2.1.332 writes cost-state).
+    """
+    totals = dict(totals)
+    for entry in entries:
+        kind = entry.get("type")
+        message = entry.get("message") if isinstance(entry.get("message"), dict) else {}
+        usage = message.get("usage")
+        if kind == "assistant" and isinstance(usage, dict) and message.get("model") != "<synthetic>":
+            counts = [number_or_zero(usage.get(key)) for key in (
+                "input_tokens", "output_tokens", "cache_read_input_tokens",
+                "cache_creation_input_tokens")]
+            if message.get("id") != totals.get("last_id"):
+                totals["tokens"] = [a + b for a, b in zip(totals.get("tokens") or [0] * 4,
+                                                         totals.get("pending") or [0] * 4)]
+            totals.update(pending=counts, last_id=message.get("id"))
+            if not entry.get("isSidechain"):
+                totals["context"] = counts[0] + counts[2] + counts[3] + counts[1]
+        elif kind == "cost-state" and isinstance(entry.get("totalCostUSD"), (int, float)):
+            totals["cost"] = round(entry["totalCostUSD"], 6)
+    return totals
+
+
+def codex_usage(totals, entries):
+    """Fold codex rollout entries: its token_count events hold the session's totals so far.
+
+    OpenAI counts cached input inside input; orch's `input` is the rest, as claude's.
+    """
+    totals = dict(totals)
+    for entry in entries:
+        payload = entry.get("payload")
+        if not isinstance(payload, dict) or payload.get("type") != "token_count" \
+                or not isinstance(payload.get("info"), dict):
+            continue
+        info = payload["info"]
+        total, last = info.get("total_token_usage") or {}, info.get("last_token_usage") or {}
+        cached = number_or_zero(total.get("cached_input_tokens"))
+        totals.update(tokens=[number_or_zero(total.get("input_tokens")) - cached,
+                              number_or_zero(total.get("output_tokens")), cached,
+                              number_or_zero(total.get("cache_write_input_tokens"))],
+                      context=number_or_zero(last.get("total_tokens")),
+                      window=info.get("model_context_window") or None)
+    return totals
+
+
+def number_or_zero(value):
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def process_table():
+    """({pid: resident bytes}, {pid: [child pids]}) of every process, from /proc in one pass."""
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    rss, children = {}, {}
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return rss, children        # no /proc here: memory is unknown
+    for pid in pids:
+        try:
+            with open("/proc/%s/stat" % pid, "rb") as f:
+                data = f.read()
+            fields = data[data.rindex(b")") + 2:].split()     # the name may hold ") "
+            rss[int(pid)] = int(fields[21]) * page
+            children.setdefault(int(fields[1]), []).append(int(pid))
+        except (OSError, ValueError, IndexError):
+            continue        # gone meanwhile
+    return rss, children
+
+
+def tree_rss(pid, table):
+    """Resident bytes of pid and all its descendants (a sum: pages they share count twice)."""
+    rss, children = table
+    if not pid or pid not in rss:
+        return None
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        total += rss.get(p, 0)
+        stack.extend(children.get(p, ()))
+    return total
 
 
 # ###########################################################################
@@ -5963,10 +6337,37 @@ def watch_tick(memory, started, first):
     running = any(st["status"] != "exited" for st in now.values())
     holding = [a for a in agents if now[a["name"]]["status"] != "exited"
                and os.path.exists(held_path(a["name"])) and load_held(a["name"])]
+    continuing = [a for a in agents if a.get("on_limit") == "continue"
+                  and now[a["name"]]["status"] != "exited"]
+    for agent in continuing:
+        continue_after_limit(agent, now[agent["name"]], memory)
     for agent in holding:
-        if now[agent["name"]]["status"] == "idle":
+        if now[agent["name"]]["status"] in READY:
             type_held(agent)
-    return queued, running and (channels or holding), channels
+    return queued, running and (channels or holding or continuing), channels
+
+
+def continue_after_limit(agent, st, memory):
+    """Hold one continue message for an agent a usage limit stopped, once it has reset.
+
+    Once per limit (the failure's time), marked in the watcher's memory on disk
+    before it is held: a watcher killed in between loses it rather than
+    typing it twice.  A CLI that continues by itself (claude 2.1.332 does)
+    has begun a turn by then: it is no longer limited, and nothing is held.
+    """
+    when = st.get("resets_at")
+    # A CLI that said it continues by itself gets the time to do it first.
+    margin = limit_margin() * (OWN_CONTINUE_PATIENCE if st.get("continues_itself") else 1)
+    if st["status"] != "limited" or not when or time.time() < when + margin:
+        return
+    done = memory.setdefault("continued", {})
+    if done.get(agent["name"]) == st.get("failed"):
+        return
+    done[agent["name"]] = st.get("failed")
+    write_file_atomic(watch_file(), json.dumps(memory))
+    hold_message(agent, CONTINUE_MESSAGE, False)
+    append_line(os.path.join(agent_dir(agent["name"]), "held-log.jsonl"), json.dumps(
+        {"t": time.time(), "outcome": "held: the usage limit reset at %s" % iso_time(when)}))
 
 
 HELD_TYPING = set()     # agents the watcher is typing a held message into (one thread each)
@@ -6593,6 +6994,11 @@ class AgentKind(object):
     headless = False    # only claude speaks the headless backend's protocol
     environment = staticmethod(lambda agent, env: env)
     recheck = staticmethod(lambda agent, result, read_screen: None)    # hooks say it all
+    # {resets_at} when a usage limit ended its failed turn (result), else None.
+    usage_limit = staticmethod(lambda agent, result: result.get("limit"))
+    # The file its session's usage is written in when no hook named it, and how to read it.
+    usage_file = staticmethod(lambda agent: None)
+    fold_usage = staticmethod(lambda totals, entries: totals)
     ready = staticmethod(lambda agent: True)    # idle already means its input box is there
     session_id = staticmethod(hooked_session_id)
     QUIT_REASONS = ()   # reasons of its SessionEnd that mean someone quit it (/exit)
@@ -6672,6 +7078,9 @@ class ClaudeKind(AgentKind):
                       None),
                      ("api-key", r"Do you want to use this API key\?", True, None))
     sign_in_problem = staticmethod(lambda: claude_sign_in_problem())
+    usage_limit = staticmethod(lambda agent, result: claude_usage_limit(agent, result))
+    usage_file = staticmethod(lambda agent: transcript_path(agent))
+    fold_usage = staticmethod(lambda totals, entries: claude_usage(totals, entries))
 
     command = staticmethod(default_program)
 
@@ -6733,6 +7142,7 @@ class CodexKind(AgentKind):
     sign_in_problem = staticmethod(lambda: codex_sign_in_problem())
     quit = staticmethod(lambda event: True)    # SessionEnd on /quit only: none on signals
     START_MIB = 160     # 0.171.0, the node wrapper and the Rust binary
+    fold_usage = staticmethod(lambda totals, entries: codex_usage(totals, entries))
 
     command = staticmethod(lambda: os.environ.get("ORCH_CODEX") or "codex")
 
@@ -7070,20 +7480,21 @@ def codex_dialog(rows):
 
 
 def codex_failed_turn(agent):
-    """{error, detail, failed, since} when codex's rollout ends the current turn on an error.
+    """{error, detail, failed, since, limit} when codex's rollout ends the current turn on an error.
 
     Codex writes `task_complete` with an `error` (its own `codex_error_info`
-    names the kind, e.g. response_too_many_failed_attempts after a 429) and
-    fires no Stop.  Only the tail of the rollout is read.
+    names the kind, e.g. response_too_many_failed_attempts after a 429,
+    usage_limit_exceeded at a usage limit) and fires no Stop.  Only the tail
+    of the rollout is read.
     """
-    import calendar
     events = read_events(agent["name"], agent.get("launched", 0), tail_bytes=32768)
     turns = [e.get("turn_id") for e in events if e.get("event") == "UserPromptSubmit"]
     paths = [e.get("transcript_path") for e in events if e.get("transcript_path")]
     if not turns or not turns[-1] or not paths:
         return None
-    for entry in reversed(read_json_lines(paths[-1], tail_bytes=16384)):
-        payload = entry.get("payload") if isinstance(entry, dict) else None
+    entries = read_json_lines(paths[-1], tail_bytes=16384)
+    for i in range(len(entries) - 1, -1, -1):
+        payload = entries[i].get("payload")
         if not isinstance(payload, dict) or payload.get("type") != "task_complete" \
                 or payload.get("turn_id") != turns[-1]:
             continue
@@ -7092,15 +7503,48 @@ def codex_failed_turn(agent):
             return None
         info = error.get("codex_error_info")
         kind = sorted(info)[0] if isinstance(info, dict) and info else str(info or "unknown")
-        stamp = str(entry.get("timestamp") or "")
-        try:
-            when = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S")) + float(
-                "0" + stamp[19:].rstrip("Z"))
-        except ValueError:
-            when = time.time()
+        when = rollout_time(entries[i])
+        limit = codex_limit(entries[:i], error.get("message"), when) \
+            if kind == "usage_limit_exceeded" else None
         return {"error": kind, "detail": short_text(error.get("message")), "failed": when,
-                "since": when}
+                "since": when, "limit": limit}
     return None
+
+
+def rollout_time(entry):
+    import calendar
+    stamp = str(entry.get("timestamp") or "")
+    try:
+        return calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S")) + float(
+            "0" + stamp[19:].rstrip("Z"))
+    except ValueError:
+        return time.time()
+
+
+def codex_limit(entries, message, when):
+    """{resets_at} of the limit codex hit: its rate-limit windows, else its words.
+
+    Each `token_count` carries the windows codex last heard of (primary,
+    secondary); a full one (100%) has its reset time.  Its message says the
+    same in local time: "try again at 9:20 PM."
+    """
+    for entry in reversed(entries):
+        payload = entry.get("payload")
+        if isinstance(payload, dict) and payload.get("type") == "token_count":
+            windows = [w for w in (payload.get("rate_limits") or {}).values()
+                       if isinstance(w, dict) and (w.get("used_percent") or 0) >= 100
+                       and isinstance(w.get("resets_at"), (int, float))]
+            if windows:
+                return {"resets_at": max(w["resets_at"] for w in windows)}
+            break
+    found = re.search(r"try again at (\d{1,2}):(\d\d) ([AP]M)", message or "")
+    if not found:
+        return {"resets_at": None}
+    hour = int(found.group(1)) % 12 + (12 if found.group(3) == "PM" else 0)
+    parts = time.localtime(when)
+    at = time.mktime((parts.tm_year, parts.tm_mon, parts.tm_mday, hour, int(found.group(2)),
+                      0, 0, 0, -1))
+    return {"resets_at": at if at > when - 60 else at + 86400}
 
 
 def short_text(value, n=300):
@@ -7385,8 +7829,16 @@ def add_spawn(sub, verb):
                         "checked out as it is")
     p.add_argument("--base", metavar="REF",
                    help="where a new branch starts (default: HEAD of DIR's checkout)")
+    add_on_limit(p)
     add_target_options(p)
     p.set_defaults(func=cmd_spawn, extra=[])
+
+
+def add_on_limit(p, kept=""):
+    p.add_argument("--on-limit", choices=("continue", "report"),
+                   help="when a usage limit stops a turn: continue sends one short message a "
+                        "minute after the limit resets; report (the default) only says it%s"
+                   % kept)
 
 
 def add_send(sub, verb):
@@ -7488,6 +7940,8 @@ def add_list(sub, verb):
     p.add_argument("-A", "--all-hosts", action="store_true",
                    help="this machine's agents and those of every host in $ORCH_HOSTS or "
                         "~/.config/orch/hosts, with a HOST column")
+    p.add_argument("--sort", choices=sorted(SORT_KEYS),
+                   help="most first: context used, cost, or memory (RSS); not as a tree")
     p.set_defaults(func=cmd_list)
 
 
@@ -7592,6 +8046,7 @@ def add_resume(sub, verb):
     p.add_argument("-A", "--all-hosts", action="store_true",
                    help="with --all: also on every host in $ORCH_HOSTS or ~/.config/orch/hosts, "
                         "at once")
+    add_on_limit(p, " (kept from spawn unless given)")
     add_target_options(p)
     p.set_defaults(func=cmd_resume)
 

@@ -69,7 +69,9 @@ FAKE_AGENT = r"""#!PYTHON
 # empties S seconds after the hook, as on a busy machine); /model (a picker, no
 # hook, own status "dialog open"); FAKE_UPSELL=1 (a turn ends in 2.1.332's renderer
 # prompt unless --settings names "tui"); APIFAIL-TYPE (an API error ends the turn:
-# StopFailure, no Stop); FAKE_APIKEY=1 (2.1.332's API-key question,
+# StopFailure, no Stop); LIMIT-N (a usage limit that resets in N s, recorded
+# in the transcript as 2.1.332 does; LIMITSAID-N: only said, as 2.1.197);
+# FAKE_APIKEY=1 (2.1.332's API-key question,
 # choices without digits, before any hook).  Logs to $FAKE_LOG/<pid>.jsonl.
 # Versions differ; by default it acts like Claude Code 2.1.197.  Like 2.1.330:
 # FAKE_QUEUE=immediate (a message typed during a turn fires UserPromptSubmit at
@@ -112,6 +114,9 @@ for path in (os.path.join(os.getcwd(), ".claude", "settings.local.json"),
 if os.environ.get("FAKE_NO_HOOKS"):     # hooks off by a setting orch cannot read
     hooks = {}
 MODE = opts.get("--permission-mode") or os.environ.get("FAKE_DEFAULT_MODE") or "default"
+# What each answer reports using, as claude's API does (cache reads and writes apart).
+USAGE = {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 100,
+         "cache_creation_input_tokens": 20}
 IMMEDIATE = os.environ.get("FAKE_QUEUE") == "immediate"
 LOG = os.path.join(os.environ["FAKE_LOG"], "%d.jsonl" % os.getpid())
 
@@ -221,6 +226,24 @@ def submit(text, hooked=False):
         if w.startswith("EXIT-"):
             hook("SessionEnd", reason="prompt_input_exit")
             sys.exit(int(w[5:]))
+        if w.startswith("LIMIT-") or w.startswith("LIMITSAID-"):
+            resets = int(time.time()) + int(w.split("-")[1])
+            message = "You've hit your session limit \u00b7 resets %s (UTC)" % time.strftime(
+                "%I:%M%p", time.gmtime(resets)).lstrip("0").lower()
+            entry = {"message": {"id": str(uuid.uuid4()), "model": "<synthetic>",
+                                 "role": "assistant", "content": [{"type": "text",
+                                                                   "text": message}]},
+                     "isApiErrorMessage": True, "error": "rate_limit"}
+            if w.startswith("LIMIT-"):
+                entry.update(apiError="usage_limit_reached", quotaLimits={
+                    "status": "rejected", "resetsAt": resets, "rateLimitType": "five_hour"})
+            transcript("assistant", **entry)
+            say("  \u23bf  " + message)
+            state["mode"] = "idle"
+            set_status("idle")
+            hook("StopFailure", error="rate_limit", last_assistant_message=message)
+            say("\u276f ")
+            return
         if w.startswith("APIFAIL-"):    # like claude when an API error ends the turn
             message = ("API Error: Request rejected (429) \u00b7 over the limit\n"
                        "$(touch pwned) `touch pwned2` \"dq\" 'sq'")
@@ -312,8 +335,13 @@ def finish(reply):
         reply = LONG_REPLY
     say("\u25cf " + reply)
     log("finished", reply=reply)
-    transcript("assistant", message={"role": "assistant", "content": [
-        {"type": "text", "text": reply}]})
+    state["turns"] = state.get("turns", 0) + 1
+    message_id = "msg_%d" % state["turns"]
+    transcript("assistant", message={"id": message_id, "role": "assistant", "content": [
+        {"type": "thinking", "thinking": "hm"}], "usage": dict(USAGE, output_tokens=1)})
+    transcript("assistant", message={"id": message_id, "role": "assistant", "content": [
+        {"type": "text", "text": reply}], "usage": USAGE})
+    transcript("cost-state", totalCostUSD=0.25 * state["turns"])
     state["mode"] = "idle"
     hook("Stop", last_assistant_message=reply)
     transcript("system", subtype="turn_duration", durationMs=1500)     # claude: ~50 ms after Stop
@@ -1957,6 +1985,110 @@ def test_a_failed_turn_is_not_a_turn_done(env, capsys, receiver):
         assert json.load(f)["detail"].endswith("\"dq\" 'sq'")
     assert not [n for n in os.listdir(env.work) + os.listdir(os.path.expanduser("~"))
                 if n.startswith("pwned")]
+
+
+def test_a_usage_limit_is_limited_until_it_resets(env, capsys):
+    assert run(capsys, "spawn", "a1", "first")[0] == 0
+    assert run(capsys, "wait", "a1", "--timeout", "30")[0] == 0
+    before = time.time()
+    assert run(capsys, "send", "a1", "LIMIT-3600 second")[0] == 0
+    code, out, err = run(capsys, "wait", "a1", "--timeout", "30")
+    assert code == orch.EXIT_FAILED and out.startswith("a1: limited until "), (out, err)
+    assert "a usage limit ended the last turn (You've hit your session limit" in err
+    row = status(capsys, "a1")
+    assert (row["status"], row["error"]) == ("limited", "rate_limit")
+    resets = orch.epoch_of(row["resets_at"])
+    assert before + 3600 - 1 <= resets <= time.time() + 3600, row["resets_at"]
+    assert "limited until %s" % time.strftime("%H:%M", time.localtime(resets)) in run(
+        capsys, "list")[1]
+    assert run(capsys, "status-line")[1] == "orch: 1 limited\n"
+    code, _, err = run(capsys, "reply", "a1")
+    assert code == orch.EXIT_FAILED and "rate_limit" in err
+    # Only said, as 2.1.197 says it: the time is read from its words, to the minute's end.
+    assert run(capsys, "send", "a1", "LIMITSAID-7200 third")[0] == 0
+    assert run(capsys, "wait", "a1", "--timeout", "30")[0] == orch.EXIT_FAILED
+    said = orch.epoch_of(status(capsys, "a1")["resets_at"])
+    assert time.time() + 7200 - 1 <= said <= time.time() + 7200 + 60, said
+    # A passing 429 is a failed turn, not a limit.
+    assert run(capsys, "send", "a1", "APIFAIL-rate_limit fourth")[0] == 0
+    assert run(capsys, "wait", "a1", "--timeout", "30")[1] == "a1: idle (failed: rate_limit)\n"
+    assert run(capsys, "send", "a1", "fifth")[0] == 0       # the next turn clears it
+    assert run(capsys, "wait", "a1", "--timeout", "30")[:2] == (0, "a1: idle\n")
+
+
+def test_on_limit_continue_types_one_continue_after_the_reset(env, capsys, monkeypatch):
+    monkeypatch.setenv("ORCH_LIMIT_MARGIN", "1")
+    assert run(capsys, "spawn", "a1", "first", "--on-limit", "continue")[0] == 0
+    assert run(capsys, "spawn", "a2", "first")[0] == 0         # reports only
+    assert run(capsys, "wait", "a1", "a2", "--timeout", "30")[0] == 0
+    for name in ("a1", "a2"):
+        assert run(capsys, "send", name, "LIMIT-2 second")[0] == 0
+    assert run(capsys, "wait", "a1", "a2", "--timeout", "30")[0] == orch.EXIT_FAILED
+    assert retry_until(lambda: orch.CONTINUE_MESSAGE in env.messages(), 60)
+    assert retry_until(lambda: held_outcomes("a1") == ["submitted"], 30), held_outcomes("a1")
+    assert run(capsys, "wait", "a1", "--timeout", "30")[:2] == (0, "a1: idle\n")
+    assert env.messages().count(orch.CONTINUE_MESSAGE) == 1
+    assert status(capsys, "a2")["status"] == "limited"     # told, not continued
+    assert status(capsys, "a1")["status"] == "idle"
+    # Killed and resumed, it keeps --on-limit continue; the next limit is continued once too.
+    assert run(capsys, "kill", "a1")[0] == 0
+    assert run(capsys, "resume", "a1")[0] == 0
+    assert run(capsys, "send", "a1", "LIMIT-2 third")[0] == 0
+    assert retry_until(lambda: held_outcomes("a1") == ["submitted"] * 2, 60), held_outcomes("a1")
+    assert run(capsys, "wait", "a1", "--timeout", "30")[:2] == (0, "a1: idle\n")
+    assert env.messages().count(orch.CONTINUE_MESSAGE) == 2
+
+
+def held_outcomes(name):
+    """How each held message the watcher typed into the agent ended."""
+    path = os.path.join(orch.agent_dir(name), "held-log.jsonl")
+    return [e["outcome"] for e in orch.read_json_lines(path) if "held" in e]
+
+
+def proc_tree_rss(pid):
+    """Resident bytes of a process tree, read another way than orch: VmRSS and children files."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            with open("/proc/%d/status" % p) as f:
+                total += 1024 * int([l for l in f if l.startswith("VmRSS:")][0].split()[1])
+            for task in os.listdir("/proc/%d/task" % p):
+                with open("/proc/%d/task/%s/children" % (p, task)) as f:
+                    stack.extend(int(c) for c in f.read().split())
+        except (OSError, IndexError):
+            continue
+    return total
+
+
+def test_list_shows_tokens_context_cost_and_memory(env, capsys):
+    assert run(capsys, "spawn", "a1", "first")[0] == 0
+    assert run(capsys, "spawn", "c1", "--cmd", "sleep 1000")[0] == 0
+    assert run(capsys, "wait", "a1", "--timeout", "30")[0] == 0
+    assert run(capsys, "send", "a1", "--wait", "second")[0] == 0
+    row = status(capsys, "a1")
+    # Two answers as the stand-in reports them (each written twice, the last counts once).
+    assert row["tokens"] == {"input": 20, "output": 10, "cache_read": 200, "cache_write": 40}
+    assert (row["context_tokens"], row["context_used"], row["cost_usd"]) == (135, None, 0.5)
+    assert abs(row["rss_bytes"] - proc_tree_rss(row["pid"])) < 0.1 * row["rss_bytes"]
+    other = status(capsys, "c1")
+    assert (other["tokens"], other["cost_usd"]) == (None, None) and other["rss_bytes"] > 0
+    # Read on from where it was: the cache holds the offset, and rebuilt it says the same.
+    assert run(capsys, "send", "a1", "--wait", "third")[0] == 0
+    assert status(capsys, "a1")["tokens"]["input"] == 30
+    with open(os.path.join(orch.data_dir(), "usage-cache.json")) as f:
+        entry = json.load(f)["a1"]
+    assert entry["offset"] == os.path.getsize(entry["path"])
+    os.remove(os.path.join(orch.data_dir(), "usage-cache.json"))
+    assert status(capsys, "a1")["tokens"]["input"] == 30
+    table = run(capsys, "list")[1]
+    assert re.search(r"CTX +COST +RSS", table.splitlines()[0]), table
+    assert re.search(r"a1 .* 135 +\$0.75 +\d+M ", table), table
+    assert run(capsys, "kill", "c1")[0] == 0
+    assert status(capsys, "c1")["rss_bytes"] is None
+    names = [r["name"] for r in json.loads(run(capsys, "list", "--json", "--sort", "rss")[1])]
+    assert names == ["a1", "c1"]
+    assert run(capsys, "list", "--sort", "ctx")[1].splitlines()[1].startswith("a1 ")
 
 
 def test_kill_keeps_record_and_exit_code(env, capsys):
@@ -5138,6 +5270,12 @@ def test_notify_after_a_reboot_late_and_not_twice(env, capsys, receiver):
 # A fake Anthropic Messages API, enough for Claude Code to run offline
 # ###########################################################################
 
+def limit_seconds(text):
+    """N of a LIMIT-N in the user's words (a usage limit resetting in N s), or None."""
+    found = re.search(r"\bLIMIT-(\d+)", text)
+    return int(found.group(1)) if found else None
+
+
 def sse(event, data):
     return ("event: %s\ndata: %s\n\n" % (event, json.dumps(data))).encode("utf-8")
 
@@ -5159,6 +5297,9 @@ class FakeAPI(object):
     """
 
     PATH = "/v1/messages"
+    # What each answer reports using (its output: 5 tokens), cache reads and writes apart.
+    USAGE = {"input_tokens": 10, "cache_read_input_tokens": 100,
+             "cache_creation_input_tokens": 20}
 
     def __init__(self):
         self.requests = []
@@ -5255,6 +5396,18 @@ class FakeAPI(object):
                              "This request would exceed your rate limit",
                              {"retry-after": "1", "anthropic-ratelimit-unified-status": "rejected",
                               "anthropic-ratelimit-unified-reset": str(int(time.time()) + 3600)})
+        limit = limit_seconds(text.rsplit("\n", 1)[-1]) if not side and not tool_result else None
+        if limit is not None:       # a claude.ai subscription's usage limit, resetting in N s
+            resets = str(int(time.time()) + limit)
+            return self.fail(handler, 429, "rate_limit_error",
+                             "This request would exceed your rate limit",
+                             {"retry-after": str(limit),
+                              "anthropic-ratelimit-unified-status": "rejected",
+                              "anthropic-ratelimit-unified-reset": resets,
+                              "anthropic-ratelimit-unified-5h-status": "rejected",
+                              "anthropic-ratelimit-unified-5h-reset": resets,
+                              "anthropic-ratelimit-unified-5h-utilization": "1.0",
+                              "anthropic-ratelimit-unified-representative-claim": "five_hour"})
         if not side and not tool_result:
             if "TOOL" in text:
                 tool = {"command": "touch orch-tool-ran-%d" % n, "description": "make a file"}
@@ -5305,7 +5458,7 @@ class FakeAPI(object):
         out.write(sse("message_start", {"type": "message_start", "message": {
             "id": "msg_%s" % uuid.uuid4().hex[:12], "type": "message", "role": "assistant",
             "model": model, "content": [], "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": 10, "output_tokens": 1}}}))
+            "usage": dict(self.USAGE, output_tokens=1)}}))
         out.write(sse("content_block_start", {"type": "content_block_start", "index": 0,
                                               "content_block": {"type": "text", "text": ""}}))
         out.write(sse("content_block_delta", {"type": "content_block_delta", "index": 0,
@@ -5750,6 +5903,68 @@ def test_e2e_a_turn_that_ends_on_a_429_is_not_done(claude, capsys, monkeypatch, 
     assert run(capsys, "reply", "f1")[0] == 0
 
 
+@pytest.fixture
+def subscriber(claude, monkeypatch):
+    """The real claude signed in to a claude.ai subscription the fake accepts: its usage limits."""
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    write_claude_config(claude.home, [claude.work], {"oauthAccount": {
+        "accountUuid": "00000000-0000-4000-8000-000000000001", "emailAddress": "a@example.com",
+        "organizationUuid": "00000000-0000-4000-8000-000000000002",
+        "billingType": "stripe_subscription"}})
+    folder = os.path.join(claude.home, ".claude")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.open(os.path.join(folder, ".credentials.json"), os.O_WRONLY | os.O_CREAT,
+                      0o600), "w") as f:
+        json.dump({"claudeAiOauth": {
+            "accessToken": "sk-ant-oat01-orch-test", "refreshToken": "sk-ant-ort01-orch-test",
+            "expiresAt": int(time.time() * 1000) + 86400000, "subscriptionType": "max",
+            "scopes": ["user:inference", "user:profile", "user:sessions:claude_code"]}}, f)
+    return claude
+
+
+def continues_received(api):
+    """The requests that continue after a limit: orch's message, or claude's own."""
+    return [r for r in api.requests if not r["side"] and (
+        orch.CONTINUE_MESSAGE in r["text"] or "usage limit has reset" in r["text"])]
+
+
+def test_e2e_a_usage_limit_is_limited_and_continued_once(subscriber, capsys, monkeypatch):
+    monkeypatch.setenv("ORCH_LIMIT_MARGIN", "20")
+    assert run(capsys, "spawn", "l1", "first words", "--on-limit", "continue")[0] == 0
+    assert run(capsys, "wait", "l1", "--timeout", "60")[0] == 0
+    sent = time.time()
+    assert run(capsys, "send", "l1", "LIMIT-5 second words")[:2] == (0, "l1: submitted\n")
+    code, out, err = run(capsys, "wait", "l1", "--timeout", "60")
+    assert code == orch.EXIT_FAILED and out.startswith("l1: limited"), (out, err)
+    row = status(capsys, "l1")
+    assert (row["status"], row["error"]) == ("limited", "rate_limit"), row
+    resets = orch.epoch_of(row["resets_at"])
+    assert sent <= resets <= time.time() + 5 + 60, row["resets_at"]    # words: to the minute
+    assert "limit" in row["detail"]
+    # Exactly one continue: claude's own where it continues by itself, else orch's.
+    assert retry_until(lambda: continues_received(subscriber.api), 240)
+    assert run(capsys, "wait", "l1", "--timeout", "60")[:2] == (0, "l1: idle\n")
+    assert status(capsys, "l1")["error"] is None
+    assert len(continues_received(subscriber.api)) == 1
+
+
+def test_e2e_tokens_context_cost_and_memory(claude, capsys):
+    assert run(capsys, "spawn", "u1", "first words")[0] == 0
+    assert run(capsys, "wait", "u1", "--timeout", "60")[0] == 0
+    assert run(capsys, "send", "u1", "--wait", "second words")[0] == 0
+    row = status(capsys, "u1")
+    answers = len([r for r in claude.api.requests if not r["side"]])
+    assert row["tokens"] == {"input": 10 * answers, "output": 5 * answers,
+                             "cache_read": 100 * answers, "cache_write": 20 * answers}, row
+    assert row["context_tokens"] == 135
+    # The cost is claude's own figure where it writes one (cost-state), else unknown.
+    costs = [e["totalCostUSD"] for e in orch.read_json_lines(orch.transcript_path(
+        orch.load_state()["agents"]["u1"])) if e.get("type") == "cost-state"]
+    assert row["cost_usd"] == (round(costs[-1], 6) if costs else None)
+    assert abs(row["rss_bytes"] - proc_tree_rss(row["pid"])) < 0.1 * row["rss_bytes"]
+    assert row["rss_bytes"] > 50 << 20       # node and claude: tens of MiB at least
+
+
 def test_e2e_notifications(claude, capsys, receiver):
     notified_through_each_transition(capsys, receiver, [], ASK_FIRST, "Bash")
 
@@ -6148,6 +6363,22 @@ class FakeResponses(FakeAPI):
             return self.fail(handler, 429, "requests", "Rate limit reached for requests",
                              {"retry-after": "1", "x-ratelimit-remaining-requests": "0"},
                              openai=True)
+        limit = limit_seconds(record["text"]) if not side and not tool_result else None
+        if limit is not None:       # a ChatGPT plan's usage limit, as codex's backend answers
+            resets = int(time.time()) + limit
+            payload = json.dumps({"error": {
+                "type": "usage_limit_reached", "message": "The usage limit has been reached",
+                "plan_type": "plus", "resets_at": resets}}).encode("utf-8")
+            handler.send_response(429)
+            for key, value in (("Content-Type", "application/json"),
+                               ("Content-Length", str(len(payload))),
+                               ("x-codex-primary-used-percent", "100"),
+                               ("x-codex-primary-window-minutes", "300"),
+                               ("x-codex-primary-reset-at", str(resets))):
+                handler.send_header(key, value)
+            handler.end_headers()
+            handler.wfile.write(payload)
+            return
         command = self.command_in(record["text"], n) if not side and not tool_result else None
         if command:
             item = {"type": "function_call", "id": "fc_%d" % n, "call_id": "call_%d" % n,
@@ -6166,7 +6397,7 @@ class FakeResponses(FakeAPI):
         handler.end_headers()
         rid = "resp_%d" % n
         usage = {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15,
-                 "input_tokens_details": {"cached_tokens": 0},
+                 "input_tokens_details": {"cached_tokens": 3},
                  "output_tokens_details": {"reasoning_tokens": 0}}
         for event, body in (("response.created", {"response": {"id": rid}}),
                             ("response.output_item.added", {"output_index": 0, "item": item}),
