@@ -6341,9 +6341,13 @@ def watch_tick(memory, started, first):
                   and now[a["name"]]["status"] != "exited"]
     for agent in continuing:
         continue_after_limit(agent, now[agent["name"]], memory)
+        # Such a dialog may be up while the hooks say limited: look at the screen.
+        if kind_of(agent).LIMIT_WAIT and (now[agent["name"]]["status"] == "limited"
+                                          or now[agent["name"]]["needs"] == "dialog"):
+            in_thread(agent, wait_out_limit)       # then types what is held, if any
     for agent in holding:
         if now[agent["name"]]["status"] in READY:
-            type_held(agent)
+            in_thread(agent, deliver_held)
     return queued, running and (channels or holding or continuing), channels
 
 
@@ -6370,11 +6374,11 @@ def continue_after_limit(agent, st, memory):
         {"t": time.time(), "outcome": "held: the usage limit reset at %s" % iso_time(when)}))
 
 
-HELD_TYPING = set()     # agents the watcher is typing a held message into (one thread each)
+HELD_TYPING = set()     # agents the watcher is typing into (one thread each)
 
 
-def type_held(agent):
-    """Deliver the agent's next held message in a thread of its own (sends wait up to 10 s)."""
+def in_thread(agent, work):
+    """Run work(agent) in a thread of its own, one per agent (sends wait up to 10 s)."""
     import threading
     name = agent["name"]
     if name in HELD_TYPING:
@@ -6383,12 +6387,32 @@ def type_held(agent):
 
     def run():
         try:
-            deliver_held(agent)
+            work(agent)
         except Exception:
-            pass        # it stays held; the next tick tries again
+            pass        # what it was to do is still to do: the next tick tries again
         finally:
             HELD_TYPING.discard(name)
     threading.Thread(target=run, daemon=True).start()
+
+
+def wait_out_limit(agent):
+    """Answer the dialog a usage limit opened with its choice that waits for the reset.
+
+    Only that dialog (the kind names it), only its choice that spends nothing
+    and changes nothing, checked on the screen before the key: then the agent
+    is limited, and continued after the reset.
+    """
+    question, choice = kind_of(agent).LIMIT_WAIT
+    dialog = choice_dialog(agent_screen(agent), said=True)
+    if dialog and re.search(question, dialog["question"] or ""):
+        numbers = [n for n, text in sorted(dialog["choices"].items()) if re.match(choice, text)]
+        if len(numbers) != 1 or not pick_choice(agent, dialog, numbers[0]):
+            return
+        append_line(os.path.join(agent_dir(agent["name"]), "held-log.jsonl"), json.dumps(
+            {"t": time.time(), "outcome": "answered %r: %s" % (dialog["question"],
+                                                              dialog["choices"][numbers[0]])}))
+    if load_held(agent["name"]):
+        deliver_held(agent)     # this thread is the agent's one: the continue is typed here
 
 
 def deliver_due(memory, channels, inflight, done):
@@ -6996,6 +7020,9 @@ class AgentKind(object):
     recheck = staticmethod(lambda agent, result, read_screen: None)    # hooks say it all
     # {resets_at} when a usage limit ended its failed turn (result), else None.
     usage_limit = staticmethod(lambda agent, result: result.get("limit"))
+    # A dialog a usage limit opens (question, choice that waits for the reset and spends
+    # nothing), which --on-limit continue answers with that choice.
+    LIMIT_WAIT = None
     # The file its session's usage is written in when no hook named it, and how to read it.
     usage_file = staticmethod(lambda agent: None)
     fold_usage = staticmethod(lambda totals, entries: totals)
@@ -7079,6 +7106,8 @@ class ClaudeKind(AgentKind):
                      ("api-key", r"Do you want to use this API key\?", True, None))
     sign_in_problem = staticmethod(lambda: claude_sign_in_problem())
     usage_limit = staticmethod(lambda agent, result: claude_usage_limit(agent, result))
+    # 2.1.197 opens /rate-limit-options at a subscription's limit.
+    LIMIT_WAIT = (r"What do you want to do\?", r"Stop and wait for limit to reset")
     usage_file = staticmethod(lambda agent: transcript_path(agent))
     fold_usage = staticmethod(lambda totals, entries: claude_usage(totals, entries))
 
@@ -7143,6 +7172,8 @@ class CodexKind(AgentKind):
     quit = staticmethod(lambda event: True)    # SessionEnd on /quit only: none on signals
     START_MIB = 160     # 0.171.0, the node wrapper and the Rust binary
     fold_usage = staticmethod(lambda totals, entries: codex_usage(totals, entries))
+    # 0.171.0 offers a cheaper model when a limit is near or reached.
+    LIMIT_WAIT = (r"for lower credit usage\?|Approaching rate limits", r"Keep current model$")
 
     command = staticmethod(lambda: os.environ.get("ORCH_CODEX") or "codex")
 

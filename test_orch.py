@@ -5934,15 +5934,16 @@ def test_e2e_a_usage_limit_is_limited_and_continued_once(subscriber, capsys, mon
     assert run(capsys, "wait", "l1", "--timeout", "60")[0] == 0
     sent = time.time()
     assert run(capsys, "send", "l1", "LIMIT-5 second words")[:2] == (0, "l1: submitted\n")
+    # 2.1.197 opens /rate-limit-options: the watcher answers "Stop and wait for limit to reset".
+    row = retry_until(lambda: [r for r in [status(capsys, "l1")] if r["status"] == "limited"], 60)[0]
+    assert row["error"] == "rate_limit", row
     code, out, err = run(capsys, "wait", "l1", "--timeout", "60")
     assert code == orch.EXIT_FAILED and out.startswith("l1: limited"), (out, err)
-    row = status(capsys, "l1")
-    assert (row["status"], row["error"]) == ("limited", "rate_limit"), row
     resets = orch.epoch_of(row["resets_at"])
     assert sent <= resets <= time.time() + 5 + 60, row["resets_at"]    # words: to the minute
     assert "limit" in row["detail"]
     # Exactly one continue: claude's own where it continues by itself, else orch's.
-    assert retry_until(lambda: continues_received(subscriber.api), 240)
+    assert retry_until(lambda: continues_received(subscriber.api), 240), run(capsys, "tail", "l1")
     assert run(capsys, "wait", "l1", "--timeout", "60")[:2] == (0, "l1: idle\n")
     assert status(capsys, "l1")["error"] is None
     assert len(continues_received(subscriber.api)) == 1
@@ -6635,6 +6636,32 @@ def test_e2e_codex_a_turn_that_ends_on_a_429_is_not_done(codex, capsys):
     assert run(capsys, "send", "f1", "third words")[:2] == (0, "f1: submitted\n")
     assert run(capsys, "wait", "f1", "--timeout", "60")[:2] == (0, "f1: idle\n")
     assert status(capsys, "f1")["error"] is None and run(capsys, "reply", "f1")[0] == 0
+
+
+def test_e2e_codex_usage_limit_tokens_and_context(codex, capsys, monkeypatch):
+    monkeypatch.setenv("ORCH_LIMIT_MARGIN", "1")
+    assert run(capsys, "spawn", "c1", "--agent", "codex", "first words",
+               "--on-limit", "continue")[0] == 0
+    assert run(capsys, "wait", "c1", "--timeout", "60")[0] == 0
+    assert run(capsys, "send", "c1", "--wait", "second words")[0] == 0
+    row = status(capsys, "c1")
+    answers = len(codex.api.texts())
+    # As the fake reported each answer: 10 input (3 of them cached), 5 output.
+    assert row["tokens"] == {"input": 7 * answers, "output": 5 * answers,
+                             "cache_read": 3 * answers, "cache_write": 0}, row
+    assert row["context_tokens"] == 15 and 0 < row["context_used"] < 0.01, row
+    assert row["cost_usd"] is None      # codex states none
+    assert abs(row["rss_bytes"] - proc_tree_rss(row["pid"])) < 0.1 * row["rss_bytes"]
+    sent = time.time()
+    assert run(capsys, "send", "c1", "LIMIT-3 third words")[0] == 0
+    row = retry_until(lambda: [r for r in [status(capsys, "c1")] if r["status"] == "limited"], 60)[0]
+    assert row["error"] == "usage_limit_exceeded" and "usage limit" in row["detail"]
+    assert sent + 2 <= orch.epoch_of(row["resets_at"]) <= time.time() + 4, row["resets_at"]
+    # Its offer of a cheaper model is answered "Keep current model"; then one continue.
+    assert retry_until(lambda: orch.CONTINUE_MESSAGE in codex.api.texts(), 90), run(
+        capsys, "tail", "c1")
+    assert run(capsys, "wait", "c1", "--timeout", "60")[:2] == (0, "c1: idle\n")
+    assert codex.api.texts().count(orch.CONTINUE_MESSAGE) == 1
 
 
 def test_e2e_codex_approve_once_and_deny(codex, capsys):
