@@ -1212,22 +1212,18 @@ def turn_ended(seen):
         seen["turn"] = None
 
 
-class StatusCache(object):
-    """Every agent's hook replay, kept in one small file beside the state.
+class AgentCache(object):
+    """Per-agent entries in one small JSON file of the data folder, read once when asked.
 
-    `list` and `wait` need each agent's replayed hook events, every time.
-    Replaying each event file (hours of work: ~2,000 events, 0.5 MB) made
-    their cost grow with history.  This cache holds, per agent, the replay's
-    result and the byte offset read so far: a call costs one stat per agent
-    and one read in all when nothing happened, and the parsing of the new
-    lines when something did.  It is only a cache: lost, stale (two orch
-    processes may each save theirs) or unwritable, it is rebuilt from the events.
+    Only a cache: lost, stale (two orch processes may each save theirs) or
+    unwritable, its entries are rebuilt from the files they were read from.
     """
+    FILE = None
 
     def __init__(self):
-        self.path = os.path.join(data_dir(), "status-cache.json")
+        self.path = os.path.join(data_dir(), self.FILE)
         self.agents = os.path.join(data_dir(), "agents")
-        self.loaded = None      # read when a claude agent first asks: others need none of it
+        self.loaded = None      # read when an agent first asks: some kinds need none of it
         self.changed = False
 
     @property
@@ -1236,6 +1232,29 @@ class StatusCache(object):
             found = read_json(self.path)
             self.loaded = found if isinstance(found, dict) else {}
         return self.loaded
+
+    def save(self):
+        if not self.changed:
+            return
+        kept = dict((name, entry) for name, entry in self.entries.items()
+                    if os.path.isdir(os.path.join(self.agents, name)))    # forget removed agents
+        try:
+            write_file_atomic(self.path, json.dumps(kept))
+        except OrchError:
+            pass        # a read-only folder: the next call reads again
+
+
+class StatusCache(AgentCache):
+    """Every agent's hook replay, kept in one small file beside the state.
+
+    `list` and `wait` need each agent's replayed hook events, every time.
+    Replaying each event file (hours of work: ~2,000 events, 0.5 MB) made
+    their cost grow with history.  This cache holds, per agent, the replay's
+    result and the byte offset read so far: a call costs one stat per agent
+    and one read in all when nothing happened, and the parsing of the new
+    lines when something did.
+    """
+    FILE = "status-cache.json"
 
     def summary(self, agent):
         """replay_events over the agent's hook events since its launch."""
@@ -1259,16 +1278,6 @@ class StatusCache(object):
         self.entries[name] = {"launched": launched, "offset": end, "seen": seen}
         self.changed = True
         return seen
-
-    def save(self):
-        if not self.changed:
-            return
-        kept = dict((name, entry) for name, entry in self.entries.items()
-                    if os.path.isdir(os.path.join(self.agents, name)))    # forget removed agents
-        try:
-            write_file_atomic(self.path, json.dumps(kept))
-        except OrchError:
-            pass        # a read-only folder: the next call parses again
 
 
 def agent_status(agent, panes, read_screen=None, cache=None):
@@ -5823,25 +5832,14 @@ def add_usage(agents, rows, cache):
     usage.save()
 
 
-class UsageCache(object):
+class UsageCache(AgentCache):
     """What each agent has used, folded from its CLI's own records as they grow.
 
     Like StatusCache: per agent the file read (a transcript, a rollout), the
     byte offset read so far and the totals, so `list` reads only what was
-    written since it last looked.  Lost or stale, it is rebuilt from the files.
+    written since it last looked.
     """
-
-    def __init__(self):
-        self.path = os.path.join(data_dir(), "usage-cache.json")
-        self.loaded = None
-        self.changed = False
-
-    @property
-    def entries(self):
-        if self.loaded is None:
-            found = read_json(self.path)
-            self.loaded = found if isinstance(found, dict) else {}
-        return self.loaded
+    FILE = "usage-cache.json"
 
     def of(self, agent, cache):
         """{tokens, context_tokens, context_used, cost_usd} of the agent's session, or None."""
@@ -5868,17 +5866,6 @@ class UsageCache(object):
             self.entries[name] = entry
             self.changed = True
         return usage_fields(entry["totals"])
-
-    def save(self):
-        if not self.changed:
-            return
-        agents = os.path.join(data_dir(), "agents")
-        kept = dict((name, entry) for name, entry in self.entries.items()
-                    if os.path.isdir(os.path.join(agents, name)))
-        try:
-            write_file_atomic(self.path, json.dumps(kept))
-        except OrchError:
-            pass
 
 
 def usage_fields(totals):
