@@ -1168,6 +1168,7 @@ def replay_events(events, seen=None):
         elif kind == "Stop":
             turn_ended(seen)
             seen["ended"] = event.get("t")      # when the last turn ended (notifications)
+            seen["last_reply"] = event.get("last_assistant_message")
             # The last turn ends and failures, each, for a watcher that looks only now and then.
             seen["ends"] = (seen.get("ends") or [])[-(RECENT - 1):] + [event.get("t")]
             seen.update(error=None, error_detail=None)
@@ -1309,6 +1310,7 @@ def agent_status(agent, panes, read_screen=None, cache=None):
         return screen_status(result, pane)
     result["source"] = "hooks"
     result.update(ended=seen.get("ended"), asked=seen.get("asked"), failed=seen.get("failed"),
+                  last_reply=seen.get("last_reply"),
                   ends=seen.get("ends") or [], failures=seen.get("failures") or [])
     if seen["status"]:
         result.update(status=seen["status"], needs=seen["needs"], since=seen["since"],
@@ -1377,8 +1379,12 @@ def cross_check(agent, pane, result):
     status, waiting_for, changed = own
     newer = changed > since
     if result["status"] in ("working", "needs-input") and status == "idle" and newer:
-        if result["pending"] and time.time() - changed < SETTLE:
-            return      # between a turn and the one claude starts for queued messages
+        if time.time() - changed < SETTLE:
+            # Between a turn and the one claude starts for queued messages; or the
+            # turn's own Stop or StopFailure is still on its way: claude writes
+            # idle as it fires them, and a hook on a busy machine takes a while.
+            # A failed turn must not read as done in between (seen on 2.1.332).
+            return
         result.update(status="idle", needs=None, detail=None, since=changed,
                       source="claude-status")
     elif result["status"] in ("idle", "working") and status == "waiting" and newer \
@@ -7264,6 +7270,7 @@ class GeminiKind(AgentKind):
               "Notification": "PermissionRequest", "SessionEnd": "SessionEnd"}
     PLACEHOLDER = "Type your message or @path/to/file"
     CANCELLED = "Request cancelled."     # what it says when a dialog is cancelled (0.61.0)
+    NO_REPLY = "[no response text]"     # its AfterAgent's answer for a turn that wrote none
     LOADING = ("Resuming session", "Executing Hook")    # input typed then can be lost
     FIRST_SCREENS = (("trust", r"Do you trust (this folder|the files in this folder)\?", True,
                       None),
@@ -7370,6 +7377,40 @@ class GeminiKind(AgentKind):
                 cancelled = any(GeminiKind.CANCELLED in row for row in rows[-15:])
                 result.update(status="idle" if cancelled else "working", needs=None,
                               detail=None, source="screen")
+        if result["status"] == "idle" and result.get("last_reply") == GeminiKind.NO_REPLY:
+            failed = gemini_failed_turn(agent)      # an API error: its Stop says no more
+            if failed:
+                result.update(source="transcript", **failed)
+
+
+def gemini_failed_turn(agent):
+    """{error, detail, failed} when an API error ended gemini's last turn, from its chat file.
+
+    Gemini fires AfterAgent (orch's Stop) with "[no response text]" and writes
+    an `error` entry after the prompt: "[API Error: {"error": {..., "status":
+    "INVALID_ARGUMENT"}}]" (0.61.0).  The status is its word for the error.
+    """
+    paths = [e["transcript_path"] for e in read_events(agent["name"], agent.get("launched", 0),
+                                                        tail_bytes=65536)
+             if isinstance(e.get("transcript_path"), str)]
+    if not paths:
+        return None
+    failure = None
+    for entry in read_json_lines(paths[-1], tail_bytes=16384):
+        if entry.get("type") == "user":
+            failure = None      # a later prompt: what failed before is past
+        elif entry.get("type") == "error" and isinstance(entry.get("content"), str):
+            failure = entry
+    if failure is None:
+        return None
+    word = "api_error"
+    found = re.search(r"\{.*\}", failure["content"])
+    try:
+        word = json.loads(found.group(0))["error"]["status"] if found else word
+    except (ValueError, KeyError, TypeError):
+        pass
+    return {"error": str(word), "detail": short_text(failure["content"]),
+            "failed": rollout_time(failure)}
 
 
 def gemini_home(name):

@@ -1680,8 +1680,10 @@ def test_replay_keeps_the_tool_while_its_dialog_is_up():
     # claude's file says waiting a moment before its PermissionRequest hook: name the tool.
     ([("UserPromptSubmit", "p1", "go"), ("PreToolUse", "p1", None)], "waiting", 0,
      ("needs-input", "permission", "Bash")),
-    # Escape fires no hook; claude's file goes back to idle.
-    ([("UserPromptSubmit", "p1", "go")], "idle", 0, ("idle", None, None)),
+    # Escape fires no hook; claude's file goes back to idle: idle once that lasts, for
+    # claude writes idle as it fires Stop or StopFailure, which may yet come (a failed turn).
+    ([("UserPromptSubmit", "p1", "go")], "idle", 0, ("working", None, None)),
+    ([("UserPromptSubmit", "p1", "go")], "idle", orch.SETTLE + 1, ("idle", None, None)),
     # 2.1.330 shows idle for ~30 ms between a turn and its queued messages' turn...
     (QUEUE_2_1_330[:5], "idle", 0, ("working", None, None)),
     # ...but idle that lasts is idle (the queued turn was interrupted).
@@ -4105,9 +4107,9 @@ def test_resume_all_leaves_an_agent_that_ended_with_exit_code_0_in_its_window(en
     assert run(capsys, "spawn", "died", "--cmd", "exit 5")[0] == 0
     wait_status(capsys, "done", "exited")
     wait_status(capsys, "died", "exited")
-    code, out, _ = run(capsys, "resume", "--all", "--stagger", "0")
+    code, out, err = run(capsys, "resume", "--all", "--stagger", "0")
     assert "done: ended its own session (exit code 0)" in out
-    assert "died: resumed (exit 5, tmux)" in out
+    assert "died: resumed (exit 5, tmux)" in out, err
 
 
 def test_resume_all_waits_for_memory_and_then_says_why_not(env, capsys, monkeypatch):
@@ -5434,10 +5436,11 @@ class FakeAPI(object):
                 "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 5}})
 
     @staticmethod
-    def fail(handler, code, kind, message, headers, openai=False):
-        """Answer as Anthropic's API (or OpenAI's) does when it refuses: its body and headers."""
+    def fail(handler, code, kind, message, headers, openai=False, google=False):
+        """Answer as Anthropic's API (OpenAI's, Google's) does when it refuses: body, headers."""
         body = {"error": {"message": message, "type": kind, "param": None,
                           "code": "rate_limit_exceeded"}} if openai else {
+            "error": {"code": code, "message": message, "status": kind}} if google else {
             "type": "error", "error": {"type": kind, "message": message},
             "request_id": "req_orch_test"}
         payload = json.dumps(body).encode("utf-8")
@@ -6787,6 +6790,9 @@ class FakeGemini(FakeAPI):
         for word in record["text"].split() if not side and not tool_result else []:
             if word.startswith("SLOW-") and word[5:].isdigit():
                 time.sleep(int(word[5:]))
+        if "FAIL400" in record["text"] and not side and not tool_result:
+            return self.fail(handler, 400, "INVALID_ARGUMENT",
+                             "Request contains an invalid argument.", {}, google=True)
         command = self.command_in(record["text"], n) if not side and not tool_result else None
         if command:
             part = {"functionCall": {"name": "run_shell_command", "args": {
@@ -6931,6 +6937,21 @@ def test_e2e_gemini_spawn_send_wait_reply_log_kill_resume(gemini, capsys):
 def test_e2e_gemini_notifications(gemini, capsys, receiver):
     notified_through_each_transition(capsys, receiver, ["--agent", "gemini"], [],
                                      "run_shell_command")
+
+
+def test_e2e_gemini_a_turn_that_ends_on_an_api_error_is_not_done(gemini, capsys):
+    assert run(capsys, "spawn", "g1", "--agent", "gemini", "first words")[0] == 0
+    assert run(capsys, "wait", "g1", "--timeout", "60")[0] == 0
+    assert run(capsys, "send", "g1", "FAIL400 second words")[:2] == (0, "g1: submitted\n")
+    code, out, err = run(capsys, "wait", "g1", "--timeout", "60")
+    assert (code, out) == (orch.EXIT_FAILED, "g1: idle (failed: INVALID_ARGUMENT)\n"), (out, err)
+    row = status(capsys, "g1")
+    assert row["error"] == "INVALID_ARGUMENT" and "invalid argument" in row["detail"]
+    code, out, err = run(capsys, "reply", "g1")
+    assert code == orch.EXIT_FAILED and out == "" and "INVALID_ARGUMENT" in err
+    assert run(capsys, "send", "g1", "third words")[:2] == (0, "g1: submitted\n")
+    assert run(capsys, "wait", "g1", "--timeout", "60")[:2] == (0, "g1: idle\n")
+    assert status(capsys, "g1")["error"] is None
 
 
 def test_e2e_gemini_approve_once_and_deny(gemini, capsys):
