@@ -797,17 +797,94 @@ def install_hook_script():
     return path
 
 
-def agent_settings(name):
+def agent_settings(name, cwd=None):
     """Return claude's --settings JSON for one agent: orch's hooks, and the classic renderer.
 
     "tui": "default" (a documented setting) keeps the screen orch reads, and
     keeps claude 2.1.332 from offering its fullscreen renderer to a session an
-    older claude started, in a dialog any Enter would accept.
+    older claude started, in a dialog any Enter would accept.  Where the user
+    has a statusLine of their own, orch's runs in its place (the same padding
+    and refresh), keeps what claude tells it (its context window, cost and
+    limits), and runs theirs, whose output is what claude shows.
     """
     hooks = {}
     for event, ours in sorted(ClaudeKind.EVENTS.items()):
         hooks[event] = [{"hooks": [{"type": "command", "command": hook_command(name, ours)}]}]
-    return json.dumps({"hooks": hooks, "tui": "default"}, separators=(",", ":"))
+    settings = {"hooks": hooks, "tui": "default"}
+    theirs = users_status_line(cwd) if cwd else None
+    if theirs:
+        settings["statusLine"] = dict(theirs, command=status_line_command(name))
+    return json.dumps(settings, separators=(",", ":"))
+
+
+# What runs as claude's statusLine for an agent whose user has one.  It must
+# never change what theirs prints: it keeps a few fields of claude's input,
+# then runs their command (found where claude finds it, at each run) on the
+# same bytes, and its output and exit code are theirs.
+STATUS_LINE_SCRIPT = r'''# orch statusLine: keep what claude tells it, then run the user's own.
+import json, os, subprocess, sys
+def theirs(cwd):
+    for path in (os.path.join(cwd, ".claude", "settings.local.json"),
+                 os.path.join(cwd, ".claude", "settings.json"),
+                 os.path.join(os.path.expanduser("~"), ".claude", "settings.json")):
+        try:
+            with open(path, "rb") as f:
+                line = json.loads(f.read().decode("utf-8")).get("statusLine")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(line, dict) and isinstance(line.get("command"), str):
+            return line["command"]
+    return None
+def keep(path, data):
+    try:
+        info = json.loads(data.decode("utf-8", "replace"))
+        kept = json.dumps(dict((k, info.get(k)) for k in ("context_window", "cost", "rate_limits")))
+        try:
+            with open(path) as f:
+                if f.read() == kept:
+                    return
+        except OSError:
+            pass
+        tmp = "%s.%d.tmp" % (path, os.getpid())
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600), "w") as f:
+            f.write(kept)
+        os.replace(tmp, path)
+    except Exception:
+        pass
+data = sys.stdin.buffer.read()
+keep(sys.argv[1], data)
+command = theirs(os.getcwd())
+sys.exit(subprocess.run(command, shell=True, input=data).returncode if command else 0)
+'''
+
+
+def users_status_line(cwd):
+    """The statusLine setting claude would use in cwd (local, project, then user), or None."""
+    for path in (os.path.join(cwd, ".claude", "settings.local.json"),
+                 os.path.join(cwd, ".claude", "settings.json"),
+                 os.path.join(os.path.expanduser("~"), ".claude", "settings.json")):
+        found = read_json(path)
+        line = found.get("statusLine") if isinstance(found, dict) else None
+        if isinstance(line, dict) and isinstance(line.get("command"), str):
+            return line
+    return None
+
+
+def status_line_command(name):
+    import shlex
+    path = os.path.join(make_private_dir(data_dir()), "statusline.py")
+    if read_text_file(path) != STATUS_LINE_SCRIPT:
+        write_file_atomic(path, STATUS_LINE_SCRIPT, 0o600)
+    return " ".join(shlex.quote(p) for p in (sys.executable, "-I", "-S", path, os.path.join(
+        agent_dir(name), "statusline.json")))
+
+
+def read_text_file(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, ValueError):
+        return None
 
 
 def hook_command(name, event):
@@ -1632,7 +1709,7 @@ def claude_argv(agent, program, resume_id=None):
     """claude's command line: never a prompt (every local user can read it); that is pasted."""
     argv = [program]
     argv += ["--resume", resume_id] if resume_id else ["--session-id", agent["session_id"]]
-    argv += ["--name", agent["name"], "--settings", agent_settings(agent["name"])]
+    argv += ["--name", agent["name"], "--settings", agent_settings(agent["name"], agent["cwd"])]
     return argv + (agent.get("extra_args") or [])
 
 
@@ -5768,6 +5845,12 @@ def claude_usage_limit(agent, result):
             break
     if not LIMIT_WORDS.search(result["detail"] or ""):
         return None
+    told = read_json(os.path.join(agent_dir(agent["name"]), "statusline.json"))
+    full = [w["resets_at"] for w in ((told or {}).get("rate_limits") or {}).values()
+            if isinstance(w, dict) and (w.get("used_percentage") or 0) >= 100
+            and isinstance(w.get("resets_at"), (int, float))] if isinstance(told, dict) else []
+    if full:        # what claude told orch's statusLine, where the user has one
+        return {"resets_at": max(full), "continues_itself": False}
     # Said to the minute: the limit may last to that minute's end.
     said = reset_from_words(result["detail"], result.get("failed") or time.time())
     return {"resets_at": said and said + 60, "continues_itself": False}
@@ -5871,7 +5954,7 @@ class UsageCache(AgentCache):
             entry = {"path": path, "offset": end, "totals": kind.fold_usage(entry["totals"], lines)}
             self.entries[name] = entry
             self.changed = True
-        return usage_fields(entry["totals"])
+        return usage_fields(dict(entry["totals"], **kind.usage_told(agent)))
 
 
 def usage_fields(totals):
@@ -5879,10 +5962,13 @@ def usage_fields(totals):
     tokens = totals.get("tokens")
     used = [a + b for a, b in zip(tokens, totals.get("pending") or [0] * 4)] if tokens else None
     context, window = totals.get("context"), totals.get("window")
+    share = totals.get("share")     # the CLI's own figure, where it gives one
+    if share is None and context is not None and window:
+        share = float(context) / window
     return {"tokens": dict(zip(("input", "output", "cache_read", "cache_write"), used))
             if used else None, "context_tokens": context,
-            "context_used": round(float(context) / window, 4) if context is not None and window
-            else None, "cost_usd": totals.get("cost")}
+            "context_used": None if share is None else round(share, 4),
+            "cost_usd": totals.get("cost")}
 
 
 def claude_usage(totals, entries):
@@ -5911,6 +5997,25 @@ def claude_usage(totals, entries):
         elif kind == "cost-state" and isinstance(entry.get("totalCostUSD"), (int, float)):
             totals["cost"] = round(entry["totalCostUSD"], 6)
     return totals
+
+
+def claude_status_line(agent):
+    """What claude last told orch's statusLine: {window, share, cost, limits}, or {}.
+
+    Only where the user has a statusLine of their own (see agent_settings).
+    """
+    found = read_json(os.path.join(agent_dir(agent["name"]), "statusline.json"))
+    if not isinstance(found, dict):
+        return {}
+    told, window, cost = {}, found.get("context_window"), found.get("cost")
+    if isinstance(window, dict):
+        if isinstance(window.get("context_window_size"), int):
+            told["window"] = window["context_window_size"]
+        if isinstance(window.get("used_percentage"), (int, float)):
+            told["share"] = window["used_percentage"] / 100.0
+    if isinstance(cost, dict) and isinstance(cost.get("total_cost_usd"), (int, float)):
+        told["cost"] = round(cost["total_cost_usd"], 6)
+    return told
 
 
 def codex_usage(totals, entries):
@@ -7022,6 +7127,7 @@ class AgentKind(object):
     # The file its session's usage is written in when no hook named it, and how to read it.
     usage_file = staticmethod(lambda agent: None)
     fold_usage = staticmethod(lambda totals, entries: totals)
+    usage_told = staticmethod(lambda agent: {})     # what else the CLI itself says of it
     ready = staticmethod(lambda agent: True)    # idle already means its input box is there
     session_id = staticmethod(hooked_session_id)
     QUIT_REASONS = ()   # reasons of its SessionEnd that mean someone quit it (/exit)
@@ -7106,6 +7212,7 @@ class ClaudeKind(AgentKind):
     LIMIT_WAIT = (r"What do you want to do\?", r"Stop and wait for limit to reset")
     usage_file = staticmethod(lambda agent: transcript_path(agent))
     fold_usage = staticmethod(lambda totals, entries: claude_usage(totals, entries))
+    usage_told = staticmethod(lambda agent: claude_status_line(agent))
 
     command = staticmethod(default_program)
 

@@ -2093,6 +2093,36 @@ def test_list_shows_tokens_context_cost_and_memory(env, capsys):
     assert run(capsys, "list", "--sort", "ctx")[1].splitlines()[1].startswith("a1 ")
 
 
+STATUS_LINE_INPUT = {"session_id": "s", "model": {"id": "claude-test"},
+                     "context_window": {"context_window_size": 200000, "used_percentage": 31},
+                     "cost": {"total_cost_usd": 1.5},
+                     "rate_limits": {"five_hour": {"used_percentage": 100, "resets_at": 2e9}}}
+
+
+def test_a_users_status_line_prints_exactly_what_it_printed(env, capsys):
+    assert json.loads(orch.agent_settings("a0", env.work)).get("statusLine") is None   # none: none
+    theirs = ("python3 -c 'import sys, json; d = json.load(sys.stdin); "
+              "print(\"MINE \" + d[\"model\"][\"id\"] + \" \u00e9\"); sys.exit(3)'")
+    os.makedirs(os.path.join(env.home, ".claude"), exist_ok=True)
+    with open(os.path.join(env.home, ".claude", "settings.json"), "w") as f:
+        json.dump({"statusLine": {"type": "command", "command": theirs, "padding": 2}}, f)
+    assert run(capsys, "spawn", "a1", "first")[0] == 0
+    assert run(capsys, "wait", "a1", "--timeout", "30")[0] == 0
+    line = json.loads(orch.agent_settings("a1", env.work))["statusLine"]
+    assert line["padding"] == 2 and line["command"] != theirs and "a1" in line["command"]
+    data = json.dumps(STATUS_LINE_INPUT).encode("utf-8")
+    ours, mine = [subprocess.run(command, shell=True, input=data, cwd=env.work,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                  for command in (line["command"], theirs)]
+    assert (ours.stdout, ours.stderr, ours.returncode) == (mine.stdout, mine.stderr, 3)
+    assert mine.stdout == "MINE claude-test \u00e9\n".encode("utf-8")
+    row = status(capsys, "a1")
+    assert (row["context_used"], row["cost_usd"]) == (0.31, 1.5)
+    # The user's own settings file is theirs: unchanged.
+    with open(os.path.join(env.home, ".claude", "settings.json")) as f:
+        assert json.load(f)["statusLine"]["command"] == theirs
+
+
 def test_kill_keeps_record_and_exit_code(env, capsys):
     assert run(capsys, "spawn", "a1")[0] == 0
     code, out, _ = run(capsys, "kill", "a1")
@@ -5972,6 +6002,33 @@ def test_e2e_tokens_context_cost_and_memory(claude, capsys):
     assert row["cost_usd"] == (round(costs[-1], 6) if costs else None)
     assert abs(row["rss_bytes"] - proc_tree_rss(row["pid"])) < 0.1 * row["rss_bytes"]
     assert row["rss_bytes"] > 50 << 20       # node and claude: tens of MiB at least
+
+
+def test_e2e_a_users_status_line_shows_as_before_and_tells_the_context(claude, capsys):
+    record = os.path.join(claude.root, "statusline-input.json")
+    theirs = "cat > %s; echo MINE-STATUS-LINE" % shlex.quote(record)
+    path = os.path.join(claude.home, ".claude", "settings.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"statusLine": {"type": "command", "command": theirs}}, f)
+    assert run(capsys, "spawn", "s1", "first words")[0] == 0
+    assert run(capsys, "wait", "s1", "--timeout", "60")[0] == 0
+    assert run(capsys, "send", "s1", "--wait", "second words")[0] == 0
+    assert retry_until(lambda: "MINE-STATUS-LINE" in run(capsys, "tail", "s1")[1], 30)
+
+    def agrees():       # what claude handed the user's command is what orch reports
+        try:
+            with open(record) as f:
+                told = json.load(f)
+        except (OSError, ValueError):
+            return False
+        share = (told.get("context_window") or {}).get("used_percentage")
+        row = status(capsys, "s1")
+        return share is not None and row["context_used"] == round(share / 100.0, 4) and \
+            row["cost_usd"] == round(told["cost"]["total_cost_usd"], 6)
+    assert retry_until(agrees, 30)
+    with open(path) as f:
+        assert json.load(f) == {"statusLine": {"type": "command", "command": theirs}}
 
 
 def test_e2e_notifications(claude, capsys, receiver):
