@@ -7283,15 +7283,21 @@ def bench_rows(n, env, root, orch_cmd, installed, floor_import, floor_tmux, repe
     for label, world in worlds:
         for form in (orch_cmd, installed):      # warm the status caches first
             subprocess.run(form + ["list", "--json"], env=world, stdout=subprocess.DEVNULL)
+        # The script form compiles orch.py each time: its floor compiles it too.
+        floor_compile = floor_import[:2] + [floor_import[2] + "; compile(open(%r).read(), "
+                                            "'orch.py', 'exec')" % ORCH]
         lists = bench_interleaved([([floor_import, floor_tmux], world),
                                    ([orch_cmd + ["list", "--json"]], world),
-                                   ([installed + ["list", "--json"]], world)], repeat)
+                                   ([installed + ["list", "--json"]], world),
+                                   ([floor_compile, floor_tmux], world)], repeat)
         floor = row("floor: python imports + 1 tmux list-panes", lists[0], 1)
+        compiled = statistics.median(lists[3])
         for name, times in (("python3 orch.py list --json", lists[1]),
                             ("installed orch list --json", lists[2])):
             ratio = row("%s (%s)" % (name, label), times,
                         tmux_calls(installed + ["list", "--json"], world))
             rows[-1][5] = "%.2fx floor" % (ratio / floor)
+        rows[-2][5] += ", %.2fx with compile" % (statistics.median(lists[1]) / compiled)
     versions = bench_interleaved([([floor_import], env), ([orch_cmd + ["--version"]], env),
                                   ([installed + ["--version"]], env)], repeat)
     imports = row("python3 -c 'import argparse, json, subprocess, os, sys'", versions[0], 0)
