@@ -3739,9 +3739,15 @@ def make_worktree(name, cwd, branch=None, base=None):
         raise OrchError("%s already exists (left by an earlier agent %s?): look in it, then "
                         "`git worktree remove %s`, or choose another name" % (path, name, path))
     make_private_dir(os.path.dirname(path))
-    new_branch = not git_has("refs/heads/" + branch, top)
-    add = ["-b", branch, path, base_commit] if new_branch else [path, branch]
-    git(["worktree", "add", "--quiet"] + add, top, "cannot make a worktree for agent %s" % name)
+    import hashlib
+    # One at a time per repository: a `git worktree add` may read the other's
+    # half-made one and fail ("failed to read .git/worktrees/p2/commondir", seen).
+    key = hashlib.sha256(top.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    with FileLock(os.path.join(data_dir(), "locks", "worktree-%s.lock" % key)):
+        new_branch = not git_has("refs/heads/" + branch, top)
+        add = ["-b", branch, path, base_commit] if new_branch else [path, branch]
+        git(["worktree", "add", "--quiet"] + add, top, "cannot make a worktree for agent %s"
+            % name)
     if base is None and git_run(["diff", "--quiet", "HEAD", "--"], top).returncode == 1:
         sys.stderr.write("orch: note: the uncommitted changes in %s are not in agent %s's "
                          "worktree: it starts from the last commit (%s)\n"
