@@ -2001,8 +2001,9 @@ def test_a_usage_limit_is_limited_until_it_resets(env, capsys):
     assert (row["status"], row["error"]) == ("limited", "rate_limit")
     resets = orch.epoch_of(row["resets_at"])
     assert before + 3600 - 1 <= resets <= time.time() + 3600, row["resets_at"]
-    assert "limited until %s" % time.strftime("%H:%M", time.localtime(resets)) in run(
-        capsys, "list")[1]
+    same_day = time.localtime(resets)[:3] == time.localtime()[:3]     # else it names the day
+    assert "limited until %s" % time.strftime("%H:%M" if same_day else "%b %d %H:%M",
+                                              time.localtime(resets)) in run(capsys, "list")[1]
     assert run(capsys, "status-line")[1] == "orch: 1 limited\n"
     code, _, err = run(capsys, "reply", "a1")
     assert code == orch.EXIT_FAILED and "rate_limit" in err
