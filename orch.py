@@ -786,14 +786,19 @@ def prompt_sha(text):
 
 
 def install_hook_script():
-    path = os.path.join(make_private_dir(data_dir()), "hook.py")
+    return install_script("hook.py", HOOK_SCRIPT)
+
+
+def install_script(filename, text):
+    """Write one of orch's small scripts into the data folder unless it is there as is."""
+    path = os.path.join(make_private_dir(data_dir()), filename)
     try:
         with open(path, encoding="utf-8") as f:
-            if f.read() == HOOK_SCRIPT:
+            if f.read() == text:
                 return path
-    except OSError:
+    except (OSError, ValueError):
         pass
-    write_file_atomic(path, HOOK_SCRIPT, 0o600)
+    write_file_atomic(path, text, 0o600)
     return path
 
 
@@ -872,19 +877,9 @@ def users_status_line(cwd):
 
 def status_line_command(name):
     import shlex
-    path = os.path.join(make_private_dir(data_dir()), "statusline.py")
-    if read_text_file(path) != STATUS_LINE_SCRIPT:
-        write_file_atomic(path, STATUS_LINE_SCRIPT, 0o600)
+    path = install_script("statusline.py", STATUS_LINE_SCRIPT)
     return " ".join(shlex.quote(p) for p in (sys.executable, "-I", "-S", path, os.path.join(
         agent_dir(name), "statusline.json")))
-
-
-def read_text_file(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, ValueError):
-        return None
 
 
 def hook_command(name, event):
@@ -3031,11 +3026,22 @@ def conversation_path(agent):
     return backend_of(agent).conversation(agent)
 
 
+def hooked_transcript(agent):
+    """The transcript the agent CLI's latest SessionStart hook named, from the events' tail."""
+    for event in reversed(read_events(agent["name"], tail_bytes=65536)):
+        if isinstance(event.get("transcript_path"), str):
+            return event["transcript_path"]
+    return None
+
+
 def transcript_path(agent):
     """claude's own transcript of a tmux agent's session, as its SessionStart hook named it."""
     import re
     name = agent["name"]
     session = agent.get("session_id")
+    found = hooked_transcript(agent)        # cheap: a long session's start is far back
+    if found:
+        return found
     for event in reversed(read_events(name)):
         if event.get("event") == "SessionStart":
             if isinstance(event.get("transcript_path"), str):
@@ -5815,14 +5821,25 @@ def reset_from_words(text, after):
         to_epoch, parts = time.mktime, time.localtime(after)
     else:
         return None
-    year, mon, mday = parts.tm_year, parts.tm_mon, parts.tm_mday
     if month in MONTHS:
-        mon, mday = MONTHS.index(month) + 1, int(day)
-    when = to_epoch((year, mon, mday, hour, int(minute or 0), 0, 0, 0, -1))
-    if when < after - 60:       # said before midnight of a reset after it, or Dec of a Jan one
-        when = to_epoch((year + 1, mon, mday, hour, int(minute or 0), 0, 0, 0, -1)) \
-            if month in MONTHS else when + 86400
-    return when
+        return next_time(to_epoch, parts, hour, int(minute or 0), after,
+                         (MONTHS.index(month) + 1, int(day)))
+    return next_time(to_epoch, parts, hour, int(minute or 0), after)
+
+
+def next_time(to_epoch, parts, hour, minute, after, date=None):
+    """The first hour:minute (on date, (month, day), if given) from `after` on, a minute's slack.
+
+    parts: `after` as to_epoch's clock reads it.  Said before midnight of a
+    reset after it, it is the next day's; said in December of one in January,
+    the next year's.
+    """
+    mon, mday = date or (parts.tm_mon, parts.tm_mday)
+    when = to_epoch((parts.tm_year, mon, mday, hour, minute, 0, 0, 0, -1))
+    if when >= after - 60:
+        return when
+    return to_epoch((parts.tm_year + 1, mon, mday, hour, minute, 0, 0, 0, -1)) if date \
+        else when + 86400
 
 
 # Claude's words when a turn ends on a usage limit, not a passing 429 (2.1.197-2.1.332).
@@ -5839,7 +5856,7 @@ def claude_usage_limit(agent, result):
     """
     if result["error"] != "rate_limit":
         return None
-    entries = read_json_lines(session_transcript(agent), tail_bytes=32768)
+    entries = read_json_lines(transcript_path(agent), tail_bytes=32768)
     for i in range(len(entries) - 1, -1, -1):
         entry = entries[i]
         if entry.get("type") == "assistant" and entry.get("isApiErrorMessage"):
@@ -5851,12 +5868,9 @@ def claude_usage_limit(agent, result):
             break
     if not LIMIT_WORDS.search(result["detail"] or ""):
         return None
-    told = read_json(os.path.join(agent_dir(agent["name"]), "statusline.json"))
-    full = [w["resets_at"] for w in ((told or {}).get("rate_limits") or {}).values()
-            if isinstance(w, dict) and (w.get("used_percentage") or 0) >= 100
-            and isinstance(w.get("resets_at"), (int, float))] if isinstance(told, dict) else []
-    if full:        # what claude told orch's statusLine, where the user has one
-        return {"resets_at": max(full), "continues_itself": False}
+    told = claude_status_line(agent).get("limit_resets")
+    if told:        # what claude told orch's statusLine, where the user has one
+        return {"resets_at": told, "continues_itself": False}
     # Said to the minute: the limit may last to that minute's end.
     said = reset_from_words(result["detail"], result.get("failed") or time.time())
     return {"resets_at": said and said + 60, "continues_itself": False}
@@ -5877,14 +5891,6 @@ def continues_itself(entries):
             elif "continue stopped" in words:
                 said = False
     return said
-
-
-def session_transcript(agent):
-    """The transcript its latest hook events name (cheap), else where claude keeps it."""
-    for event in reversed(read_events(agent["name"], tail_bytes=65536)):
-        if isinstance(event.get("transcript_path"), str):
-            return event["transcript_path"]
-    return transcript_path(agent)
 
 
 def limit_label(row):
@@ -6006,7 +6012,7 @@ def claude_usage(totals, entries):
 
 
 def claude_status_line(agent):
-    """What claude last told orch's statusLine: {window, share, cost, limits}, or {}.
+    """What claude last told orch's statusLine: {window, share, cost, limit_resets}, or {}.
 
     Only where the user has a statusLine of their own (see agent_settings).
     """
@@ -6021,7 +6027,22 @@ def claude_status_line(agent):
             told["share"] = window["used_percentage"] / 100.0
     if isinstance(cost, dict) and isinstance(cost.get("total_cost_usd"), (int, float)):
         told["cost"] = round(cost["total_cost_usd"], 6)
+    resets = full_window_reset(found.get("rate_limits"), "used_percentage")
+    if resets:
+        told["limit_resets"] = resets
     return told
+
+
+def full_window_reset(windows, used):
+    """When the last full (100%) of a CLI's rate-limit windows resets, or None.
+
+    windows: {name: {used: percent, "resets_at": epoch}}, as claude tells a
+    statusLine ("used_percentage") and codex writes in its rollout ("used_percent").
+    """
+    full = [w["resets_at"] for w in (windows.values() if isinstance(windows, dict) else ())
+            if isinstance(w, dict) and (w.get(used) or 0) >= 100
+            and isinstance(w.get("resets_at"), (int, float))]
+    return max(full) if full else None
 
 
 def codex_usage(totals, entries):
@@ -7503,13 +7524,11 @@ def gemini_failed_turn(agent):
     an `error` entry after the prompt: "[API Error: {"error": {..., "status":
     "INVALID_ARGUMENT"}}]" (0.61.0).  The status is its word for the error.
     """
-    paths = [e["transcript_path"] for e in read_events(agent["name"], agent.get("launched", 0),
-                                                        tail_bytes=65536)
-             if isinstance(e.get("transcript_path"), str)]
-    if not paths:
+    path = hooked_transcript(agent)
+    if not path:
         return None
     failure = None
-    for entry in read_json_lines(paths[-1], tail_bytes=16384):
+    for entry in read_json_lines(path, tail_bytes=16384):
         if entry.get("type") == "user":
             failure = None      # a later prompt: what failed before is past
         elif entry.get("type") == "error" and isinstance(entry.get("content"), str):
@@ -7706,20 +7725,16 @@ def codex_limit(entries, message, when):
     for entry in reversed(entries):
         payload = entry.get("payload")
         if isinstance(payload, dict) and payload.get("type") == "token_count":
-            windows = [w for w in (payload.get("rate_limits") or {}).values()
-                       if isinstance(w, dict) and (w.get("used_percent") or 0) >= 100
-                       and isinstance(w.get("resets_at"), (int, float))]
-            if windows:
-                return {"resets_at": max(w["resets_at"] for w in windows)}
+            resets = full_window_reset(payload.get("rate_limits"), "used_percent")
+            if resets:
+                return {"resets_at": resets}
             break
     found = re.search(r"try again at (\d{1,2}):(\d\d) ([AP]M)", message or "")
     if not found:
         return {"resets_at": None}
     hour = int(found.group(1)) % 12 + (12 if found.group(3) == "PM" else 0)
-    parts = time.localtime(when)
-    at = time.mktime((parts.tm_year, parts.tm_mon, parts.tm_mday, hour, int(found.group(2)),
-                      0, 0, 0, -1))
-    return {"resets_at": at if at > when - 60 else at + 86400}
+    return {"resets_at": next_time(time.mktime, time.localtime(when), hour, int(found.group(2)),
+                                   when)}
 
 
 def short_text(value, n=300):
