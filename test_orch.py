@@ -5992,10 +5992,13 @@ def test_e2e_tokens_context_cost_and_memory(claude, capsys):
     assert run(capsys, "spawn", "u1", "first words")[0] == 0
     assert run(capsys, "wait", "u1", "--timeout", "60")[0] == 0
     assert run(capsys, "send", "u1", "--wait", "second words")[0] == 0
-    row = status(capsys, "u1")
     answers = len([r for r in claude.api.requests if not r["side"]])
-    assert row["tokens"] == {"input": 10 * answers, "output": 5 * answers,
-                             "cache_read": 100 * answers, "cache_write": 20 * answers}, row
+    expected = {"input": 10 * answers, "output": 5 * answers, "cache_read": 100 * answers,
+                "cache_write": 20 * answers}
+    # Claude may write the last answer to its transcript a moment after its turn ends.
+    retry_until(lambda: status(capsys, "u1")["tokens"] == expected, 10)
+    row = status(capsys, "u1")
+    assert row["tokens"] == expected, row
     assert row["context_tokens"] == 135
     # The cost is claude's own figure where it writes one (cost-state), else unknown.
     costs = [e["totalCostUSD"] for e in orch.read_json_lines(orch.transcript_path(
