@@ -716,6 +716,12 @@ def main():
         data = json.loads(sys.stdin.buffer.read().decode("utf-8", "replace") or "{}")
     except ValueError:
         data = {}
+    if not isinstance(data, dict):
+        data = {}
+    # copilot's own hook shape names these in camelCase
+    for theirs, ours in (("sessionId", "session_id"), ("toolName", "tool_name"),
+                         ("toolInput", "tool_input"), ("transcriptPath", "transcript_path")):
+        data.setdefault(ours, data.get(theirs))
     # orch's name for the event (each CLI's names are mapped to orch's on its command line);
     # of gemini's notifications, only ToolPermission is a permission dialog.
     if data.get("notification_type") not in (None, "ToolPermission"):
@@ -946,7 +952,7 @@ def read_events(name, since=0.0, tail_bytes=None):
 def event_status(event):
     """Map one hook event to (status, needs) or None when it says nothing of status."""
     kind = event.get("event")
-    if kind in ("UserPromptSubmit", "PreToolUse", "PostToolUse"):
+    if kind in ("UserPromptSubmit", "PreToolUse", "PostToolUse", "Working", "Retrying"):
         return ("working", None)
     if kind in ("SessionStart", "Stop", "Interrupted", "StopFailure"):
         return ("idle", None)
@@ -1263,6 +1269,9 @@ def replay_events(events, seen=None):
         elif kind == "Notification" and seen["status"] == "needs-input":
             continue        # a reminder of the dialog already up; it names no tool
         detail = (event.get("tool_name") or seen["tool"]) if found[1] else None
+        if kind == "Retrying":      # an API error the CLI retries: say so while it does
+            detail = "retrying: %s" % (event.get("message") or "an API error") + (
+                ", attempt %s" % event["attempt"] if event.get("attempt") else "")
         seen.update(status=found[0], needs=found[1], since=event.get("t"), detail=detail)
     return seen
 
@@ -3035,13 +3044,16 @@ def hooked_transcript(agent):
 
 
 def transcript_path(agent):
-    """claude's own transcript of a tmux agent's session, as its SessionStart hook named it."""
+    """The CLI's own transcript of a tmux agent's session, as its SessionStart hook named it."""
+    found = hooked_transcript(agent)        # cheap: a long session's start is far back
+    return found or kind_of(agent).own_transcript(agent)
+
+
+def claude_transcript(agent):
+    """Where claude keeps the transcript of the agent's session (named in no hook seen)."""
     import re
     name = agent["name"]
     session = agent.get("session_id")
-    found = hooked_transcript(agent)        # cheap: a long session's start is far back
-    if found:
-        return found
     for event in reversed(read_events(name)):
         if event.get("event") == "SessionStart":
             if isinstance(event.get("transcript_path"), str):
@@ -5523,7 +5535,8 @@ def cmd_interrupt(args):
 
 def tmux_interrupt(agent, st):
     # Escape stops claude's turn, or cancels a dialog: never Enter, which approves.
-    tmux(["send-keys", "-t", agent["tmux"]["pane"], "Escape"], socket=agent["tmux"]["socket"])
+    for key in kind_of(agent).interrupt_keys(st):
+        tmux(["send-keys", "-t", agent["tmux"]["pane"], key], socket=agent["tmux"]["socket"])
     if kind_of(agent).hooks and st["status"] == "working" and st["last_prompt"]:
         clear_restored_prompt(agent, st["last_prompt"])
 
@@ -7156,6 +7169,10 @@ class AgentKind(object):
     fold_usage = staticmethod(lambda totals, entries: totals)
     usage_told = staticmethod(lambda agent: {})     # what else the CLI itself says of it
     ready = staticmethod(lambda agent: True)    # idle already means its input box is there
+    # Its transcript where no hook event named it.
+    own_transcript = staticmethod(lambda agent: claude_transcript(agent))
+    # The keys that stop its turn or cancel its dialog, given its status: never an Enter.
+    interrupt_keys = staticmethod(lambda st: ["Escape"])
     session_id = staticmethod(hooked_session_id)
     QUIT_REASONS = ()   # reasons of its SessionEnd that mean someone quit it (/exit)
     # gemini's is "exit" for /quit and SIGTERM alike (a shutdown too): it cannot tell.

@@ -1258,6 +1258,35 @@ def fire_prompt_hook(name, prompt):
                    input=json.dumps(event), universal_newlines=True, check=True)
 
 
+def test_hook_reads_camel_case_payloads_as_their_snake_case_twins(env):
+    # copilot's own hook shape: sessionId, toolName, toolInput, transcriptPath.
+    hook = orch.install_hook_script()
+    os.makedirs(orch.agent_dir("c1"))
+    for event, payload in (("PermissionRequest", {"sessionId": "s-1", "toolName": "bash",
+                                                  "toolInput": {"command": "make test"}}),
+                           ("Stop", {"sessionId": "s-1", "transcriptPath": "/t/events.jsonl"}),
+                           ("SessionStart", {"sessionId": "s-1",
+                                             "transcriptPath": "/t/events.jsonl"})):
+        subprocess.run([sys.executable, "-I", "-S", hook, orch.events_path("c1"), event],
+                       input=json.dumps(payload), universal_newlines=True, check=True)
+    asked, stop, start = orch.read_events("c1")
+    assert (asked["session_id"], asked["tool_name"], asked["tool_input"]) == (
+        "s-1", "bash", {"command": "make test"})
+    assert stop["session_id"] == "s-1" and "transcript_path" not in stop
+    assert start["transcript_path"] == "/t/events.jsonl"
+
+
+def test_a_retried_api_error_is_working_and_says_so_until_the_turn_goes_on():
+    events = hook_events(("UserPromptSubmit", "p1", "go"))
+    events.append({"t": 2.0, "event": "Retrying", "attempt": 3,
+                   "message": "Rate limit reached for requests"})
+    seen = orch.replay_events(events)
+    assert (seen["status"], seen["detail"]) == (
+        "working", "retrying: Rate limit reached for requests, attempt 3")
+    seen = orch.replay_events([{"t": 3.0, "event": "Working"}], seen)
+    assert (seen["status"], seen["detail"]) == ("working", None)
+
+
 def test_merged_prompt_confirms_only_messages_orch_sent(env):
     # Claude may merge messages queued during a turn into one prompt.
     agent = {"name": "m1"}
@@ -7109,6 +7138,89 @@ def test_e2e_gemini_round_trip_on_a_remote_host(gemini, monkeypatch):
     round_trip_on_a_host(gemini, monkeypatch, "gemini", {
         "ORCH_GEMINI": os.environ["ORCH_GEMINI"], "GEMINI_API_KEY": "orch-e2e-key",
         "GOOGLE_GEMINI_BASE_URL": gemini.api.url})
+
+
+# ###########################################################################
+# End to end: OpenCode and Copilot CLI against a fake Chat Completions API (make e2e)
+# ###########################################################################
+
+class FakeChat(FakeAPI):
+    """Serve OpenAI's /v1/chat/completions (streamed) on 127.0.0.1, as both CLIs call it.
+
+    TOOL in the user's words asks for a `bash` call (a dialog where the
+    CLI asks first); SLOW-N answers N seconds late; FAIL429 answers 429 as
+    OpenAI does.  A request with no tools is a side one (opencode's title).
+    Each answer reports 10 input tokens (3 of them cached) and 5 output.
+    """
+    PATH = "/v1/chat/completions"
+    TOOL_ARGS = staticmethod(lambda command: {"command": command, "description": "make a file"})
+
+    def handle_messages(self, handler, data):
+        messages = data.get("messages") or []
+        last = messages[-1] if messages else {}
+        tool_result = last.get("role") == "tool"
+        history = [self.words(m) for m in messages if m.get("role") == "user"]
+        side = not data.get("tools")
+        record = {"text": history[-1] if history else "", "side": side,
+                  "tool_result": tool_result, "history": json.dumps(history),
+                  "session": handler.headers.get("x-session-id"), "time": time.time()}
+        with self.lock:
+            self.requests.append(record)
+            n = len(self.requests)
+        mine = not side and not tool_result
+        for word in record["text"].split() if mine else []:
+            if word.startswith("SLOW-") and word[5:].isdigit():
+                time.sleep(int(word[5:]))
+        if mine and "FAIL429" in record["text"]:
+            return self.fail(handler, 429, "requests", "Rate limit reached for requests",
+                             {"retry-after": "1", "x-ratelimit-remaining-requests": "0"},
+                             openai=True)
+        command = self.command_in(record["text"], n) if mine else None
+        delta = {"role": "assistant", "content": "tool finished" if tool_result else
+                 "Fake title" if side else "reply %d: ok" % n}
+        finish = "stop"
+        if command:
+            delta = {"role": "assistant", "content": None, "tool_calls": [{
+                "index": 0, "id": "call_%d" % n, "type": "function", "function": {
+                    "name": "bash", "arguments": json.dumps(self.TOOL_ARGS(command))}}]}
+            finish = "tool_calls"
+        usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15,
+                 "prompt_tokens_details": {"cached_tokens": 3}}
+        chunks = [{"choices": [{"index": 0, "delta": delta, "finish_reason": None}]},
+                  {"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]},
+                  {"choices": [], "usage": usage}]
+        if not data.get("stream"):
+            message = dict(delta)
+            message.pop("index", None)
+            return handler.reply_json({"id": "chatcmpl-%d" % n, "object": "chat.completion",
+                                       "model": data.get("model"), "usage": usage,
+                                       "choices": [{"index": 0, "message": message,
+                                                    "finish_reason": finish}]})
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        for chunk in chunks:
+            body = dict(chunk, id="chatcmpl-%d" % n, object="chat.completion.chunk",
+                        created=int(time.time()), model=data.get("model") or "m")
+            handler.wfile.write(("data: %s\n\n" % json.dumps(body)).encode("utf-8"))
+        handler.wfile.write(b"data: [DONE]\n\n")
+        handler.wfile.flush()
+
+    @staticmethod
+    def words(message):
+        """A user message's own text: copilot puts its <current_datetime> before it."""
+        content = message.get("content")
+        if isinstance(content, list):
+            content = "\n".join(part.get("text", "") for part in content
+                                if isinstance(part, dict))
+        text = content if isinstance(content, str) else ""
+        return re.sub(r"^(<current_datetime>.*?</current_datetime>\s*)", "", text, flags=re.S)
+
+    def texts(self, session=None):
+        with self.lock:
+            return [r["text"] for r in self.requests if not r["side"] and not r["tool_result"]
+                    and (session is None or r["session"] == session)]
 
 
 # ###########################################################################
