@@ -37,6 +37,8 @@ TESTED_CLAUDE = ((2, 1, 197), (2, 1, 332))
 # The Codex CLI versions `make e2e` tests (CODEX_VERSIONS in the Makefile).
 TESTED_CODEX = ((0, 169, 0), (0, 171, 0))
 TESTED_GEMINI = ((0, 61, 0),)     # GEMINI_VERSIONS
+TESTED_OPENCODE = ((1, 18, 33),)  # OPENCODE_VERSIONS
+TESTED_COPILOT = ((1, 0, 102),)   # COPILOT_VERSIONS
 
 # Exit codes: scripts branch on these, so they are part of the interface.
 EXIT_OK = 0
@@ -742,6 +744,12 @@ def main():
     for key, value in (("message", data.get("message")), ("last_assistant_message", reply)):
         if isinstance(value, str):
             line[key] = short(value)
+    error = data.get("error")
+    if isinstance(error, dict) and isinstance(error.get("message"), str):  # copilot's errorOccurred
+        try:    # an API error's body, as JSON
+            line["message"] = short(json.loads(error["message"]).get("message"))
+        except (ValueError, AttributeError):
+            line["message"] = short(error["message"])
     asked = data.get("tool_input") or data.get("details")       # gemini: details
     if line["event"] == "PermissionRequest" and isinstance(asked, dict):
         # What the dialog asks about, for `orch approve`: its short text fields.
@@ -2206,7 +2214,8 @@ def confirm_submit(agent, text, since, was_working, timeout):
         if st["status"] == "exited":
             raise OrchError("agent %s exited before taking the message" % agent["name"],
                             EXIT_NOT_RUNNING)
-        if was_working and st["status"] == "working" and shows_queued(agent, text):
+        if was_working and st["status"] == "working" and \
+                kind_of(agent).shows_queued(agent, text):
             return "queued"     # claude holds it until the turn ends, then submits it
         if at_first_screen(st):
             break               # an Enter now would answer its screen
@@ -2729,6 +2738,10 @@ def conversation_entries(event):
     kind = event.get("type")
     if kind in ("response_item", "event_msg"):
         return codex_entries(kind, event.get("payload"))
+    if str(kind).startswith("opencode."):
+        return opencode_entries(event)
+    if "data" in event and "." in str(kind):
+        return copilot_entries(kind, event["data"])
     if "content" in event and "message" not in event:
         return gemini_entries(event)
     if kind == "system" and event.get("subtype") == "init":
@@ -2805,6 +2818,46 @@ def gemini_entries(event):
     return entries
 
 
+def opencode_entries(event):
+    """What one line of the conversation orch's opencode plugin keeps says."""
+    kind = event["type"]
+    if kind == "opencode.user":
+        return [{"kind": "user", "text": event.get("text") or ""}]
+    if kind == "opencode.text":
+        return [{"kind": "assistant", "text": event.get("text") or ""}]
+    if kind == "opencode.tool":
+        return [{"kind": "tool", "name": event.get("tool"), "input": event.get("input")},
+                {"kind": "tool_result", "text": event.get("output") or "",
+                 "error": bool(event.get("error"))}]
+    if kind == "opencode.turn":
+        return [{"kind": "turn", "ok": bool(event.get("ok")), "subtype": event.get("subtype"),
+                 "seconds": event.get("seconds") or 0}]
+    return []
+
+
+def copilot_entries(kind, data):
+    """What one line of copilot's own transcript (its events.jsonl) says."""
+    if not isinstance(data, dict):
+        return []
+    if kind == "user.message":
+        return [{"kind": "user", "text": data.get("content") or ""}]
+    if kind == "assistant.message":
+        entries = [{"kind": "assistant", "text": data["content"]}] if data.get("content") else []
+        return entries + [{"kind": "tool", "name": call.get("name"), "input": call.get("arguments")}
+                          for call in data.get("toolRequests") or [] if isinstance(call, dict)]
+    if kind == "tool.execution_complete":
+        result = data.get("result") if isinstance(data.get("result"), dict) else {}
+        return [{"kind": "tool_result", "text": str(result.get("content") or "").strip(),
+                 "error": not data.get("success")}]
+    if kind == "hook.start" and data.get("hookType") == "agentStop":
+        return [{"kind": "turn", "ok": True, "seconds": None}]     # the turn is over
+    if kind == "abort":
+        return [{"kind": "turn", "ok": False, "subtype": "interrupted", "seconds": None}]
+    if kind == "session.error":
+        return [{"kind": "turn", "ok": False, "subtype": data.get("errorType"), "seconds": None}]
+    return []
+
+
 def user_entries(content):
     if isinstance(content, str):
         return [{"kind": "user", "text": unwrap_pastes(content)}]
@@ -2839,9 +2892,10 @@ def entry_lines(entry):
         return ["  \u23bf " + ("error: " if entry["error"] else "") + shorten(entry["text"], 160)]
     if kind == "turn":
         line = "\u2714 turn done" if entry["ok"] else "\u2718 turn ended: %s" % entry["subtype"]
-        cost = entry.get("cost")
-        return [line + " (%.1fs%s)" % (entry["seconds"], ", $%.4f" % cost if cost is not None
-                                       else "")]
+        cost, took = entry.get("cost"), entry.get("seconds")
+        said = ["%.1fs" % took] if took is not None else []
+        said += ["$%.4f" % cost] if cost is not None else []
+        return [line + (" (%s)" % ", ".join(said) if said else "")]
     if kind == "denied":
         return ["\u26a0 permission denied: %s(%s): allow it with -- --permission-mode "
                 "acceptEdits or --allowedTools" % (entry["name"], shorten(
@@ -3281,7 +3335,7 @@ def open_dialog(agent, tool=None):
     leave_tmux_mode(agent)
     # The status can turn needs-input a moment before the CLI draws the dialog.
     find = kind_of(agent).permission_dialog
-    dialog = retry_until(lambda: find(agent_screen(agent)), 3.0)
+    dialog = retry_until(lambda: find(dialog_screen(agent)), 3.0)
     if dialog is None:
         raise OrchError("agent %s has no permission dialog on its screen; nothing was pressed: "
                         "look with `orch tail %s`" % (name, name), EXIT_NEEDS_INPUT)
@@ -3298,6 +3352,12 @@ def open_dialog(agent, tool=None):
 DIALOG_SETTLE = 0.5
 
 
+def dialog_screen(agent):
+    """The screen as its kind's permission_dialog reads it: in colour where the pick is one."""
+    return capture_pane(agent["tmux"]["pane"], agent["tmux"]["socket"],
+                        colors=kind_of(agent).dialog_colors)
+
+
 def answer_dialog(agent, key, question, find=None):
     """Press key; True once the dialog that asked question is gone from the screen.
 
@@ -3307,7 +3367,8 @@ def answer_dialog(agent, key, question, find=None):
     off the screen (default: the permission dialog).
     """
     def gone():
-        dialog = (find or dialog_on_screen)(agent_screen(agent))
+        own = find is kind_of(agent).permission_dialog
+        dialog = (find or dialog_on_screen)(dialog_screen(agent) if own else agent_screen(agent))
         return dialog is None or dialog["question"] != question
     time.sleep(DIALOG_SETTLE)
     for _ in range(3):
@@ -4595,6 +4656,8 @@ def tmux_confirm_start(agent, first):
         return EXIT_OK, " (%s, tmux)%s" % (kind.label(agent), outcome), hint
     timeout = env_seconds("ORCH_START_TIMEOUT", 60)
     st = settle_start(agent, timeout)
+    if at_first_screen(st) and st["needs"] == "trust" and agent.get("trust") and kind.TRUST_KEYS:
+        st = answer_trust(agent, timeout)
     if at_first_screen(st):
         return EXIT_NEEDS_INPUT, ", but it waits at %s%s" % (
             screen_advice(agent, st), kept_words(agent, first)), None
@@ -4607,6 +4670,21 @@ def tmux_confirm_start(agent, first):
         outcome = ", first message " + send_message(agent, first, raw=True)
     session = kind.session_id(agent) or "named at its first message"
     return EXIT_OK, " (%s, tmux, session %s)%s" % (kind.label(agent), session, outcome), hint
+
+
+def answer_trust(agent, timeout):
+    """--trust for a CLI that takes trust from no setting: the choice on its screen that records it."""
+    kind = kind_of(agent)
+
+    def shown(rows):
+        found = kind.first_screen(rows)
+        return found if found and found["needs"] == "trust" else None
+    found = shown(agent_screen(agent))
+    if found and not answer_dialog(agent, kind.TRUST_KEYS, found["question"], find=shown):
+        raise OrchError("agent %s still asks whether to trust its folder after orch answered "
+                        "(%s): look with `orch tail %s`" % (agent["name"], kind.TRUST_KEYS[-1],
+                                                           agent["name"]), EXIT_UNCONFIRMED)
+    return settle_start(agent, timeout)
 
 
 def kept_words(agent, first):
@@ -5535,7 +5613,9 @@ def cmd_interrupt(args):
 
 def tmux_interrupt(agent, st):
     # Escape stops claude's turn, or cancels a dialog: never Enter, which approves.
-    for key in kind_of(agent).interrupt_keys(st):
+    for n, key in enumerate(kind_of(agent).interrupt_keys(st)):
+        if n:
+            time.sleep(0.3)     # one read holding two Escapes is no two presses (opencode)
         tmux(["send-keys", "-t", agent["tmux"]["pane"], key], socket=agent["tmux"]["socket"])
     if kind_of(agent).hooks and st["status"] == "working" and st["last_prompt"]:
         clear_restored_prompt(agent, st["last_prompt"])
@@ -5760,9 +5840,9 @@ def check_memory():
     found = memory_available()
     if found is None:
         return [finding("ok", "memory", "unknown here (no /proc/meminfo)")]
-    room = ", ".join("%s ~%d MiB" % (k.name, k.START_MIB) for k in (ClaudeKind, CodexKind,
-                                                                   GeminiKind))
-    tight = [k.name for k in (ClaudeKind, CodexKind, GeminiKind) if found[0] < k.START_MIB]
+    kinds = [k for k in KINDS.values() if k.START_MIB]
+    room = ", ".join("%s ~%d MiB" % (k.name, k.START_MIB) for k in kinds)
+    tight = [k.name for k in kinds if found[0] < k.START_MIB]
     if tight:
         return [finding("warning", "memory", "%d of %d MiB available: not enough for one more "
                         "%s agent (at start: %s, more as they work)" % (
@@ -6962,6 +7042,16 @@ def check_gemini():
                               "ORCH_GEMINI", TESTED_GEMINI, lambda cwd: gemini_user_settings())
 
 
+def check_opencode():
+    return check_optional_cli(OpencodeKind, "OpenCode", "opencode-ai", "ORCH_OPENCODE",
+                              TESTED_OPENCODE, lambda cwd: OpencodeKind.preflight(cwd, "tmux"))
+
+
+def check_copilot():
+    return check_optional_cli(CopilotKind, "Copilot CLI", "@github/copilot", "ORCH_COPILOT",
+                              TESTED_COPILOT, lambda cwd: None)
+
+
 def check_tmux_variable():
     inside = os.environ.get("TMUX")
     if not inside:
@@ -7046,7 +7136,7 @@ def check_claude_settings():
 
 
 DOCTOR_CHECKS = (check_python, check_tmux, check_claude, check_claude_settings, check_codex,
-                 check_gemini,
+                 check_gemini, check_opencode, check_copilot,
                  check_tmux_variable, check_state, check_data_dir, check_notify,
                  check_memory)
 
@@ -7171,6 +7261,15 @@ class AgentKind(object):
     ready = staticmethod(lambda agent: True)    # idle already means its input box is there
     # Its transcript where no hook event named it.
     own_transcript = staticmethod(lambda agent: claude_transcript(agent))
+    dialog_colors = False   # its permission_dialog reads the screen with colours
+    # Its last answer {t, text}: what orch's hook kept of its Stop.
+    reply = staticmethod(lambda agent: read_json(os.path.join(agent_dir(agent["name"]),
+                                                              "reply.json")))
+    # Whether its screen shows text waiting for the running turn to end.
+    shows_queued = staticmethod(lambda agent, text: shows_queued(agent, text))
+    # The keys that answer its folder-trust screen for an agent spawned with --trust,
+    # where the CLI takes trust from no setting orch may give it; None: it does.
+    TRUST_KEYS = None
     # The keys that stop its turn or cancel its dialog, given its status: never an Enter.
     interrupt_keys = staticmethod(lambda st: ["Escape"])
     session_id = staticmethod(hooked_session_id)
@@ -7821,6 +7920,520 @@ def refuse_project_codex_hooks(cwd):
         folder = os.path.dirname(folder)
 
 
+class OpencodeKind(AgentKind):
+    """OpenCode, with a plugin of orch's given to that one process (OPENCODE_CONFIG_CONTENT)."""
+    name = "opencode"
+    option = "--agent opencode"
+    # What its plugin hears (opencode's hooks and events), and orch's words it says for each.
+    EVENTS = {"init": ("SessionStart",), "session.created": ("SessionStart",),
+              "chat.message": ("UserPromptSubmit",), "permission.asked": ("PermissionRequest",),
+              "permission.replied": ("PreToolUse", "Working"),
+              "session.status": ("Retrying", "Working"),
+              "session.idle": ("Stop", "StopFailure", "Interrupted")}
+    START_MIB = 880     # 1.18.33: one Bun process
+    PLACEHOLDER = "Ask anything\u2026"
+    # Its plugin says when it loaded, before the TUI draws; nothing stands before its box.
+    hooks_before_screens = False
+
+    command = staticmethod(lambda: os.environ.get("ORCH_OPENCODE") or "opencode")
+
+    @staticmethod
+    def program(args, agent=None):
+        return find_program(OpencodeKind.command(), "OpenCode (npm install -g opencode-ai)",
+                            "ORCH_OPENCODE")
+
+    @staticmethod
+    def new_session_id():
+        return None     # opencode names it when the first prompt creates it
+
+    @staticmethod
+    def preflight(cwd, backend):
+        opencode_config_content()       # the user's own, which orch's plugin joins
+        if os.environ.get("OPENCODE_PURE") not in (None, "", "0", "false"):
+            raise OrchError("OPENCODE_PURE is set: opencode then loads no plugins, and orch "
+                            "reads each agent's status and confirms each message through a "
+                            "plugin of its own; unset it for orch's agents")
+
+    @staticmethod
+    def trust(cwd, asked, worktree):
+        return bool(asked)      # opencode asks no folder trust (1.18.33): nothing to answer
+
+    @staticmethod
+    def argv(agent, program, resume_id=None):
+        extra = agent.get("extra_args") or []
+        if "--pure" in extra:
+            raise OrchError("--pure makes opencode load no plugins, and orch reads each "
+                            "agent's status through a plugin of its own; leave it out")
+        return [program] + (["--session", resume_id] if resume_id else []) + extra
+
+    @staticmethod
+    def environment(agent, env):
+        """orch's plugin joins the user's OPENCODE_CONFIG_CONTENT: their plugins still load."""
+        config = opencode_config_content(env.get("OPENCODE_CONFIG_CONTENT"))
+        plugin = "file://" + install_script("orch-opencode-plugin.js", OPENCODE_PLUGIN)
+        config["plugin"] = [p for p in config.get("plugin") or [] if p != plugin] + [plugin]
+        return dict(env, OPENCODE_CONFIG_CONTENT=json.dumps(config),
+                    ORCH_OPENCODE_EVENTS=events_path(agent["name"]))
+
+    @staticmethod
+    def ready(agent):
+        return opencode_input(agent_screen(agent)) is not None
+
+    @staticmethod
+    def typed_text(agent):
+        text = opencode_input(agent_screen(agent))
+        return "" if not text or text.startswith(OpencodeKind.PLACEHOLDER) else text
+
+    dialog_colors = True
+    permission_dialog = staticmethod(lambda rows: opencode_dialog(rows))
+
+    @staticmethod
+    def yes_once(dialog):
+        """"Allow once", which Enter takes when it is the one picked: check it is."""
+        return ["Enter"] if dialog.get("cursor") == "Allow once" else None
+
+    # One Escape only arms it ("esc again to interrupt"); at a dialog the first rejects.
+    interrupt_keys = staticmethod(lambda st: ["Escape", "Escape"] if st["status"] == "working"
+                                  else ["Escape"])
+    fold_usage = staticmethod(lambda totals, entries: opencode_usage(totals, entries))
+
+    @staticmethod
+    def first_screen(rows):
+        return None     # no first-run, sign-in or trust screen (1.18.33)
+
+
+def opencode_config_content(text=None):
+    """The user's OPENCODE_CONFIG_CONTENT as a dict ({} if unset); refuse what is not JSON."""
+    text = os.environ.get("OPENCODE_CONFIG_CONTENT") if text is None else text
+    if not text:
+        return {}
+    try:
+        found = json.loads(text)
+    except ValueError:
+        found = None
+    if not isinstance(found, dict):
+        raise OrchError("OPENCODE_CONFIG_CONTENT is not a JSON object; orch adds its plugin to "
+                        "it for its agents: fix or unset it")
+    return found
+
+
+def opencode_box(rows):
+    """The inner rows of opencode's prompt box (its ┃ rows over the ╹▀ bottom), or None.
+
+    Its sidebar shares the box's rows, right of where the bottom edge ends.
+    """
+    for i in range(len(rows) - 1, -1, -1):
+        if rows[i].lstrip().startswith("\u2579\u2580"):
+            end = rows[i].rfind("\u2580") + 1
+            inner = []
+            for row in reversed(rows[:i]):
+                if not row.lstrip().startswith("\u2503"):
+                    break
+                inner.insert(0, row[:end].lstrip()[1:].strip())
+            return inner or None
+    return None
+
+
+def opencode_input(rows):
+    """What its prompt box holds ('' when empty); None while no box (or a dialog) is up."""
+    inner = opencode_box(rows)
+    if inner is None or any("Permission required" in row for row in inner):
+        return None
+    # The last row names the agent and model ("Build · Fake M"); the text is above it.
+    return " ".join(row for row in inner[:-1] if row)
+
+
+OPENCODE_CHOICES = ("Allow once", "Allow always", "Reject")
+
+
+def opencode_dialog(colored):
+    """opencode's permission dialog, from its screen in colour: {question, options, above, cursor}.
+
+    Its choices sit on one row ("Allow once   Allow always   Reject"); the
+    picked one is drawn on a background the others do not share (1.18.33),
+    whatever the theme.
+    """
+    rows = [re.sub(SGR, "", row) for row in colored]
+    for i in range(len(rows) - 1, -1, -1):
+        if all(label in rows[i] for label in OPENCODE_CHOICES):
+            top = [j for j in range(i) if "Permission required" in rows[j]]
+            if not top:
+                return None
+            backs = dict((label, back) for label, back in zip(
+                OPENCODE_CHOICES, backgrounds(colored[i], OPENCODE_CHOICES)))
+            picked = [label for label in OPENCODE_CHOICES
+                      if list(backs.values()).count(backs[label]) == 1]
+            return {"question": rows[top[-1]].strip(" \u2503\u25b3"),
+                    "options": dict((label, label) for label in OPENCODE_CHOICES),
+                    "above": rows[top[-1]:i], "cursor": picked[0] if len(picked) == 1 else None}
+    return None
+
+
+def backgrounds(row, labels):
+    """The background colour each label starts on in a row captured with colours (-e)."""
+    back, text, at = None, "", []
+    for piece in re.split("(%s)" % SGR, row):
+        if re.match(SGR, piece or ""):
+            codes = piece[2:-1].split(";")
+            for n, code in enumerate(codes):
+                if code in ("", "0", "49"):
+                    back = None
+                elif code == "48":
+                    back = ";".join(codes[n:n + (3 if codes[n + 1:n + 2] == ["5"] else 5)])
+            continue
+        at += [back] * len(piece)
+        text += piece
+    return [at[text.index(label)] if label in text else None for label in labels]
+
+
+OPENCODE_PLUGIN = r'''// orch's plugin for one opencode process: what it does, in orch's words.
+// It appends one JSON line per event to $ORCH_OPENCODE_EVENTS and keeps the
+// conversation beside it (what `orch log` reads). Plain JS: it imports no package.
+import { appendFileSync, writeFileSync, renameSync } from "node:fs"
+import { createHash, randomBytes } from "node:crypto"
+import { dirname, join } from "node:path"
+const EVENTS = process.env.ORCH_OPENCODE_EVENTS
+const HERE = EVENTS ? dirname(EVENTS) : ""
+const LOG = join(HERE, "conversation.jsonl")
+// Python's str.split(): the hook compares words, whatever the spacing.
+const SPACE = /[\t\n\v\f\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+/
+const words = (text) => text.split(SPACE).filter(Boolean).join(" ")
+const put = (path, line) => {
+  try { appendFileSync(path, JSON.stringify(line) + "\n", { mode: 0o600 }) } catch (e) {}
+}
+const tell = (line) => put(EVENTS, Object.assign({ t: Date.now() / 1000 }, line))
+const keep = (name, value) => {     // whole, then renamed: a reader never sees half of it
+  const path = join(HERE, name), tmp = path + "." + randomBytes(8).toString("hex") + ".tmp"
+  try { writeFileSync(tmp, JSON.stringify(value), { mode: 0o600, flag: "wx" }); renameSync(tmp, path) } catch (e) {}
+}
+export const OrchEvents = async () => {
+  if (!EVENTS) return {}
+  const role = {}, answer = {}, turn = {}, usage = {}
+  tell({ event: "SessionStart", source: "startup", transcript_path: LOG })
+  const end = (sid) => {
+    const now = turn[sid]
+    if (!now) return                  // opencode says idle twice
+    delete turn[sid]
+    const seconds = (Date.now() - now.began) / 1000
+    if (now.error) {
+      put(LOG, { type: "opencode.turn", ok: false, subtype: now.error.name, seconds })
+      tell({ event: "StopFailure", session_id: sid, error: now.error.name,
+             last_assistant_message: now.error.detail.slice(0, 200) })
+    } else if (now.aborted) {
+      put(LOG, { type: "opencode.turn", ok: false, subtype: "interrupted", seconds })
+      tell({ event: "Interrupted", session_id: sid })
+    } else {
+      const text = answer[sid] || ""
+      put(LOG, { type: "opencode.turn", ok: true, seconds })
+      keep("reply.json", { t: Date.now() / 1000, text, session_id: sid })
+      tell({ event: "Stop", session_id: sid, last_assistant_message: text.slice(0, 200) })
+    }
+  }
+  return {
+    "chat.message": async (input, output) => {
+      const sid = input.sessionID
+      const raw = (output.parts || []).filter((p) => p.type === "text" && !p.synthetic)
+        .map((p) => p.text).join("\n")
+      const text = words(raw)
+      if (!turn[sid]) turn[sid] = { began: Date.now() }
+      answer[sid] = ""
+      put(LOG, { type: "opencode.user", text: raw })
+      const line = { event: "UserPromptSubmit", session_id: sid, prompt: text.slice(0, 200),
+                     prompt_sha: createHash("sha256").update(text, "utf8").digest("hex") }
+      if (text.length <= 4096) line.prompt_text = text
+      tell(line)
+    },
+    event: async ({ event }) => {
+      const p = event.properties || {}, sid = p.sessionID
+      if (event.type === "session.created") {
+        tell({ event: "SessionStart", source: "new", session_id: p.info && p.info.id || sid,
+               transcript_path: LOG })
+      } else if (event.type === "message.updated" && p.info) {
+        role[p.info.id] = p.info.role
+      } else if (event.type === "message.part.updated" && p.part) {
+        const part = p.part
+        if (part.type === "text" && part.time && part.time.end && role[part.messageID] === "assistant" && !part.synthetic) {
+          answer[sid] = part.text
+          put(LOG, { type: "opencode.text", text: part.text })
+        } else if (part.type === "tool" && part.state && (part.state.status === "completed" || part.state.status === "error")) {
+          put(LOG, { type: "opencode.tool", tool: part.tool, input: part.state.input,
+                     output: String(part.state.output || part.state.error || "").slice(0, 2000),
+                     error: part.state.status === "error" })
+        } else if (part.type === "step-finish" && part.tokens) {
+          usage.last = part.tokens
+        }
+      } else if (event.type === "session.updated" && p.info && p.info.tokens) {
+        const now = JSON.stringify([p.info.tokens, p.info.cost, usage.last])
+        if (now !== usage.told) {
+          usage.told = now
+          put(LOG, { type: "opencode.usage", tokens: p.info.tokens, cost: p.info.cost,
+                     last: usage.last || null })
+        }
+      } else if (event.type === "session.status" && p.status) {
+        if (p.status.type === "retry") {
+          if (turn[sid]) turn[sid].retrying = true
+          tell({ event: "Retrying", session_id: sid, attempt: p.status.attempt,
+                 message: String(p.status.message || "").slice(0, 200) })
+        } else if (p.status.type === "busy" && turn[sid] && turn[sid].retrying) {
+          turn[sid].retrying = false
+          tell({ event: "Working", session_id: sid })
+        }
+      } else if (event.type === "session.error" && turn[sid]) {
+        const e = p.error || {}, data = e.data || {}
+        if (e.name === "MessageAbortedError") turn[sid].aborted = true
+        else turn[sid].error = { name: e.name || "unknown", detail: [data.statusCode, data.message || e.message].filter(Boolean).join(" ") }
+      } else if (event.type === "permission.asked") {
+        const input = {}
+        for (const [k, v] of Object.entries(p.metadata || {})) if (typeof v === "string") input[k] = v.slice(0, 300)
+        tell({ event: "PermissionRequest", session_id: sid, tool_name: p.permission, tool_input: input })
+      } else if (event.type === "permission.replied") {
+        // Allowed, its tool runs; rejected, the turn ends (its idle comes next).
+        tell({ event: p.reply === "reject" ? "Working" : "PreToolUse", session_id: sid })
+      } else if (event.type === "session.idle") {
+        end(sid)
+      }
+    },
+  }
+}
+'''
+
+
+def opencode_usage(totals, entries):
+    """Fold the usage lines orch's plugin keeps: opencode's own session totals and cost."""
+    totals = dict(totals)
+    for entry in entries:
+        if entry.get("type") != "opencode.usage" or not isinstance(entry.get("tokens"), dict):
+            continue
+        tokens = entry["tokens"]
+        cache = tokens.get("cache") if isinstance(tokens.get("cache"), dict) else {}
+        totals["tokens"] = [number_or_zero(tokens.get("input")),
+                            number_or_zero(tokens.get("output")) +
+                            number_or_zero(tokens.get("reasoning")),
+                            number_or_zero(cache.get("read")), number_or_zero(cache.get("write"))]
+        if isinstance(entry.get("cost"), (int, float)):
+            totals["cost"] = round(entry["cost"], 6)
+        last = entry.get("last")
+        if isinstance(last, dict) and isinstance(last.get("total"), int):
+            totals["context"] = last["total"]
+    return totals
+
+
+class CopilotKind(AgentKind):
+    """GitHub's Copilot CLI, with orch's hooks in a plugin folder given to it (--plugin-dir)."""
+    name = "copilot"
+    option = "--agent copilot"
+    # Copilot's hook events, and orch's name for each.  Its notification of a
+    # permission prompt fires once the dialog is drawn; permissionRequest,
+    # before it, names the tool.  errorOccurred fires on each failed model call.
+    EVENTS = {"sessionStart": "SessionStart", "userPromptSubmitted": "UserPromptSubmit",
+              "preToolUse": "PreToolUse", "postToolUse": "PostToolUse",
+              "postToolUseFailure": "PostToolUse", "permissionRequest": "PermissionRequest",
+              "notification": "Notification", "agentStop": "Stop",
+              "errorOccurred": "Retrying", "sessionEnd": "SessionEnd"}
+    # At every start in a folder it does not trust, resume included (1.0.102).
+    FIRST_SCREENS = (("trust", r"Do you trust the files in this folder\?", True, None),)
+    # "2. Yes, and remember this folder": copilot records the trust itself.
+    TRUST_KEYS = ["-l", "2"]
+    START_MIB = 350     # 1.0.102: the node loader and its native binary
+    # SessionEnd says "user_exit" for /exit, Ctrl+C and SIGTERM alike: it cannot tell.
+
+    command = staticmethod(lambda: os.environ.get("ORCH_COPILOT") or "copilot")
+
+    @staticmethod
+    def program(args, agent=None):
+        return find_program(CopilotKind.command(), "GitHub Copilot CLI "
+                            "(npm install -g @github/copilot)", "ORCH_COPILOT")
+
+    new_session_id = staticmethod(ClaudeKind.new_session_id)    # --session-id takes it
+
+    @staticmethod
+    def preflight(cwd, backend):
+        pass        # its settings' disableAllHooks leaves --plugin-dir hooks on (1.0.102)
+
+    @staticmethod
+    def trust(cwd, asked, worktree):
+        """Whether to answer its trust question for this agent (a trusted checkout's worktree)."""
+        return bool(asked or worktree and copilot_trusts(worktree["repo"]))
+
+    @staticmethod
+    def argv(agent, program, resume_id=None):
+        folder = make_copilot_plugin(agent["name"])
+        return [program, "--plugin-dir", folder] + (
+            ["--resume=" + resume_id] if resume_id else ["--session-id=" + agent["session_id"]]
+        ) + (agent.get("extra_args") or [])
+
+    own_transcript = staticmethod(lambda agent: copilot_transcript(agent))
+    usage_file = staticmethod(lambda agent: transcript_path(agent))
+    fold_usage = staticmethod(lambda totals, entries: copilot_usage(totals, entries))
+    reply = staticmethod(lambda agent: copilot_reply(agent))
+
+    @staticmethod
+    def ready(agent):
+        return copilot_input(agent_screen(agent)) is not None
+
+    @staticmethod
+    def typed_text(agent):
+        return copilot_input(agent_screen(agent)) or ""
+
+    @staticmethod
+    def permission_dialog(rows):
+        return copilot_dialog(rows)
+
+    @staticmethod
+    def yes_once(dialog):
+        """"1. Yes" (once), by its digit; never "don't ask again"."""
+        digit = dialog["options"].get("Yes")
+        return ["-l", digit] if digit else None
+
+    @staticmethod
+    def interrupt_keys(st):
+        # Escape cancels a dialog; a turn stops on Ctrl+C (Escape twice would rewind
+        # it, and Ctrl+C twice at its prompt quits): nothing while idle.
+        return {"needs-input": ["Escape"], "working": ["C-c"]}.get(st["status"], [])
+
+    @staticmethod
+    def recheck(agent, result, read_screen):
+        """No hook fires when a turn is cancelled or gives up on an API error: its transcript says."""
+        if result["status"] in ("working", "needs-input"):
+            ended = copilot_turn_end(agent, result["since"] or 0)
+            if ended is not None:
+                result.update(dict(status="idle", needs=None, detail=None, source="transcript"),
+                              **ended)
+        elif result["status"] == "idle" and read_screen and \
+                time.time() - (result["since"] or 0) < SETTLE:
+            # A message typed during the turn waits on screen until the turn ends, then
+            # runs as a turn of its own: its hook fires only as it starts.
+            if any(COPILOT_PENDING in row for row in read_screen()):
+                result.update(status="working", pending=True, source="screen")
+
+    shows_queued = staticmethod(lambda agent, text: copilot_queued(agent_screen(agent), text))
+
+    @classmethod
+    def screen_start(cls, rows):
+        """No hook fires before its first prompt: its input line, drawn, means idle."""
+        found = super(CopilotKind, cls).screen_start(rows)
+        if found or copilot_input(rows) is None or choice_dialog(rows, said=True):
+            return found
+        return ("idle", None, None)
+
+
+def copilot_home():
+    return os.environ.get("COPILOT_HOME") or os.path.join(os.path.expanduser("~"), ".copilot")
+
+
+def make_copilot_plugin(name):
+    """The plugin folder copilot is given: a manifest and orch's hooks, in the agent's folder."""
+    folder = os.path.join(make_private_dir(agent_dir(name)), "copilot-plugin")
+    make_private_dir(os.path.join(folder, "hooks"))
+    write_file_atomic(os.path.join(folder, "plugin.json"), json.dumps(
+        {"name": "orch-status", "version": "1.0.0", "description": "orch's status hooks"}))
+    hooks = dict((event, [{"type": "command", "bash": hook_command(name, ours), "timeoutSec": 10}])
+                 for event, ours in sorted(CopilotKind.EVENTS.items()))
+    write_file_atomic(os.path.join(folder, "hooks", "hooks.json"),
+                      json.dumps({"version": 1, "hooks": hooks}))
+    return folder
+
+
+def copilot_trusts(path):
+    """Whether copilot's config lists path (or a folder above it) as trusted."""
+    try:
+        with open(os.path.join(copilot_home(), "config.json"), encoding="utf-8") as f:
+            text = f.read()
+        # "managed automatically", with // comment lines above the JSON
+        found = json.loads("\n".join(l for l in text.splitlines() if not l.lstrip().startswith("//")))
+    except (OSError, ValueError):
+        return False
+    folders = found.get("trustedFolders") if isinstance(found, dict) else None
+    return any(isinstance(d, str) and (path == d or path.startswith(d.rstrip("/") + "/"))
+               for d in folders or [])
+
+
+def copilot_transcript(agent):
+    return os.path.join(copilot_home(), "session-state", hooked_session_id(agent) or "none",
+                        "events.jsonl")
+
+
+def copilot_time(entry):
+    """Seconds since the epoch of a transcript entry's "2026-12-06T21:18:46.116Z", or 0."""
+    import calendar
+    stamp = entry.get("timestamp")
+    try:
+        whole, _, part = stamp.rstrip("Z").partition(".")
+        return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + float("0." + (part or "0"))
+    except (AttributeError, ValueError):
+        return 0
+
+
+def copilot_turn_end(agent, since):
+    """How a turn ended with no hook (a cancel, an API error it gave up on), or None."""
+    for entry in reversed(read_json_lines(transcript_path(agent), tail_bytes=32768)):
+        if copilot_time(entry) <= since or entry.get("type") == "user.message":
+            return None
+        data = entry.get("data") if isinstance(entry.get("data"), dict) else {}
+        if entry.get("type") == "abort":
+            return {"error": None}
+        if entry.get("type") == "session.error":
+            return {"error": data.get("errorType") or "error",
+                    "detail": short_text(data.get("message"))}
+    return None
+
+
+def copilot_reply(agent):
+    """The last answer in copilot's transcript: {t, text}, or None."""
+    for entry in reversed(read_json_lines(transcript_path(agent), tail_bytes=262144)):
+        data = entry.get("data") if isinstance(entry.get("data"), dict) else {}
+        if entry.get("type") == "assistant.message" and data.get("content"):
+            return {"t": copilot_time(entry), "text": data["content"]}
+    return None
+
+
+def copilot_usage(totals, entries):
+    """Fold copilot's usage records: each model call's tokens and the cost it states."""
+    totals = dict(totals)
+    for entry in entries:
+        data = entry.get("data") if isinstance(entry.get("data"), dict) else {}
+        usage = data.get("usage")
+        if entry.get("type") != "session.usage_record" or not isinstance(usage, dict):
+            continue
+        counts = [number_or_zero(usage.get(key)) for key in (
+            "inputTokens", "outputTokens", "cacheReadTokens", "cacheWriteTokens")]
+        counts[0] -= counts[2]      # its input counts the cached part, as OpenAI's does
+        totals["tokens"] = [a + b for a, b in zip(totals.get("tokens") or [0] * 4, counts)]
+        totals["context"] = counts[0] + counts[1] + counts[2] + counts[3]
+        if isinstance(usage.get("cost"), (int, float)):
+            totals["cost"] = round((totals.get("cost") or 0) + usage["cost"], 6)
+    return totals
+
+
+def copilot_input(rows):
+    """What copilot's input line holds ('' when empty), or None while it is not drawn."""
+    for i in range(len(rows) - 1, 0, -1):
+        if rows[i].startswith(PROMPT_MARK) and is_rule(rows[i - 1]):
+            return rows[i][len(PROMPT_MARK):].strip()
+    return None
+
+
+def copilot_dialog(rows):
+    """Its permission dialog as {question, options: {text: digit}, above, cursor}, or None."""
+    found = choice_dialog(rows)
+    if not found or not found["question"].startswith("Do you want to"):
+        return None
+    at = max(i for i, row in enumerate(rows) if found["question"] in row)
+    return {"question": found["question"], "cursor": found.get("cursor"),
+            "options": dict((text, str(n)) for n, text in found["choices"].items()),
+            "above": rows[max(0, at - 30):at]}
+
+
+COPILOT_PENDING = "[pending \u00b7 \u2191 recall]"    # under a message waiting for the turn
+
+
+def copilot_queued(rows, text):
+    """True when its screen lists text as pending: "❯ text" over "└ [pending · ↑ recall]"."""
+    head = normalize_prompt(text)[:30]
+    return any(row.lstrip().startswith(PROMPT_MARK) and head in normalize_prompt(row)
+               and COPILOT_PENDING in rows[i + 1] for i, row in enumerate(rows[:-1]))
+
+
 class CommandKind(AgentKind):
     """Any other program (--cmd): a terminal and a screen, nothing more to read."""
     name = "command"
@@ -7876,7 +8489,8 @@ class CommandKind(AgentKind):
                          % (agent["name"], what, agent["name"], agent["name"]))
 
 
-KINDS = {"claude": ClaudeKind, "codex": CodexKind, "gemini": GeminiKind, "command": CommandKind}
+KINDS = {"claude": ClaudeKind, "codex": CodexKind, "gemini": GeminiKind,
+         "opencode": OpencodeKind, "copilot": CopilotKind, "command": CommandKind}
 
 
 def kind_of(agent):
@@ -7908,7 +8522,7 @@ class TmuxBackend(object):
 
     @staticmethod
     def reply(agent):
-        return read_json(os.path.join(agent_dir(agent["name"]), "reply.json"))
+        return kind_of(agent).reply(agent)
 
     confirm_start = staticmethod(tmux_confirm_start)
     send = staticmethod(tmux_send)
@@ -7993,6 +8607,7 @@ exit codes:
 
 environment:
   ORCH_STATE  ORCH_TMUX_SOCKET  ORCH_SESSION  ORCH_CLAUDE  ORCH_CODEX  ORCH_GEMINI
+  ORCH_OPENCODE  ORCH_COPILOT
   ORCH_BACKEND  ORCH_TRACE=1  ORCH_AGENT (set in each agent: its spawns record it as parent)
   ORCH_HOST (as --host)  ORCH_HOSTS=a,b  ORCH_SSH_CONFIG (ssh -F FILE)
   seconds: ORCH_START_TIMEOUT  ORCH_SEND_TIMEOUT  ORCH_KILL_GRACE  ORCH_TMUX_TIMEOUT
@@ -8015,9 +8630,11 @@ def add_spawn(sub, verb):
     p.add_argument("prompt", nargs="?", help="first message; '-' reads stdin")
     p.add_argument("--prompt-file", metavar="FILE", help="read the first message from FILE")
     p.add_argument("--cwd", metavar="DIR", help="working folder (default: current)")
-    p.add_argument("--agent", choices=("claude", "codex", "gemini"),
+    p.add_argument("--agent", choices=("claude", "codex", "gemini", "opencode", "copilot"),
                    help="the agent CLI: claude (the default; $ORCH_CLAUDE), codex "
-                        "($ORCH_CODEX) or gemini ($ORCH_GEMINI); arguments after -- go to it")
+                        "($ORCH_CODEX), gemini ($ORCH_GEMINI), opencode ($ORCH_OPENCODE) or "
+                        "copilot ($ORCH_COPILOT); "
+                        "arguments after -- go to it")
     p.add_argument("--cmd", metavar="COMMAND",
                    help="run this shell command line instead of claude (no hooks)")
     p.add_argument("--raw", action="store_true",

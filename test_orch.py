@@ -2834,16 +2834,36 @@ def test_a_kind_registers_exactly_the_events_it_maps(kind, env):
         kind.argv(agent, "/bin/cli")
         with open(os.path.join(orch.gemini_home("a1"), ".gemini", "settings.json")) as f:
             registered = set(json.load(f)["hooks"])
+    elif kind is orch.CopilotKind:
+        kind.argv(agent, "/bin/cli")
+        with open(os.path.join(orch.agent_dir("a1"), "copilot-plugin", "hooks",
+                               "hooks.json")) as f:
+            hooks = json.load(f)["hooks"]
+        registered = set(hooks)
+        for event, ours in kind.EVENTS.items():     # each runs orch's hook, told orch's name
+            assert hooks[event][0]["bash"].endswith(" " + ours)
+    elif kind is orch.OpencodeKind:
+        # What its plugin listens to, and the words it writes.
+        heard = set(re.findall(r'event\.type === "([\w.]+)"|"([\w.]+)": async',
+                               orch.OPENCODE_PLUGIN))
+        registered = set(a or b for a, b in heard) | {"init"}
+        said = set(word for told in re.findall(r"\bevent: ([^,}]*)", orch.OPENCODE_PLUGIN)
+                   for word in re.findall(r'"([A-Z]\w+)"', told))
+        assert said == set(w for words in kind.EVENTS.values() for w in words), said
+        registered -= {"message.updated", "message.part.updated", "session.updated",
+                       "session.error"}    # the answer, usage and the error: no status
     else:
         argv = kind.argv(agent, "/bin/cli")
         registered = set(re.match(r"hooks\.(\w+)=", argv[i + 1]).group(1)
                          for i, word in enumerate(argv) if word == "-c"
                          and argv[i + 1].startswith("hooks."))
     assert registered == set(kind.EVENTS)
-    understood = set(orch.HOOK_EVENTS) | {"Interrupted"}
-    assert set(kind.EVENTS.values()) <= understood
-    for ours in kind.EVENTS.values():       # each says something, or is known to say nothing
-        assert orch.event_status({"event": ours}) or ours == "Notification"
+    understood = set(orch.HOOK_EVENTS) | {"Interrupted", "Retrying", "Working"}
+    ours = [w for words in kind.EVENTS.values()
+            for w in (words if isinstance(words, tuple) else (words,))]
+    assert set(ours) <= understood
+    for word in ours:       # each says something, or is known to say nothing
+        assert orch.event_status({"event": word}) or word == "Notification"
 
 
 def test_codex_argv_has_orchs_hooks_trust_and_resume_but_no_prompt(env):
@@ -2974,6 +2994,77 @@ def test_gemini_screens():
     box = ["\u2500" * 40, " Shift+Tab to accept edits", " >   half typed", " workspace"]
     assert orch.gemini_input([" > an earlier prompt", ""] + box) == "half typed"
     assert orch.gemini_input([" > an earlier prompt", "\u2726 reply"]) is None
+
+
+def oc_row(*pieces):
+    """One row of opencode's screen as tmux captures it with -e: SGR codes and text."""
+    return "".join("\x1b[%sm" % p[1:] if p.startswith("@") else p for p in pieces)
+
+
+# opencode 1.18.33's permission dialog, as captured (-e) at 150 columns: "Allow once" picked.
+OPENCODE_DIALOG = [
+    "  \u2503  \u25b3 Permission required", "  \u2503    # Shell command", "  \u2503",
+    "  \u2503  $ touch orch-tool-ran-3", "  \u2503",
+    oc_row("@48;5;232", "  ", "@38;5;215", "@48;5;233", "\u2503", "@38;5;15", "@48;5;234", "  ",
+           "@48;5;215", " ", "@38;5;232", "Allow once", "@38;5;15", " ", "@48;5;234", "  ",
+           "@38;5;8", "Allow always", "@38;5;15", "   ", "@38;5;8", "Reject", "@38;5;15",
+           "     enter confirm")]
+
+
+def test_opencode_screens():
+    dialog = orch.opencode_dialog(OPENCODE_DIALOG)
+    assert (dialog["question"], dialog["cursor"]) == ("Permission required", "Allow once")
+    assert "$ touch orch-tool-ran-3" in " ".join(dialog["above"])
+    assert orch.OpencodeKind.yes_once(dialog) == ["Enter"]
+    moved = OPENCODE_DIALOG[:-1] + [oc_row(
+        "@48;5;234", "  \u2503   ", "@38;5;8", "Allow once", "@38;5;15", "  ", "@48;5;215", " ",
+        "@38;5;232", "Allow always", "@38;5;15", " ", "@48;5;234", "  ", "@38;5;8", "Reject")]
+    assert orch.opencode_dialog(moved)["cursor"] == "Allow always"
+    assert orch.OpencodeKind.yes_once(orch.opencode_dialog(moved)) is None
+    # Its box, with the sidebar sharing its rows right of the bottom edge.
+    box = ["  \u2503", "  \u2503  half typed", "  \u2503" + " " * 40 + "/tmp/some/long/path:",
+           "  \u2503  Build \u00b7 Fake M Fake" + " " * 20 + "master",
+           "  \u2579" + "\u2580" * 40, "   /tmp/work    15  ctrl+p commands"]
+    assert orch.opencode_input(["  \u2503  an earlier prompt", ""] + box) == "half typed"
+    assert orch.opencode_input(box[:1] + ["  \u2503"] + box[2:]) == ""
+    assert orch.opencode_input(OPENCODE_DIALOG + box[4:]) is None
+    assert orch.opencode_input(["     reply 2: ok"]) is None
+
+
+def test_opencode_gets_orchs_plugin_beside_the_users_own(env, monkeypatch):
+    theirs = {"plugin": ["file:///theirs.js"], "model": "x/y"}
+    agent = {"name": "o1"}
+    env_out = orch.OpencodeKind.environment(agent, {"OPENCODE_CONFIG_CONTENT": json.dumps(theirs)})
+    config = json.loads(env_out["OPENCODE_CONFIG_CONTENT"])
+    assert config["model"] == "x/y" and config["plugin"][0] == "file:///theirs.js"
+    ours = config["plugin"][1]
+    assert ours.startswith("file://" + orch.data_dir()) and ours.endswith(".js")
+    with open(ours[len("file://"):]) as f:
+        assert f.read() == orch.OPENCODE_PLUGIN
+    assert env_out["ORCH_OPENCODE_EVENTS"] == orch.events_path("o1")
+    again = orch.OpencodeKind.environment(agent, env_out)       # a child's: ours once
+    assert json.loads(again["OPENCODE_CONFIG_CONTENT"])["plugin"] == config["plugin"]
+    assert "OPENCODE_CONFIG_CONTENT" in orch.OpencodeKind.environment(agent, {})
+
+
+def test_spawn_refuses_what_an_opencode_agent_cannot_be(env, capsys, monkeypatch):
+    monkeypatch.setenv("ORCH_OPENCODE", env.fake)
+    code, _, err = run(capsys, "spawn", "o1", "--agent", "opencode", "--backend", "headless")
+    assert code == orch.EXIT_USAGE and "--agent opencode needs the tmux backend" in err
+    code, _, err = run(capsys, "spawn", "o1", "--agent", "opencode", "--", "--pure")
+    assert code == 1 and one_error(err) and "--pure" in err and "plugin" in err
+    monkeypatch.setenv("OPENCODE_PURE", "1")
+    code, _, err = run(capsys, "spawn", "o1", "--agent", "opencode")
+    assert code == 1 and one_error(err) and "OPENCODE_PURE" in err
+    monkeypatch.delenv("OPENCODE_PURE")
+    monkeypatch.setenv("OPENCODE_CONFIG_CONTENT", "{not json")
+    code, _, err = run(capsys, "spawn", "o1", "--agent", "opencode")
+    assert code == 1 and one_error(err) and "OPENCODE_CONFIG_CONTENT" in err
+    monkeypatch.setenv("ORCH_OPENCODE", "no-such-opencode")
+    code, _, err = run(capsys, "spawn", "o1", "--agent", "opencode")
+    assert code == 1 and "ORCH_OPENCODE" in err and "opencode-ai" in err
+    assert tmux_windows() == ["keep"]
+    assert "o1" not in read_state_or_empty()["agents"]
 
 
 def test_spawn_refuses_what_a_codex_agent_cannot_be(env, capsys, tmp_path, monkeypatch):
@@ -3396,7 +3487,7 @@ def test_doctor_all_well_and_changes_nothing(env, capsys, monkeypatch):
     write_claude_config(env.home, [], {"oauthAccount": {"emailAddress": "a@example.com"}})
     before = tree_of(env.home)
     code, found = doctor(capsys)
-    assert code == 0 and [level for level, _ in found.values()] == ["ok"] * 11, found
+    assert code == 0 and [level for level, _ in found.values()] == ["ok"] * 13, found
     assert tree_of(env.home) == before
     assert "tmux 3" in found["tmux"][1] and "Claude Code 2.1.197" in found["claude"][1]
     assert "needed only for --agent codex" in found["codex"][1] or "Codex CLI" in found["codex"][1]
@@ -7075,14 +7166,16 @@ def every_other_verb(world, capsys, kind, prefix):
     for name in names:
         assert run(capsys, "spawn", name, "--agent", kind, "hello " + name)[0] == 0
     assert run(capsys, "wait", *names, "--timeout", "60")[0] == 0
-    feed = subprocess.Popen([sys.executable, ORCH, "events", names[0], "--json"],
-                            stdout=subprocess.PIPE, universal_newlines=True)
+    # --since: its first look prints where the agent is now; changes come after it.
+    feed = subprocess.Popen([sys.executable, ORCH, "events", names[0], "--json", "--since",
+                             "600"], stdout=subprocess.PIPE, universal_newlines=True)
     try:
         lines = feed_lines(feed)
+        assert json.loads(next_line(lines, 60))["to"] == "idle"
         code, out, err = run(capsys, "send", "--to", ",".join(names), "SLOW-30 for all")
         assert (code, sorted(out.splitlines())) == (0, sorted(n + ": submitted" for n in names)), err
         change = json.loads(next_line(lines, 60))
-        assert (change["name"], change["to"]) == (names[0], "working")
+        assert (change["name"], change["to"]) == (names[0], "working"), change
     finally:
         feed.kill()
         feed.communicate()
@@ -7221,6 +7314,175 @@ class FakeChat(FakeAPI):
         with self.lock:
             return [r["text"] for r in self.requests if not r["side"] and not r["tool_result"]
                     and (session is None or r["session"] == session)]
+
+
+# Run opencode offline: no update check, no models.dev fetch, no LSP download, and no npm
+# install of its plugin package at start (held the first request ~70 s offline).
+OPENCODE_OFFLINE = {"OPENCODE_DISABLE_AUTOUPDATE": "1", "OPENCODE_DISABLE_MODELS_FETCH": "1",
+                    "OPENCODE_DISABLE_LSP_DOWNLOAD": "1", "OPENCODE_DISABLE_SHARE": "1",
+                    "npm_config_offline": "true"}
+# A plugin of the user's, given the way orch gives its own: it must still load.
+USERS_OPENCODE_PLUGIN = """import { appendFileSync } from "node:fs"
+export const Theirs = async () => ({ "chat.message": async () => appendFileSync(%s, "theirs\\n") })
+"""
+
+
+def write_opencode_config(home, url):
+    folder = os.path.join(home, ".config", "opencode")
+    os.makedirs(folder, exist_ok=True)
+    config = {"$schema": "https://opencode.ai/config.json", "model": "fake/m",
+              "provider": {"fake": {"npm": "@ai-sdk/openai-compatible", "name": "Fake",
+                                    "options": {"baseURL": url + "/v1", "apiKey": "sk-fake"},
+                                    "models": {"m": {"name": "Fake M"}}}},
+              "permission": {"bash": "ask"}}      # it runs bash unasked by default
+    path = os.path.join(folder, "opencode.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return path
+
+
+def files_under(folder, skip=()):
+    """{relative path: bytes} of every file under folder, except those under skip."""
+    found = {}
+    for top, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if os.path.relpath(os.path.join(top, d), folder) not in skip]
+        for name in files:
+            path = os.path.join(top, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, folder)] = f.read()
+    return found
+
+
+@pytest.fixture
+def opencode(env, monkeypatch):
+    """The real opencode, offline: private HOME whose config names the fake Chat API."""
+    binary = os.environ.get("ORCH_E2E_OPENCODE")
+    if binary is None:
+        pytest.skip("needs the real opencode: run `make e2e`, which installs it and sets "
+                    "ORCH_E2E_OPENCODE")
+    api = FakeChat().start()
+    monkeypatch.setenv("ORCH_OPENCODE", binary)
+    for key, value in OPENCODE_OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    env.opencode_config = write_opencode_config(env.home, api.url)
+    env.plugin_log = os.path.join(env.root, "users-plugin.log")
+    plugin = os.path.join(env.root, "users-plugin.js")
+    with open(plugin, "w") as f:
+        f.write(USERS_OPENCODE_PLUGIN % json.dumps(env.plugin_log))
+    monkeypatch.setenv("OPENCODE_CONFIG_CONTENT", json.dumps({"plugin": ["file://" + plugin]}))
+    env.api = api
+    yield env
+    stop_recorded_agents()
+    env.stop()
+    api.stop()
+
+
+def test_e2e_opencode_spawn_send_wait_reply_log_kill_resume(opencode, capsys):
+    before = files_under(os.path.join(opencode.home, ".config"))
+    work = files_under(opencode.work, skip=(".git",))
+    code, out, err = run(capsys, "spawn", "o1", "--agent", "opencode", "first words")
+    assert code == 0 and "first message submitted" in out, err
+    row = wait_status(capsys, "o1", "idle")
+    sid = row["session_id"]
+    assert row["agent"] == "opencode" and sid.startswith("ses_") and sid in out
+    assert opencode.api.texts(sid) == ["first words"]
+    code, out, err = run(capsys, "send", "o1", "it's \"quoted\" $HOME `id`")
+    assert (code, out) == (0, "o1: submitted\n"), err
+    assert run(capsys, "wait", "o1")[0] == 0
+    with opencode.api.lock:
+        answered = [n for n, r in enumerate(opencode.api.requests, 1)
+                    if r["text"].startswith("it's")]
+    assert run(capsys, "reply", "o1")[1] == "reply %d: ok\n" % answered[-1]
+    log = run(capsys, "log", "o1")[1]
+    assert "> first words" in log and "> it's \"quoted\" $HOME `id`" in log
+    assert "\u25cf reply %d: ok" % answered[-1] in log and "\u2714 turn done" in log
+    assert "opencode/tmux" in run(capsys, "list")[1]
+    row = status(capsys, "o1")
+    # Two answers, each as the fake reported it: 10 input (3 of them cached), 5 output.
+    assert row["tokens"] == {"input": 14, "output": 10, "cache_read": 6, "cache_write": 0}, row
+    assert row["context_tokens"] == 15 and row["cost_usd"] == 0    # opencode's own $0.00
+    assert abs(row["rss_bytes"] - proc_tree_rss(row["pid"])) < 0.1 * row["rss_bytes"]
+    with open("/proc/%d/cmdline" % row["pid"], "rb") as f:
+        assert b"first words" not in f.read()
+    assert run(capsys, "kill", "o1")[0] == 0
+    assert status(capsys, "o1")["status"] == "exited"
+    code, out, err = run(capsys, "resume", "o1", "which words?")
+    assert code == 0 and sid in out, out + err
+    retry_until(lambda: "which words?" in opencode.api.texts(sid))
+    with opencode.api.lock:
+        last = [r for r in opencode.api.requests if r["text"] == "which words?"][-1]
+    assert "first words" in last["history"]
+    assert wait_status(capsys, "o1", "idle")["session_id"] == sid
+    # The user's plugin ran beside orch's; their files are as they were, but for
+    # the .gitignore opencode writes into its config folder itself.
+    with open(opencode.plugin_log) as f:
+        assert f.read().count("theirs") == 3
+    after = files_under(os.path.join(opencode.home, ".config"))
+    assert set(after) - set(before) <= {"opencode/.gitignore"}
+    assert dict((k, v) for k, v in after.items() if k in before) == before
+    assert files_under(opencode.work, skip=(".git",)) == work
+
+
+def test_e2e_opencode_approve_once_and_deny(opencode, capsys):
+    approve_once_and_deny(opencode, capsys, "opencode", "bash")
+
+
+def test_e2e_opencode_a_retried_then_failed_turn_is_not_done(opencode, capsys):
+    assert run(capsys, "spawn", "f1", "--agent", "opencode", "first words")[0] == 0
+    assert run(capsys, "wait", "f1", "--timeout", "60")[0] == 0
+    assert run(capsys, "send", "f1", "FAIL429 second words")[:2] == (0, "f1: submitted\n")
+    # It retries a 429 (five times, a second apart, as retry-after says): working, and why.
+    row = retry_until(lambda: [r for r in [status(capsys, "f1")]
+                               if (r["detail"] or "").startswith("retrying")], 30)[0]
+    assert row["status"] == "working" and row["detail"].startswith(
+        "retrying: Rate limit reached for requests, attempt "), row
+    code, out, err = run(capsys, "wait", "f1", "--timeout", "60")
+    assert (code, out) == (orch.EXIT_FAILED, "f1: idle (failed: APIError)\n"), (out, err)
+    assert "429" in status(capsys, "f1")["detail"]
+    code, out, err = run(capsys, "reply", "f1")
+    assert code == orch.EXIT_FAILED and out == "" and "APIError" in err
+    assert run(capsys, "send", "f1", "third words")[:2] == (0, "f1: submitted\n")
+    assert run(capsys, "wait", "f1", "--timeout", "60")[:2] == (0, "f1: idle\n")
+    assert status(capsys, "f1")["error"] is None and run(capsys, "reply", "f1")[0] == 0
+
+
+def test_e2e_opencode_every_other_verb(opencode, capsys):
+    every_other_verb(opencode, capsys, "opencode", "o")
+
+
+def test_e2e_opencode_fleet_comes_back_after_a_reboot(opencode, capsys):
+    # opencode says nothing as it exits, quit or signalled: after a reboot it comes back.
+    reboot_and_resume_all(opencode, capsys, "opencode", quit_stays_down=False)
+
+
+def test_e2e_opencode_agent_starts_an_agent(opencode, capsys):
+    agent_starts_agent(opencode, capsys, "opencode", "bash")
+
+
+def test_e2e_opencode_notifications(opencode, capsys, receiver):
+    notified_through_each_transition(capsys, receiver, ["--agent", "opencode"], [], "bash")
+
+
+def test_e2e_opencode_worktree_and_half_typed_text(opencode, repo, capsys):
+    code, out, err = run(capsys, "spawn", "w1", "--agent", "opencode", "hi", "--cwd", repo.repo,
+                         "--worktree")
+    assert code == 0, out + err
+    assert status(capsys, "w1")["worktree"] != repo.repo
+    retry_until(lambda: "hi" in opencode.api.texts())
+    wait_status(capsys, "w1", "idle")
+    person_types("w1", "l:half typed")
+    agent = opencode.state()["agents"]["w1"]
+    retry_until(lambda: "half typed" in "\n".join(orch.agent_screen(agent)))
+    code, _, err = run(capsys, "send", "w1", "orch's words")
+    assert code == orch.EXIT_NEEDS_INPUT and "'half typed'" in err
+    assert run(capsys, "send", "w1", "orch's words", "--force")[0] == 0
+    retry_until(lambda: "orch's words" in opencode.api.texts())
+    assert "half typed" not in " ".join(opencode.api.texts())
+
+
+def test_e2e_opencode_round_trip_on_a_remote_host(opencode, monkeypatch):
+    round_trip_on_a_host(opencode, monkeypatch, "opencode", dict(
+        OPENCODE_OFFLINE, ORCH_OPENCODE=os.environ["ORCH_OPENCODE"]))
 
 
 # ###########################################################################
