@@ -1,7 +1,7 @@
 # make test          the whole suite (real tmux, stand-in agents), in a local virtualenv
 # make test-pythons  the command-line tests once per Python interpreter found (3.6+)
-# make e2e           end-to-end tests against every Claude Code, Codex CLI, Gemini CLI and
-#                    OpenCode version of the matrix
+# make e2e           end-to-end tests against every Claude Code, Codex CLI, Gemini CLI,
+#                    OpenCode and Copilot CLI version of the matrix
 #                    (make e2e CLAUDE_CODE_VERSIONS=x.y.z tests another one)
 # make bench         timings at 10, 100 and 300 stand-in agents (--cmd and claude-path) against the floor,
 #                    over ssh against `ssh HOST true`, and resume --all after a reboot against
@@ -30,6 +30,10 @@ GEMINI_BINS := $(foreach v,$(GEMINI_VERSIONS),$(call gemini_bin,$(v)))
 OPENCODE_VERSIONS ?= 1.18.33
 opencode_bin = $(E2E_DIR)/opencode-$(1)/node_modules/.bin/opencode
 OPENCODE_BINS := $(foreach v,$(OPENCODE_VERSIONS),$(call opencode_bin,$(v)))
+# The Copilot CLI versions orch is tested against.
+COPILOT_VERSIONS ?= 1.0.102
+copilot_bin = $(E2E_DIR)/copilot-$(1)/node_modules/.bin/copilot
+COPILOT_BINS := $(foreach v,$(COPILOT_VERSIONS),$(call copilot_bin,$(v)))
 
 .PHONY: test test-pythons e2e bench clean
 
@@ -74,8 +78,19 @@ $(E2E_DIR)/opencode-%/node_modules/.bin/opencode:
 	  || { echo "make e2e: could not install opencode-ai@$*"; exit 1; }
 	@test -x $@ || { echo "make e2e: $@ missing after install"; exit 1; }
 
-e2e: $(VENV)/bin/pytest $(CLAUDE_BINS) $(CODEX_BINS) $(GEMINI_BINS) $(OPENCODE_BINS)
-	@failed=""; for v in $(OPENCODE_VERSIONS); do \
+$(E2E_DIR)/copilot-%/node_modules/.bin/copilot:
+	@command -v npm >/dev/null || { echo "make e2e: npm is needed to install the Copilot CLI"; exit 1; }
+	npm install --silent --no-audit --no-fund --prefix $(E2E_DIR)/copilot-$* @github/copilot@$* \
+	  || { echo "make e2e: could not install @github/copilot@$*"; exit 1; }
+	@test -x $@ || { echo "make e2e: $@ missing after install"; exit 1; }
+
+e2e: $(VENV)/bin/pytest $(CLAUDE_BINS) $(CODEX_BINS) $(GEMINI_BINS) $(OPENCODE_BINS) $(COPILOT_BINS)
+	@failed=""; for v in $(COPILOT_VERSIONS); do \
+	  echo "== end-to-end tests with Copilot CLI $$v"; \
+	  ORCH_E2E_COPILOT=$(abspath $(call copilot_bin,$$v)) \
+	    $(VENV)/bin/pytest -q -k test_e2e_copilot_ test_orch.py || failed="$$failed copilot-$$v"; \
+	done; \
+	for v in $(OPENCODE_VERSIONS); do \
 	  echo "== end-to-end tests with OpenCode $$v"; \
 	  ORCH_E2E_OPENCODE=$(abspath $(call opencode_bin,$$v)) \
 	    $(VENV)/bin/pytest -q -k test_e2e_opencode_ test_orch.py || failed="$$failed opencode-$$v"; \
@@ -94,12 +109,14 @@ e2e: $(VENV)/bin/pytest $(CLAUDE_BINS) $(CODEX_BINS) $(GEMINI_BINS) $(OPENCODE_B
 	  echo "== end-to-end tests with Claude Code $$v"; \
 	  ORCH_E2E_CLAUDE=$(abspath $(call claude_bin,$$v)) \
 	  ORCH_E2E_CLAUDE_OLDEST=$(abspath $(call claude_bin,$(firstword $(CLAUDE_CODE_VERSIONS)))) \
-	    $(VENV)/bin/pytest -q -k "test_e2e_ and not test_e2e_codex_ and not test_e2e_gemini_ and not test_e2e_opencode_" \
+	    $(VENV)/bin/pytest -q -k "test_e2e_ and not test_e2e_codex_ and not test_e2e_gemini_ and not test_e2e_opencode_ \
+	      and not test_e2e_copilot_" \
 	    test_orch.py \
 	    || failed="$$failed $$v"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "make e2e: failed with$$failed"; exit 1; fi; \
-	echo "make e2e: passed with OpenCode $(OPENCODE_VERSIONS), Codex CLI $(CODEX_VERSIONS)," \
+	echo "make e2e: passed with Copilot CLI $(COPILOT_VERSIONS), OpenCode $(OPENCODE_VERSIONS)," \
+	  "Codex CLI $(CODEX_VERSIONS)," \
 	  "Gemini CLI $(GEMINI_VERSIONS)," \
 	  "Claude Code $(CLAUDE_CODE_VERSIONS)"
 

@@ -57,11 +57,15 @@ EXIT_INTERRUPTED = 130
 # agent an orchestrator claude starts from its Bash tool gets that claude's
 # session id, messaging socket and token, and CLAUDE_CODE_CHILD_SESSION, with
 # which a claude keeps no transcript: it could never be resumed (2.1.330+).
+# Copilot's tools get its session id and loader pid (and never its provider's key).
 SCRUBBED_ENV = ("TMUX", "TMUX_PANE", "CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT",
                 "CLAUDE_CODE_CHILD_SESSION", "CLAUDE_CODE_SESSION_ID", "CLAUDE_PID",
                 "CLAUDE_CODE_MESSAGING_SOCKET", "CLAUDE_CODE_MESSAGING_TOKEN",
                 "CLAUDE_CODE_SESSION_ATTENDED", "CLAUDE_CODE_CHILD_NOTES_DIR",
-                "CLAUDE_CODE_EXECPATH", "AI_AGENT")
+                "CLAUDE_CODE_EXECPATH", "AI_AGENT",
+                # What copilot tells the commands it runs: its session, its loader, its files.
+                "COPILOT_AGENT_SESSION_ID", "COPILOT_LOADER_PID", "COPILOT_CLI",
+                "COPILOT_CLI_BINARY_VERSION", "COPILOT_CLI_RESOLVED_DIST_DIR")
 
 HOOK_EVENTS = ("SessionStart", "UserPromptSubmit", "PreToolUse", "PostToolUse",
                "PermissionRequest", "Notification", "Stop", "StopFailure", "SessionEnd")
@@ -3570,6 +3574,7 @@ def cmd_deny(args):
 # after a person answered it.  orch never answers one by itself.
 
 SCREEN_TITLES = {"trust": "%s's folder-trust question", "api-key": "%s's API-key question",
+                 "in-use": "%s's session-in-use question",
                  "sign-in": "%s's sign-in screen", "dialog": "a dialog of %s's"}
 
 
@@ -4656,8 +4661,9 @@ def tmux_confirm_start(agent, first):
         return EXIT_OK, " (%s, tmux)%s" % (kind.label(agent), outcome), hint
     timeout = env_seconds("ORCH_START_TIMEOUT", 60)
     st = settle_start(agent, timeout)
-    if at_first_screen(st) and st["needs"] == "trust" and agent.get("trust") and kind.TRUST_KEYS:
-        st = answer_trust(agent, timeout)
+    keys = at_first_screen(st) and kind.start_answer(agent, st)
+    if keys:
+        st = answer_at_start(agent, st, keys, timeout)
     if at_first_screen(st):
         return EXIT_NEEDS_INPUT, ", but it waits at %s%s" % (
             screen_advice(agent, st), kept_words(agent, first)), None
@@ -4672,18 +4678,18 @@ def tmux_confirm_start(agent, first):
     return EXIT_OK, " (%s, tmux, session %s)%s" % (kind.label(agent), session, outcome), hint
 
 
-def answer_trust(agent, timeout):
-    """--trust for a CLI that takes trust from no setting: the choice on its screen that records it."""
+def answer_at_start(agent, st, keys, timeout):
+    """Answer a first screen the kind knows the answer to (start_answer); then settle again."""
     kind = kind_of(agent)
 
     def shown(rows):
         found = kind.first_screen(rows)
-        return found if found and found["needs"] == "trust" else None
+        return found if found and found["needs"] == st["needs"] else None
     found = shown(agent_screen(agent))
-    if found and not answer_dialog(agent, kind.TRUST_KEYS, found["question"], find=shown):
-        raise OrchError("agent %s still asks whether to trust its folder after orch answered "
-                        "(%s): look with `orch tail %s`" % (agent["name"], kind.TRUST_KEYS[-1],
-                                                           agent["name"]), EXIT_UNCONFIRMED)
+    if found and not answer_dialog(agent, keys, found["question"], find=shown):
+        raise OrchError("agent %s still shows %s after orch pressed %s: look with `orch tail %s`"
+                        % (agent["name"], json.dumps(found["question"], ensure_ascii=False),
+                           keys[-1], agent["name"]), EXIT_UNCONFIRMED)
     return settle_start(agent, timeout)
 
 
@@ -7267,9 +7273,9 @@ class AgentKind(object):
                                                               "reply.json")))
     # Whether its screen shows text waiting for the running turn to end.
     shows_queued = staticmethod(lambda agent, text: shows_queued(agent, text))
-    # The keys that answer its folder-trust screen for an agent spawned with --trust,
-    # where the CLI takes trust from no setting orch may give it; None: it does.
-    TRUST_KEYS = None
+    # The keys that answer the first screen it shows (st) where orch was asked to or
+    # knows the answer (--trust, where the CLI takes trust from no setting); None: none.
+    start_answer = staticmethod(lambda agent, st: None)
     # The keys that stop its turn or cancel its dialog, given its status: never an Enter.
     interrupt_keys = staticmethod(lambda st: ["Escape"])
     session_id = staticmethod(hooked_session_id)
@@ -8230,10 +8236,10 @@ class CopilotKind(AgentKind):
               "postToolUseFailure": "PostToolUse", "permissionRequest": "PermissionRequest",
               "notification": "Notification", "agentStop": "Stop",
               "errorOccurred": "Retrying", "sessionEnd": "SessionEnd"}
-    # At every start in a folder it does not trust, resume included (1.0.102).
-    FIRST_SCREENS = (("trust", r"Do you trust the files in this folder\?", True, None),)
-    # "2. Yes, and remember this folder": copilot records the trust itself.
-    TRUST_KEYS = ["-l", "2"]
+    # At every start in a folder it does not trust, resume included; and resuming a
+    # session whose process was killed (SIGKILL, a reboot): its lock is left (1.0.102).
+    FIRST_SCREENS = (("trust", r"Do you trust the files in this folder\?", True, None),
+                     ("in-use", r"appears to be in use by another CLI", True, None))
     START_MIB = 350     # 1.0.102: the node loader and its native binary
     # SessionEnd says "user_exit" for /exit, Ctrl+C and SIGTERM alike: it cannot tell.
 
@@ -8293,12 +8299,12 @@ class CopilotKind(AgentKind):
 
     @staticmethod
     def recheck(agent, result, read_screen):
-        """No hook fires when a turn is cancelled or gives up on an API error: its transcript says."""
+        """What no hook says, its transcript does: a turn cancelled or given up on an API
+        error, a dialog approved (its tool runs until postToolUse)."""
         if result["status"] in ("working", "needs-input"):
-            ended = copilot_turn_end(agent, result["since"] or 0)
-            if ended is not None:
-                result.update(dict(status="idle", needs=None, detail=None, source="transcript"),
-                              **ended)
+            said = copilot_since(agent, result["since"] or 0)
+            if said and (said["status"] == "idle" or result["status"] == "needs-input"):
+                result.update(said, needs=None, detail=said.get("detail"), source="transcript")
         elif result["status"] == "idle" and read_screen and \
                 time.time() - (result["since"] or 0) < SETTLE:
             # A message typed during the turn waits on screen until the turn ends, then
@@ -8307,6 +8313,30 @@ class CopilotKind(AgentKind):
                 result.update(status="working", pending=True, source="screen")
 
     shows_queued = staticmethod(lambda agent, text: copilot_queued(agent_screen(agent), text))
+
+    @staticmethod
+    def start_answer(agent, st):
+        """--trust: "2. Yes, and remember this folder", which copilot records itself.
+
+        "Resume anyway" to its session-in-use question, but only when no
+        process holds the session: every pid its lock files name is gone.
+        """
+        if st["needs"] == "trust" and agent.get("trust"):
+            return ["-l", "2"]
+        if st["needs"] == "in-use" and not copilot_session_holders(agent):
+            return ["-l", "1"]
+        return None
+
+    # Never signed in, and no provider of the user's: its input line is drawn under
+    # this, and nothing typed there gets an answer (1.0.102).
+    SIGN_IN = ("sign-in", r"Please use /login to sign in to use Copilot", False,
+               "run `copilot` in a terminal and /login, or give it a token "
+               "(COPILOT_GITHUB_TOKEN or GH_TOKEN) or a provider of your own "
+               "(COPILOT_PROVIDER_BASE_URL)")
+
+    @classmethod
+    def first_screen(cls, rows):
+        return known_screen(rows, (cls.SIGN_IN,)) or super(CopilotKind, cls).first_screen(rows)
 
     @classmethod
     def screen_start(cls, rows):
@@ -8348,6 +8378,26 @@ def copilot_trusts(path):
                for d in folders or [])
 
 
+def copilot_session_holders(agent):
+    """The live copilot processes whose lock files (inuse.PID.lock) hold the agent's session."""
+    folder = os.path.dirname(copilot_transcript(agent))
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    held = []
+    for name in names:
+        found = re.match(r"inuse\.(\d+)\.lock$", name)
+        try:
+            with open("/proc/%s/cmdline" % found.group(1), "rb") as f:
+                program = f.read().split(b"\0")[:2]    # its binary, or node running it
+            if any(os.path.basename(arg) == b"copilot" for arg in program):
+                held.append(int(found.group(1)))
+        except (AttributeError, OSError):
+            pass        # not a lock file, or its process is gone
+    return held
+
+
 def copilot_transcript(agent):
     return os.path.join(copilot_home(), "session-state", hooked_session_id(agent) or "none",
                         "events.jsonl")
@@ -8364,23 +8414,36 @@ def copilot_time(entry):
         return 0
 
 
-def copilot_turn_end(agent, since):
-    """How a turn ended with no hook (a cancel, an API error it gave up on), or None."""
+def copilot_since(agent, since):
+    """What copilot's transcript says happened after since that no hook told, or None.
+
+    A turn ended (a cancel; an API error it gave up on): {status: idle, error};
+    a dialog answered Yes: {status: working}.
+    """
     for entry in reversed(read_json_lines(transcript_path(agent), tail_bytes=32768)):
-        if copilot_time(entry) <= since or entry.get("type") == "user.message":
-            return None
+        if copilot_time(entry) <= since or entry.get("type") in ("user.message",
+                                                                  "permission.requested"):
+            return None     # nothing since, or a dialog (again) up: as the hooks said
         data = entry.get("data") if isinstance(entry.get("data"), dict) else {}
         if entry.get("type") == "abort":
-            return {"error": None}
+            return {"status": "idle", "error": None}
         if entry.get("type") == "session.error":
-            return {"error": data.get("errorType") or "error",
+            return {"status": "idle", "error": data.get("errorType") or "error",
                     "detail": short_text(data.get("message"))}
+        if entry.get("type") == "permission.completed" and \
+                (data.get("result") or {}).get("kind") == "approved":
+            return {"status": "working"}
     return None
 
 
 def copilot_reply(agent):
-    """The last answer in copilot's transcript: {t, text}, or None."""
-    for entry in reversed(read_json_lines(transcript_path(agent), tail_bytes=262144)):
+    """The last answer in copilot's transcript: {t, text}, or None.
+
+    Copilot may write the turn's end a moment after its agentStop hook fired.
+    """
+    path = transcript_path(agent)
+    transcript_settled(agent, path)
+    for entry in reversed(read_json_lines(path, tail_bytes=262144)):
         data = entry.get("data") if isinstance(entry.get("data"), dict) else {}
         if entry.get("type") == "assistant.message" and data.get("content"):
             return {"t": copilot_time(entry), "text": data["content"]}

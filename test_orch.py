@@ -3067,6 +3067,114 @@ def test_spawn_refuses_what_an_opencode_agent_cannot_be(env, capsys, monkeypatch
     assert "o1" not in read_state_or_empty()["agents"]
 
 
+# Copilot CLI 1.0.102 at 80 columns: its permission dialog, then its idle input line.
+COPILOT_DIALOG = [
+    "\u2502 make a file", "\u2502 \u256d" + "\u2500" * 30 + "\u256e",
+    "\u2502 \u2502 touch orch-tool-ran-43   \u2502", "\u2502 \u2570" + "\u2500" * 30 + "\u256f",
+    "\u2502", "\u2502 Do you want to run this command?", "\u2502",
+    "\u2502 \u276f 1. Yes", "\u2502   2. Yes, and don't ask again for `touch` in this repo",
+    "\u2502   3. No, and tell Copilot what to do differently (Esc to stop)", "\u2502",
+    "\u2502 \u2191/\u2193 to navigate \u00b7 enter to select \u00b7 esc to cancel",
+    "\u2570" + "\u2500" * 40 + "\u256f"]
+COPILOT_IDLE = [" \u276f SLOW-6 first", " \u276f queued one", "   \u2514 [pending \u00b7 \u2191 recall]",
+                " /tmp/work [\u2387 master]", "\u2500" * 60, "\u276f", "\u2500" * 60,
+                " \u2190 open sidebar \u00b7 Interactive \u00b7 Manual Approval"]
+
+
+def test_copilot_screens():
+    dialog = orch.copilot_dialog(COPILOT_DIALOG)
+    assert dialog["question"] == "Do you want to run this command?"
+    assert "touch orch-tool-ran-43" in " ".join(dialog["above"])
+    assert orch.CopilotKind.yes_once(dialog) == ["-l", "1"]     # "Yes", never "don't ask"
+    assert orch.CopilotKind.yes_once(dict(dialog, options={"No": "2"})) is None
+    assert orch.copilot_input(COPILOT_IDLE) == ""
+    typed = COPILOT_IDLE[:5] + ["\u276f half typed"] + COPILOT_IDLE[6:]
+    assert orch.copilot_input(typed) == "half typed"
+    assert orch.copilot_input(COPILOT_DIALOG) is None
+    assert orch.copilot_queued(COPILOT_IDLE, "queued one")
+    assert not orch.copilot_queued(COPILOT_IDLE, "SLOW-6 first")    # running, not waiting
+    assert orch.CopilotKind.screen_start(COPILOT_IDLE) == ("idle", None, None)
+    assert orch.CopilotKind.screen_start(COPILOT_DIALOG)[0] == "needs-input"
+    assert orch.CopilotKind.interrupt_keys({"status": "idle"}) == []   # C-c twice would quit
+
+
+def copilot_line(kind, when, **data):
+    return {"type": kind, "data": data, "timestamp": time.strftime(
+        "%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + ".250Z"}
+
+
+def test_copilot_transcript_tells_what_no_hook_does(env, monkeypatch):
+    agent = {"name": "c1", "agent": "copilot", "session_id": "s-1", "cwd": env.work}
+    os.makedirs(orch.agent_dir("c1"))
+    folder = os.path.join(env.home, ".copilot", "session-state", "s-1")
+    os.makedirs(folder)
+    path = os.path.join(folder, "events.jsonl")
+    t = int(time.time()) - 100
+
+    def write(*lines):
+        with open(path, "w") as f:
+            f.write("".join(json.dumps(line) + "\n" for line in lines))
+    usage = dict(model="m", inputTokens=10, outputTokens=5, cacheReadTokens=3,
+                 cacheWriteTokens=0, cost=0.25)
+    write(copilot_line("user.message", t, content="go"),
+          copilot_line("session.usage_record", t + 1, usage=usage),
+          copilot_line("assistant.message", t + 1, content="", toolRequests=[
+              {"name": "bash", "arguments": {"command": "make"}}]),
+          copilot_line("permission.requested", t + 2),
+          copilot_line("permission.completed", t + 3, result={"kind": "approved"}),
+          copilot_line("session.usage_record", t + 4, usage=usage),
+          copilot_line("assistant.message", t + 4, content="made it"),
+          copilot_line("hook.start", t + 5, hookType="agentStop"))
+    assert orch.copilot_since(agent, t + 2.5) == {"status": "working"}    # approved: it runs
+    assert orch.copilot_since(agent, t + 3.5) is None
+    assert orch.copilot_reply(agent)["text"] == "made it"
+    totals = orch.copilot_usage({}, orch.read_json_lines(path))
+    assert orch.usage_fields(totals) == {
+        "tokens": {"input": 14, "output": 10, "cache_read": 6, "cache_write": 0},
+        "context_tokens": 15, "context_used": None, "cost_usd": 0.5}
+    kinds = [e["kind"] for line in orch.read_json_lines(path)
+             for e in orch.conversation_entries(line)]
+    assert kinds == ["user", "tool", "assistant", "turn"]
+    write(copilot_line("user.message", t, content="go"),
+          copilot_line("session.error", t + 6, errorType="rate_limit", statusCode=429,
+                       message="Failed to get response; Last error: 429 Rate limit"))
+    assert orch.copilot_since(agent, t + 1) == {
+        "status": "idle", "error": "rate_limit",
+        "detail": "Failed to get response; Last error: 429 Rate limit"}
+    write(copilot_line("user.message", t, content="go"), copilot_line("abort", t + 6))
+    assert orch.copilot_since(agent, t + 1) == {"status": "idle", "error": None}
+    # Its lock, left by a copilot that was killed: no live process holds the session.
+    for pid in (os.getpid(), 2 ** 22 + 1):
+        open(os.path.join(folder, "inuse.%d.lock" % pid), "w").close()
+    assert orch.copilot_session_holders(agent) == []    # this pytest is no copilot
+    st = {"needs": "in-use"}
+    assert orch.CopilotKind.start_answer(agent, st) == ["-l", "1"]
+    program = os.path.join(env.root, "copilot")     # a live one holds it: no answer
+    with open(program, "w") as f:
+        f.write("#!/bin/sh\nread line\n")
+    os.chmod(program, 0o755)
+    live = subprocess.Popen([program], stdin=subprocess.PIPE)
+    try:
+        open(os.path.join(folder, "inuse.%d.lock" % live.pid), "w").close()
+        assert retry_until(lambda: orch.copilot_session_holders(agent)) == [live.pid]
+        assert orch.CopilotKind.start_answer(agent, st) is None
+    finally:
+        live.communicate(b"\n")
+    assert orch.CopilotKind.start_answer(agent, {"needs": "trust"}) is None
+    assert orch.CopilotKind.start_answer(dict(agent, trust=True), {"needs": "trust"}) == [
+        "-l", "2"]
+
+
+def test_spawn_refuses_what_a_copilot_agent_cannot_be(env, capsys, monkeypatch):
+    monkeypatch.setenv("ORCH_COPILOT", env.fake)
+    code, _, err = run(capsys, "spawn", "p1", "--agent", "copilot", "--backend", "headless")
+    assert code == orch.EXIT_USAGE and "--agent copilot needs the tmux backend" in err
+    monkeypatch.setenv("ORCH_COPILOT", "no-such-copilot")
+    code, _, err = run(capsys, "spawn", "p1", "--agent", "copilot")
+    assert code == 1 and "ORCH_COPILOT" in err and "@github/copilot" in err
+    assert tmux_windows() == ["keep"]
+
+
 def test_spawn_refuses_what_a_codex_agent_cannot_be(env, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("ORCH_CODEX", env.fake)
     code, _, err = run(capsys, "spawn", "c1", "--agent", "codex", "--cmd", "x")
@@ -6773,15 +6881,21 @@ def test_e2e_gemini_fleet_comes_back_after_a_reboot(gemini, capsys):
     reboot_and_resume_all(gemini, capsys, "gemini", quit_stays_down=False)
 
 
-def agent_starts_agent(world, capsys, kind, tool):
+def agent_starts_agent(world, capsys, kind, tool, before=""):
     """An agent runs `orch spawn` through its shell tool (approved once): the child knows
     its parent and keeps a session of its own that resumes."""
-    world.api.commands["SPAWNKID"] = "%s %s spawn kid --agent %s 'child task'" % (
-        sys.executable, ORCH, kind)
+    world.api.commands["SPAWNKID"] = "%s%s %s spawn kid --agent %s 'child task'" % (
+        before, sys.executable, ORCH, kind)
     assert run(capsys, "spawn", "boss", "--agent", kind, "SPAWNKID please")[0] == 0
     wait_status(capsys, "boss", "needs-input")
     assert run(capsys, "approve", "boss", "--tool", tool)[0] == 0
-    retry_until(lambda: "child task" in world.api.texts(), timeout=120)
+
+    def started():
+        # Copilot asks a second time, about the paths outside its folder: approved too.
+        if status(capsys, "boss")["status"] == "needs-input":
+            assert run(capsys, "approve", "boss", "--tool", tool)[0] == 0
+        return "child task" in world.api.texts()
+    retry_until(started, timeout=120)
     sid = wait_status(capsys, "kid", "idle", timeout=60)["session_id"]
     wait_status(capsys, "boss", "idle", timeout=60)
     assert status(capsys, "kid")["parent"] == "boss"
@@ -7483,6 +7597,206 @@ def test_e2e_opencode_worktree_and_half_typed_text(opencode, repo, capsys):
 def test_e2e_opencode_round_trip_on_a_remote_host(opencode, monkeypatch):
     round_trip_on_a_host(opencode, monkeypatch, "opencode", dict(
         OPENCODE_OFFLINE, ORCH_OPENCODE=os.environ["ORCH_OPENCODE"]))
+
+
+def write_copilot_config(home, trusted):
+    """~/.copilot as a user who trusts some folders and has a hook of their own."""
+    folder = os.path.join(home, ".copilot")
+    os.makedirs(os.path.join(folder, "hooks"), exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"trustedFolders": list(trusted)}, f)
+    with open(os.path.join(folder, "settings.json"), "w") as f:
+        json.dump({"model": "m"}, f)
+    log = os.path.join(home, "users-hook.log")
+    with open(os.path.join(folder, "hooks", "theirs.json"), "w") as f:
+        json.dump({"version": 1, "hooks": {"agentStop": [
+            {"type": "command", "bash": "echo done >> %s" % log, "timeoutSec": 10}]}}, f)
+    return folder, log
+
+
+def copilot_trusted(home):
+    with open(os.path.join(home, ".copilot", "config.json")) as f:
+        text = "\n".join(l for l in f.read().splitlines() if not l.startswith("//"))
+    return json.loads(text).get("trustedFolders")
+
+
+@pytest.fixture
+def copilot(env, monkeypatch):
+    """The real Copilot CLI, offline: a provider of the user's own (the fake Chat API)."""
+    binary = os.environ.get("ORCH_E2E_COPILOT")
+    if binary is None:
+        pytest.skip("needs the real copilot: run `make e2e`, which installs it and sets "
+                    "ORCH_E2E_COPILOT")
+    api = FakeChat().start()
+    monkeypatch.setenv("ORCH_COPILOT", binary)
+    for key, value in {"COPILOT_PROVIDER_BASE_URL": api.url + "/v1", "COPILOT_MODEL": "m",
+                       "COPILOT_PROVIDER_API_KEY": "sk-fake", "COPILOT_OFFLINE": "true",
+                       "COPILOT_AUTO_UPDATE": "false",
+                       # It unpacks ~235 MB at its first start: once, for every test.
+                       "COPILOT_PKG_CACHE_HOME": os.path.join(
+                           os.path.dirname(os.path.dirname(os.path.dirname(binary))),
+                           "pkg-cache")}.items():
+        monkeypatch.setenv(key, value)
+    env.copilot_home, env.hook_log = write_copilot_config(env.home, [env.work])
+    env.api = api
+    yield env
+    stop_recorded_agents()
+    env.stop()
+    api.stop()
+
+
+def test_e2e_copilot_spawn_send_wait_reply_log_kill_resume(copilot, capsys):
+    settings = files_under(copilot.copilot_home)
+    code, out, err = run(capsys, "spawn", "p1", "--agent", "copilot", "first words")
+    assert code == 0 and "first message submitted" in out, err
+    row = wait_status(capsys, "p1", "idle")
+    sid = row["session_id"]
+    assert row["agent"] == "copilot" and sid == sid_of("p1") and sid in out
+    assert copilot.api.texts() == ["first words"]
+    code, out, err = run(capsys, "send", "p1", "it's \"quoted\" $HOME `id`")
+    assert (code, out) == (0, "p1: submitted\n"), err
+    assert run(capsys, "wait", "p1")[0] == 0
+    with copilot.api.lock:
+        answered = [n for n, r in enumerate(copilot.api.requests, 1)
+                    if r["text"].startswith("it's")]
+    assert run(capsys, "reply", "p1")[1] == "reply %d: ok\n" % answered[-1]
+    log = run(capsys, "log", "p1")[1]
+    assert "> first words" in log and "> it's \"quoted\" $HOME `id`" in log
+    assert "\u25cf reply %d: ok" % answered[-1] in log and "\u2714 turn done" in log
+    row = status(capsys, "p1")
+    # Two answers, each as the fake reported it: 10 input (3 of them cached), 5 output.
+    assert row["tokens"] == {"input": 14, "output": 10, "cache_read": 6, "cache_write": 0}, row
+    assert row["context_tokens"] == 15 and row["cost_usd"] == 0
+    assert abs(row["rss_bytes"] - proc_tree_rss(row["pid"])) < 0.1 * row["rss_bytes"]
+    with open("/proc/%d/cmdline" % row["pid"], "rb") as f:
+        assert b"first words" not in f.read()
+    assert run(capsys, "kill", "p1")[0] == 0
+    code, out, err = run(capsys, "resume", "p1", "which words?")
+    assert code == 0 and sid in out, out + err
+    retry_until(lambda: "which words?" in copilot.api.texts())
+    with copilot.api.lock:
+        last = [r for r in copilot.api.requests if r["text"] == "which words?"][-1]
+    assert "first words" in last["history"]
+    assert wait_status(capsys, "p1", "idle")["session_id"] == sid
+    # The user's own hook ran beside orch's; their files are theirs (copilot itself
+    # adds to config.json, "managed automatically", and writes its sessions and logs).
+    retry_until(lambda: os.path.exists(copilot.hook_log))
+    now = files_under(copilot.copilot_home)
+    assert dict((k, now[k]) for k in settings if k != "config.json") == dict(
+        (k, v) for k, v in settings.items() if k != "config.json")
+    assert copilot_trusted(copilot.home) == [copilot.work]
+
+
+def test_e2e_copilot_never_signed_in_first_contact(copilot, capsys, monkeypatch):
+    # No GitHub login and no provider of the user's: its input line is drawn under
+    # "Please use /login", and nothing typed there would be answered.
+    for key in ("COPILOT_PROVIDER_BASE_URL", "COPILOT_OFFLINE"):
+        monkeypatch.delenv(key)
+    out = spawn_at_first_screen(capsys, "s1", ["--agent", "copilot", "first words"], "sign-in",
+                                "Please use /login to sign in to use Copilot")
+    assert "copilot's sign-in screen" in out and "no key in its window answers" in out
+    assert "orch keeps it, and `orch resume s1` types it" in out
+    assert run(capsys, "send", "s1", "hello?")[0] == orch.EXIT_NEEDS_INPUT
+    monkeypatch.setenv("COPILOT_PROVIDER_BASE_URL", copilot.api.url + "/v1")
+    monkeypatch.setenv("COPILOT_OFFLINE", "true")
+    assert run(capsys, "kill", "s1")[0] == 0
+    code, out, err = run(capsys, "resume", "s1")
+    assert code == 0 and "first message submitted" in out, (out, err)
+    assert retry_until(lambda: copilot.api.texts()) == ["first words"]
+
+
+def test_e2e_copilot_approve_once_and_deny(copilot, capsys):
+    denied = approve_once_and_deny(copilot, capsys, "copilot", "bash")
+    assert denied["status_source"] == "transcript"      # no hook says it was cancelled
+
+
+def test_e2e_copilot_a_retried_then_failed_turn_is_not_done(copilot, capsys):
+    assert run(capsys, "spawn", "f1", "--agent", "copilot", "first words")[0] == 0
+    assert run(capsys, "wait", "f1", "--timeout", "60")[0] == 0
+    assert run(capsys, "send", "f1", "FAIL429 second words")[:2] == (0, "f1: submitted\n")
+    row = retry_until(lambda: [r for r in [status(capsys, "f1")]
+                               if (r["detail"] or "").startswith("retrying")], 30)[0]
+    assert (row["status"], row["detail"]) == (
+        "working", "retrying: Rate limit reached for requests"), row
+    code, out, err = run(capsys, "wait", "f1", "--timeout", "60")
+    assert (code, out) == (orch.EXIT_FAILED, "f1: idle (failed: rate_limit)\n"), (out, err)
+    row = status(capsys, "f1")
+    assert "429" in row["detail"] and row["status_source"] == "transcript"
+    code, out, err = run(capsys, "reply", "f1")
+    assert code == orch.EXIT_FAILED and out == "" and "rate_limit" in err
+    assert run(capsys, "send", "f1", "third words")[:2] == (0, "f1: submitted\n")
+    assert run(capsys, "wait", "f1", "--timeout", "60")[:2] == (0, "f1: idle\n")
+    assert status(capsys, "f1")["error"] is None and run(capsys, "reply", "f1")[0] == 0
+
+
+def test_e2e_copilot_a_message_during_a_turn_waits_and_runs_after_it(copilot, capsys):
+    assert run(capsys, "spawn", "q1", "--agent", "copilot", "SLOW-4 first")[0] == 0
+    assert wait_status(capsys, "q1", "working")["last_prompt"] == "SLOW-4 first"
+    assert run(capsys, "send", "q1", "second")[:2] == (0, "q1: queued\n")
+    # wait returns once the waiting message's own turn is over, not between the two.
+    assert run(capsys, "wait", "q1", "--timeout", "60")[:2] == (0, "q1: idle\n")
+    assert copilot.api.texts() == ["SLOW-4 first", "second"]
+    assert status(capsys, "q1")["last_prompt"] == "second"
+
+
+def test_e2e_copilot_every_other_verb(copilot, capsys):
+    every_other_verb(copilot, capsys, "copilot", "p")
+
+
+def test_e2e_copilot_fleet_comes_back_after_a_reboot(copilot, capsys):
+    # Its SessionEnd says user_exit for /quit and for a signal alike: it comes back.
+    reboot_and_resume_all(copilot, capsys, "copilot", quit_stays_down=False)
+
+
+def test_e2e_copilot_agent_starts_an_agent(copilot, capsys):
+    # Copilot keeps its provider's settings from the commands it runs (the key among
+    # them); a person signed in with GitHub needs none.  Here the child reads them back.
+    told = os.path.join(copilot.root, "provider.env")
+    with open(told, "w") as f:
+        f.write("".join("export %s=%s\n" % (k, shlex.quote(os.environ[k])) for k in (
+            "COPILOT_PROVIDER_BASE_URL", "COPILOT_PROVIDER_API_KEY", "COPILOT_OFFLINE")))
+    agent_starts_agent(copilot, capsys, "copilot", "bash", before=". %s && " % told)
+
+
+def test_e2e_copilot_notifications(copilot, capsys, receiver):
+    notified_through_each_transition(capsys, receiver, ["--agent", "copilot"], [], "bash")
+
+
+def test_e2e_copilot_trust_worktree_and_half_typed_text(copilot, repo, capsys, tmp_path):
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    code, out, _ = run(capsys, "spawn", "u1", "--agent", "copilot", "hi", "--cwd", str(fresh))
+    assert code == orch.EXIT_NEEDS_INPUT and "trust" in out and "not typed" in out, out
+    assert status(capsys, "u1")["needs"] == "trust"
+    assert run(capsys, "rm", "u1")[0] == 0
+    assert copilot_trusted(copilot.home) == [copilot.work]
+    code, out, err = run(capsys, "spawn", "t1", "--agent", "copilot", "hi", "--cwd", str(fresh),
+                         "--trust")
+    assert code == 0 and "first message submitted" in out, out + err
+    # Answered "Yes, and remember this folder": copilot recorded it, as it does.
+    assert copilot_trusted(copilot.home) == [copilot.work, str(fresh)]
+    code, out, err = run(capsys, "spawn", "w1", "--agent", "copilot", "in a worktree", "--cwd",
+                         repo.repo, "--worktree", "--trust")
+    assert code == 0, out + err
+    assert status(capsys, "w1")["worktree"] != repo.repo
+    retry_until(lambda: "in a worktree" in copilot.api.texts())
+    wait_status(capsys, "t1", "idle")
+    person_types("t1", "l:half typed")
+    agent = copilot.state()["agents"]["t1"]
+    retry_until(lambda: "half typed" in "\n".join(orch.agent_screen(agent)))
+    code, _, err = run(capsys, "send", "t1", "orch's words")
+    assert code == orch.EXIT_NEEDS_INPUT and "'half typed'" in err
+    assert run(capsys, "send", "t1", "orch's words", "--force")[0] == 0
+    retry_until(lambda: "orch's words" in copilot.api.texts())
+    assert "half typed" not in " ".join(copilot.api.texts())
+
+
+def test_e2e_copilot_round_trip_on_a_remote_host(copilot, monkeypatch):
+    round_trip_on_a_host(copilot, monkeypatch, "copilot", dict(
+        (key, os.environ[key]) for key in (
+            "ORCH_COPILOT", "COPILOT_PROVIDER_BASE_URL", "COPILOT_MODEL",
+            "COPILOT_PROVIDER_API_KEY", "COPILOT_OFFLINE", "COPILOT_AUTO_UPDATE",
+            "COPILOT_PKG_CACHE_HOME")))
 
 
 # ###########################################################################
