@@ -5946,6 +5946,23 @@ LIMIT_WORDS = re.compile(r"You[\u2019']ve (?:hit|reached) your .*limit|[Uu]sage 
                          r"out of usage")
 
 
+RETRY_LOOK = 2.0   # seconds a working claude's hooks are silent before orch reads its screen
+
+
+def claude_retrying(rows):
+    """"retrying: 429 …, attempt 3/10" from claude's spinner line, or None.
+
+    2.1.332: "✻ 429 This request would exceed your rate limit · retrying in 1s ·
+    attempt 3/10"; 2.1.197: "✻ API error · Retrying in 2s · attempt 3/4".
+    """
+    for row in reversed(rows[-20:]):
+        found = re.search(r"(\w[^\u00b7]*?) \u00b7 retrying in \d+s \u00b7 attempt (\d+/\d+)",
+                          row, re.I)
+        if found:
+            return "retrying: %s, attempt %s" % found.groups()
+    return None
+
+
 def claude_usage_limit(agent, result):
     """{resets_at} when a usage limit ended claude's last turn, else None.
 
@@ -6163,6 +6180,28 @@ def codex_usage(totals, entries):
                               number_or_zero(total.get("cache_write_input_tokens"))],
                       context=number_or_zero(last.get("total_tokens")),
                       window=info.get("model_context_window") or None)
+    return totals
+
+
+def gemini_usage(totals, entries):
+    """Fold gemini chat-file entries: each answer's tokens, once per message id.
+
+    Its input counts the cached part (the API's promptTokenCount): orch's is the rest.
+    """
+    totals = dict(totals)
+    for entry in entries:
+        tokens = entry.get("tokens")
+        if entry.get("type") != "gemini" or not isinstance(tokens, dict):
+            continue
+        cached = number_or_zero(tokens.get("cached"))
+        counts = [number_or_zero(tokens.get("input")) - cached,
+                  number_or_zero(tokens.get("output")) + number_or_zero(tokens.get("thoughts")),
+                  cached, 0]
+        if entry.get("id") != totals.get("last_id"):
+            totals["tokens"] = [a + b for a, b in zip(totals.get("tokens") or [0] * 4,
+                                                     totals.get("pending") or [0] * 4)]
+        totals.update(pending=counts, last_id=entry.get("id"),
+                      context=number_or_zero(tokens.get("total")))
     return totals
 
 
@@ -7400,6 +7439,15 @@ class ClaudeKind(AgentKind):
     permission_dialog = staticmethod(dialog_on_screen)
 
     @staticmethod
+    def recheck(agent, result, read_screen):
+        """While claude retries an API error no hook fires: its screen says it retries."""
+        if result["status"] == "working" and read_screen and \
+                time.time() - (result["since"] or 0) > RETRY_LOOK:
+            said = claude_retrying(read_screen())
+            if said:
+                result["detail"] = said
+
+    @staticmethod
     def yes_once(dialog):
         """The keys that answer Yes once: the digit of the option that says just "Yes"."""
         digit = dialog["options"].get("Yes")
@@ -7497,7 +7545,14 @@ class CodexKind(AgentKind):
 
     @staticmethod
     def recheck(agent, result, read_screen):
-        """An API error ends a codex turn with no hook: its rollout says so (0.169-0.171)."""
+        """An API error ends a codex turn with no hook: its rollout says so (0.169-0.171).
+
+        Nor does one fire when its dialog is answered: gone from the screen, it was
+        (a denial fires Interrupt), and its tool runs until PostToolUse.
+        """
+        if result["needs"] == "permission" and read_screen and \
+                time.time() - (result["since"] or 0) > SETTLE and codex_dialog(read_screen()) is None:
+            result.update(status="working", needs=None, detail=None, source="screen")
         if result["status"] == "working":
             failed = codex_failed_turn(agent)
             if failed:
@@ -7539,6 +7594,7 @@ class GeminiKind(AgentKind):
     START_MIB = 400     # 0.61.0, two node processes
     keys_lines = False  # its trust dialog has none (0.61.0); its input box rules out the rest
     sign_in_problem = staticmethod(lambda: gemini_sign_in_problem())
+    fold_usage = staticmethod(lambda totals, entries: gemini_usage(totals, entries))
 
     command = staticmethod(lambda: os.environ.get("ORCH_GEMINI") or "gemini")
 
@@ -7938,8 +7994,6 @@ class OpencodeKind(AgentKind):
               "session.idle": ("Stop", "StopFailure", "Interrupted")}
     START_MIB = 880     # 1.18.33: one Bun process
     PLACEHOLDER = "Ask anything\u2026"
-    # Its plugin says when it loaded, before the TUI draws; nothing stands before its box.
-    hooks_before_screens = False
 
     command = staticmethod(lambda: os.environ.get("ORCH_OPENCODE") or "opencode")
 
