@@ -1230,7 +1230,8 @@ def replay_events(events, seen=None):
     seen = dict(seen or {"status": None, "needs": None, "detail": None, "since": None,
                          "turn": None, "waiting": 0, "last_prompt": None, "session_id": None,
                          "permission_mode": None, "reported_in": False, "last_event": None,
-                         "tool": None, "ended": None, "asked": None, "error": None,
+                         "tool": None, "ended": None, "asked": None, "answered": None,
+                         "error": None,
                          "error_detail": None, "failed": None, "ends": [], "failures": []})
     for event in events:
         kind = event.get("event")
@@ -1271,6 +1272,8 @@ def replay_events(events, seen=None):
             seen["asked"] = event.get("t")
         elif kind == "Interrupted":         # codex: Escape ended the turn, no Stop comes
             seen.update(turn=None, waiting=0)
+        if kind in ANSWERED_BY and seen.get("asked"):
+            seen["answered"] = event.get("t")
         found = event_status(event)
         if found is None:
             continue
@@ -1280,6 +1283,9 @@ def replay_events(events, seen=None):
             seen.update(turn=None, waiting=0)
         elif kind == "Notification" and seen["status"] == "needs-input":
             continue        # a reminder of the dialog already up; it names no tool
+        elif kind == "Notification" and event.get("notification_type") == "permission_prompt" \
+                and (seen.get("answered") or 0) >= (seen.get("asked") or float("inf")):
+            continue        # late, on a busy machine: the dialog it tells of was answered
         detail = (event.get("tool_name") or seen["tool"]) if found[1] else None
         if kind == "Retrying":      # an API error the CLI retries: say so while it does
             detail = "retrying: %s" % (event.get("message") or "an API error") + (

@@ -1705,6 +1705,22 @@ def test_replay_keeps_the_tool_while_its_dialog_is_up():
     assert (seen["status"], seen["needs"], seen["detail"]) == ("needs-input", "permission", "Bash")
 
 
+def test_a_permission_notification_that_lands_after_its_answer_is_stale():
+    # Hooks run as processes of their own: on a busy machine the dialog's
+    # Notification can land after the approved tool ran (seen on 2.1.330).
+    events = hook_events(("UserPromptSubmit", "p1", "go"), ("PreToolUse", "p1", None),
+                         ("PermissionRequest", "p1", None), ("PostToolUse", "p1", None),
+                         ("Notification", None, None))
+    events[-1]["notification_type"] = "permission_prompt"
+    assert orch.replay_events(events)["status"] == "working"
+    again = events + hook_events(("PreToolUse", "p1", None), ("PermissionRequest", "p1", None))
+    for n, event in enumerate(again):
+        event["t"] = n
+    assert orch.replay_events(again)["status"] == "needs-input"     # a new dialog: asked
+    alone = [events[0], dict(events[-1], t=9)]      # a dialog told by its Notification only
+    assert orch.replay_events(alone)["status"] == "needs-input"
+
+
 @pytest.mark.parametrize("steps, own, age, expected", [
     # claude's file says waiting a moment before its PermissionRequest hook: name the tool.
     ([("UserPromptSubmit", "p1", "go"), ("PreToolUse", "p1", None)], "waiting", 0,
