@@ -8714,7 +8714,7 @@ examples:
   orch approve fix-tests --tool Bash              # Yes, once, to the dialog it shows
   orch attach fix-tests       # take the keyboard (detach: prefix d)
   orch spawn api "add paging" --worktree          # its own git checkout, branch orch/api
-  orch spawn review "review the diff" --agent codex   # OpenAI's Codex CLI (or gemini)
+  orch spawn review "review the diff" --agent codex   # or gemini, opencode, copilot
   orch diff api               # what it changed; `orch rm api` keeps uncommitted work
   orch --host build1 spawn fix "make it build"    # any verb on another machine, over ssh
   orch send fix@build1 "and run the tests"        # NAME@HOST wherever a name goes

@@ -3666,6 +3666,22 @@ def test_doctor_warns_where_claude_would_stop_at_a_first_screen(env, capsys, mon
     assert tree_of(env.home) == before
 
 
+def test_doctor_reports_opencode_and_copilot_and_plugins_turned_off(env, capsys, monkeypatch):
+    for name, says in (("opencode", "1.18.33"), ("copilot", "GitHub Copilot CLI 1.0.99.")):
+        path = os.path.join(env.root, name)
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\necho '%s'\n" % says)
+        os.chmod(path, 0o755)
+        monkeypatch.setenv("ORCH_" + name.upper(), path)
+    monkeypatch.setenv("OPENCODE_PURE", "1")
+    found = json.loads(run(capsys, "doctor", "--json")[1])
+    mine = dict(((f["check"], f["level"]), f["message"]) for f in found
+                if f["check"] in ("opencode", "copilot"))
+    assert mine[("opencode", "ok")].startswith("OpenCode 1.18.33 (")
+    assert "OPENCODE_PURE" in mine[("opencode", "problem")]
+    assert "not a version orch is tested with (1.0.102)" in mine[("copilot", "warning")]
+
+
 def test_doctor_warns_where_codex_or_gemini_would_stop_at_sign_in(env, capsys, monkeypatch):
     write_claude_config(env.home, [], {"oauthAccount": {"emailAddress": "a@example.com"}})
     for name, says in (("codex", "codex-cli 0.169.0"), ("gemini", "0.61.0")):
