@@ -3514,6 +3514,16 @@ def approve_permission(agent, args):
     return EXIT_OK
 
 
+def named_entry(agent, rows):
+    """The entry screen on rows, its question in the words the kind names it by, or None.
+
+    The line over an entry's keys need not be its question: gemini's API-key
+    box has one of its tips there ("4. Be specific for the best results").
+    """
+    entry, named = entry_dialog(rows), kind_of(agent).first_screen(rows)
+    return entry and dict(entry, question=named["question"] if named else entry["question"])
+
+
 def submit_entry(agent, entry, choice):
     """Press Enter at a first screen that offers no choices (what it shows is submitted)."""
     name, question = agent["name"], json.dumps(entry["question"], ensure_ascii=False)
@@ -3524,7 +3534,7 @@ def submit_entry(agent, entry, choice):
                         EXIT_USAGE)
 
     def shown(rows):
-        found = entry_dialog(rows)
+        found = named_entry(agent, rows)
         return found if found and found["question"] == entry["question"] else None
     if not answer_dialog(agent, ["Enter"], entry["question"], find=shown):
         raise OrchError("agent %s still shows %s after orch pressed Enter: look with `orch tail "
@@ -3538,7 +3548,7 @@ def cmd_approve(args):
     with SendLock(name):
         first = at_first_screen(status_of(agent))
         dialog = unhooked_dialog(agent)
-        entry = first and not dialog and entry_dialog(agent_screen(agent))
+        entry = first and not dialog and named_entry(agent, agent_screen(agent))
         if entry and not args.tool:
             submit_entry(agent, entry, args.choice)
         elif not dialog or args.tool:

@@ -7102,17 +7102,22 @@ def test_e2e_codex_worktree_of_a_trusted_checkout(codex, repo, capsys):
     retry_until(lambda: "hi" in codex.api.texts())
 
 
+def half_typed_text_is_refused(world, capsys, name):
+    """A person's words left in the input box: send refuses, --force clears them first."""
+    wait_status(capsys, name, "idle")
+    person_types(name, "l:half typed")
+    agent = world.state()["agents"][name]
+    retry_until(lambda: "half typed" in "\n".join(orch.agent_screen(agent)))
+    code, _, err = run(capsys, "send", name, "orch's words")
+    assert code == orch.EXIT_NEEDS_INPUT and "'half typed'" in err
+    assert run(capsys, "send", name, "orch's words", "--force")[0] == 0
+    retry_until(lambda: "orch's words" in world.api.texts())
+    assert "half typed" not in " ".join(world.api.texts())
+
+
 def test_e2e_codex_half_typed_text_is_refused(codex, capsys):
     assert run(capsys, "spawn", "c1", "--agent", "codex", "first")[0] == 0
-    wait_status(capsys, "c1", "idle")
-    person_types("c1", "l:half typed")
-    agent = codex.state()["agents"]["c1"]
-    retry_until(lambda: "half typed" in "\n".join(orch.agent_screen(agent)))
-    code, _, err = run(capsys, "send", "c1", "orch's words")
-    assert code == orch.EXIT_NEEDS_INPUT and "'half typed'" in err
-    assert run(capsys, "send", "c1", "orch's words", "--force")[0] == 0
-    retry_until(lambda: "orch's words" in codex.api.texts())
-    assert "half typed" not in " ".join(codex.api.texts())
+    half_typed_text_is_refused(codex, capsys, "c1")
 
 
 # ###########################################################################
@@ -7647,15 +7652,7 @@ def test_e2e_opencode_worktree_and_half_typed_text(opencode, repo, capsys):
     assert code == 0, out + err
     assert status(capsys, "w1")["worktree"] != repo.repo
     retry_until(lambda: "hi" in opencode.api.texts())
-    wait_status(capsys, "w1", "idle")
-    person_types("w1", "l:half typed")
-    agent = opencode.state()["agents"]["w1"]
-    retry_until(lambda: "half typed" in "\n".join(orch.agent_screen(agent)))
-    code, _, err = run(capsys, "send", "w1", "orch's words")
-    assert code == orch.EXIT_NEEDS_INPUT and "'half typed'" in err
-    assert run(capsys, "send", "w1", "orch's words", "--force")[0] == 0
-    retry_until(lambda: "orch's words" in opencode.api.texts())
-    assert "half typed" not in " ".join(opencode.api.texts())
+    half_typed_text_is_refused(opencode, capsys, "w1")
 
 
 def test_e2e_opencode_round_trip_on_a_remote_host(opencode, monkeypatch):
@@ -7844,15 +7841,7 @@ def test_e2e_copilot_trust_worktree_and_half_typed_text(copilot, repo, capsys, t
     assert code == 0, out + err
     assert status(capsys, "w1")["worktree"] != repo.repo
     retry_until(lambda: "in a worktree" in copilot.api.texts())
-    wait_status(capsys, "t1", "idle")
-    person_types("t1", "l:half typed")
-    agent = copilot.state()["agents"]["t1"]
-    retry_until(lambda: "half typed" in "\n".join(orch.agent_screen(agent)))
-    code, _, err = run(capsys, "send", "t1", "orch's words")
-    assert code == orch.EXIT_NEEDS_INPUT and "'half typed'" in err
-    assert run(capsys, "send", "t1", "orch's words", "--force")[0] == 0
-    retry_until(lambda: "orch's words" in copilot.api.texts())
-    assert "half typed" not in " ".join(copilot.api.texts())
+    half_typed_text_is_refused(copilot, capsys, "t1")
 
 
 def test_e2e_copilot_round_trip_on_a_remote_host(copilot, monkeypatch):
