@@ -1791,14 +1791,8 @@ def claude_trusts(path):
             projects = json.load(f).get("projects") or {}
     except (OSError, ValueError, AttributeError):
         return False
-    path = os.path.abspath(path)
-    while True:
-        if isinstance(projects.get(path), dict) and \
-                projects[path].get("hasTrustDialogAccepted") is True:
-            return True
-        if path == os.path.dirname(path):
-            return False
-        path = os.path.dirname(path)
+    return within(path, set(folder for folder, said in projects.items()
+                            if isinstance(said, dict) and said.get("hasTrustDialogAccepted") is True))
 
 
 def trust_folder(cwd):
@@ -3374,11 +3368,11 @@ def answer_dialog(agent, key, question, find=None):
     A key claude ignored is pressed again, but only while nothing shows it
     was taken (no hook event, no change of claude's own status since): a
     second press must never answer the next dialog.  find reads the dialog
-    off the screen (default: the permission dialog).
+    off the screen (default: the kind's permission dialog, off the screen it reads).
     """
     def gone():
-        own = find is kind_of(agent).permission_dialog
-        dialog = (find or dialog_on_screen)(dialog_screen(agent) if own else agent_screen(agent))
+        dialog = find(agent_screen(agent)) if find else \
+            kind_of(agent).permission_dialog(dialog_screen(agent))
         return dialog is None or dialog["question"] != question
     time.sleep(DIALOG_SETTLE)
     for _ in range(3):
@@ -3507,7 +3501,7 @@ def approve_permission(agent, args):
                         "approves once or not at all: answer with `orch attach %s`"
                         % (name, ", ".join(sorted(dialog["options"])), name),
                         EXIT_NEEDS_INPUT)
-    if not answer_dialog(agent, yes, dialog["question"], kind.permission_dialog):
+    if not answer_dialog(agent, yes, dialog["question"]):
         raise OrchError("agent %s still shows the dialog after orch pressed %s (Yes): look "
                         "with `orch tail %s`" % (name, yes[-1], name), EXIT_UNCONFIRMED)
     print("%s: approved %s" % (name, describe_request(request)))
@@ -3567,8 +3561,7 @@ def cmd_deny(args):
             return deny_unhooked(agent, dialog)
         request, dialog = open_dialog(agent, args.tool)
         # Escape cancels: the CLI refuses the tool and ends the turn (never an approval).
-        if not answer_dialog(agent, ["Escape"], dialog["question"],
-                             kind_of(agent).permission_dialog):
+        if not answer_dialog(agent, ["Escape"], dialog["question"]):
             raise OrchError("agent %s still shows the dialog after orch pressed Escape: look "
                             "with `orch tail %s`" % (name, name), EXIT_UNCONFIRMED)
     print("%s: denied %s; its turn ended: `orch send %s \"...\"` to say what to do instead"
@@ -7948,8 +7941,13 @@ def codex_trusts(path):
         found = re.match(r'projects\."((?:[^"\\]|\\.)*)"\s*\]', table)
         if found and re.search(r'(?m)^\s*trust_level\s*=\s*"trusted"', table):
             trusted.add(found.group(1).replace('\\"', '"').replace("\\\\", "\\"))
+    return within(path, trusted)
+
+
+def within(path, folders):
+    """True if path, or a folder above it, is one of folders."""
     path = os.path.abspath(path)
-    while path not in trusted:
+    while path not in folders:
         if path == os.path.dirname(path):
             return False
         path = os.path.dirname(path)
@@ -8444,8 +8442,7 @@ def copilot_trusts(path):
     except (OSError, ValueError):
         return False
     folders = found.get("trustedFolders") if isinstance(found, dict) else None
-    return any(isinstance(d, str) and (path == d or path.startswith(d.rstrip("/") + "/"))
-               for d in folders or [])
+    return within(path, set(d.rstrip("/") or "/" for d in folders or [] if isinstance(d, str)))
 
 
 def copilot_session_holders(agent):
