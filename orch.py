@@ -3407,12 +3407,12 @@ def unhooked_dialog(agent):
     leave_tmux_mode(agent)
     said = st["needs"] == "dialog" or at_first_screen(st)
     wait = 3.0 if said else 0     # claude says so a moment before it draws it
-    return retry_until(lambda: choice_dialog(agent_screen(agent), said), wait)
+    return retry_until(lambda: kind_of(agent).choices_dialog(agent_screen(agent), said), wait)
 
 
-def shown_dialog(rows):
-    """A dialog of choices still on the screen, even over an input box: gone means gone."""
-    return choice_dialog(rows, said=True)
+def shown_dialog(agent):
+    """Reads a dialog of choices still on its screen, even over an input box: gone means gone."""
+    return lambda rows: kind_of(agent).choices_dialog(rows, said=True)
 
 
 def choices_text(dialog):
@@ -3429,13 +3429,13 @@ def pick_choice(agent, dialog, number):
              socket=socket)
 
     def at_choice():
-        now = choice_dialog(agent_screen(agent), said=True)
+        now = shown_dialog(agent)(agent_screen(agent))
         return now and now["question"] == dialog["question"] and now["cursor"] == number
     if not retry_until(at_choice, 3.0):
         raise OrchError("agent %s's cursor did not reach choice %d; nothing was picked: look "
                         "with `orch attach %s`" % (agent["name"], number, agent["name"]),
                         EXIT_UNCONFIRMED)
-    return answer_dialog(agent, ["Enter"], dialog["question"], find=shown_dialog)
+    return answer_dialog(agent, ["Enter"], dialog["question"], find=shown_dialog(agent))
 
 
 # A choice that says no: what deny picks where the dialog offers no Esc to cancel.
@@ -3446,7 +3446,7 @@ def deny_unhooked(agent, dialog):
     """Cancel a dialog no hook describes: Esc where it offers that, else its "no" choice."""
     name = agent["name"]
     if re.search(r"Esc to (cancel|close|dismiss|go back)", dialog["keys"]):
-        answered = answer_dialog(agent, ["Escape"], dialog["question"], find=shown_dialog)
+        answered = answer_dialog(agent, ["Escape"], dialog["question"], find=shown_dialog(agent))
         how = "Escape"
     else:
         nos = [n for n, text in sorted(dialog["choices"].items())
@@ -3602,7 +3602,7 @@ def screen_advice(agent, st):
     if not known["keys"]:
         return ("%s, which no key in its window answers: %s, then `orch kill %s` and `orch "
                 "resume %s`" % (said, known["fix"], name, name))
-    dialog = choice_dialog(rows, said=True)
+    dialog = kind.choices_dialog(rows, said=True)
     entry = not dialog and entry_dialog(rows)
     how = "`orch approve %s` (Enter: %s)" % (name, entry["keys"]) if entry else \
         "`orch approve %s --choice N`%s" % (name, " (%s)" % choices_text(dialog) if dialog else "")
@@ -6678,7 +6678,7 @@ def wait_out_limit(agent):
     is limited, and continued after the reset.
     """
     question, choice = kind_of(agent).LIMIT_WAIT
-    dialog = choice_dialog(agent_screen(agent), said=True)
+    dialog = shown_dialog(agent)(agent_screen(agent))
     if dialog and re.search(question, dialog["question"] or ""):
         numbers = [n for n, text in sorted(dialog["choices"].items()) if re.match(choice, text)]
         if len(numbers) != 1 or not pick_choice(agent, dialog, numbers[0]):
@@ -7316,6 +7316,8 @@ class AgentKind(object):
     # Its transcript where no hook event named it.
     own_transcript = staticmethod(lambda agent: claude_transcript(agent))
     dialog_colors = False   # its permission_dialog reads the screen with colours
+    # A dialog of choices on its screen, by shape (choice_dialog), or one it draws its own way.
+    choices_dialog = staticmethod(lambda rows, said=False: choice_dialog(rows, said))
     # Its last answer {t, text}: what orch's hook kept of its Stop.
     reply = staticmethod(lambda agent: read_json(os.path.join(agent_dir(agent["name"]),
                                                               "reply.json")))
