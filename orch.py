@@ -3439,7 +3439,7 @@ def pick_choice(agent, dialog, number):
 
 
 # A choice that says no: what deny picks where the dialog offers no Esc to cancel.
-NEGATIVE_CHOICE = r"^(No|Not now|Cancel|Skip|Later|Dismiss|Don't)\b"
+NEGATIVE_CHOICE = r"^(No|Not now|Cancel|Skip|Later|Dismiss|Don't|Stop)\b"
 
 
 def deny_unhooked(agent, dialog):
@@ -5912,27 +5912,30 @@ MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", 
 
 
 def reset_from_words(text, after):
-    """The epoch time claude's words name for a limit's reset (the next one after `after`).
-
-    Only in UTC or this machine's own zone, which orch can convert with no
-    time-zone database (Python 3.6 has none); None otherwise.
-    """
-    import calendar
+    """The epoch time claude's words name for a limit's reset (the next one after `after`), or None."""
     found = RESETS_WORDS.search(text or "")
     if not found:
         return None
     month, day, hour, minute, half, zone = found.groups()
     hour = int(hour) % 12 + (12 if half == "pm" else 0)
-    if zone == "UTC":
+    date = (MONTHS.index(month) + 1, int(day)) if month in MONTHS else None
+    return clock_time(hour, int(minute or 0), zone, after, date)
+
+
+def clock_time(hour, minute, zone, after, date=None):
+    """The epoch time of the next hour:minute (on date) in zone from `after` on, or None.
+
+    Only in UTC or this machine's own zone, which orch can convert with no
+    time-zone database (Python 3.6 has none).
+    """
+    import calendar
+    if zone in ("UTC", "GMT"):
         to_epoch, parts = calendar.timegm, time.gmtime(after)
     elif zone in time.tzname or zone == os.environ.get("TZ"):
         to_epoch, parts = time.mktime, time.localtime(after)
     else:
         return None
-    if month in MONTHS:
-        return next_time(to_epoch, parts, hour, int(minute or 0), after,
-                         (MONTHS.index(month) + 1, int(day)))
-    return next_time(to_epoch, parts, hour, int(minute or 0), after)
+    return next_time(to_epoch, parts, hour, minute, after, date)
 
 
 def next_time(to_epoch, parts, hour, minute, after, date=None):
@@ -5955,7 +5958,7 @@ LIMIT_WORDS = re.compile(r"You[\u2019']ve (?:hit|reached) your .*limit|[Uu]sage 
                          r"out of usage")
 
 
-RETRY_LOOK = 2.0   # seconds a working claude's hooks are silent before orch reads its screen
+RETRY_LOOK = 2.0   # seconds a working agent's hooks are silent before orch reads its screen
 
 
 def claude_retrying(rows):
@@ -6565,6 +6568,9 @@ def changes(agent, st, old, late):
         ends = [(t, None) for t in [t for t in st.get("ends") or [] if t and t > (
             old.get("ended") or 0)] or [new["ended"]]]
     failures = [f for f in st.get("failures") or [] if f[0] and f[0] > (old.get("failed") or 0)]
+    if st.get("error") and not st.get("failures") and st.get("failed"):
+        # codex, gemini: a turn an error ended fires Stop too; that turn is not done.
+        ends = [end for end in ends if end[0] < st["failed"]]
     for _, failure in sorted(ends + [(f[0], f) for f in failures], key=lambda x: x[0]):
         found.append(make_event(agent, st, "failed", late, detail="%s: %s" % (
             failure[1], failure[2] or "")) if failure else make_event(agent, st, "done", late))
@@ -7602,6 +7608,11 @@ class GeminiKind(AgentKind):
                      # Shown after "Use Gemini API Key", the key from GEMINI_API_KEY filled in.
                      ("api-key", r"Enter Gemini API Key", True, None))
     hooks_before_screens = True     # SessionStart fires, then the sign-in screen (0.61.0)
+    # At a quota it shows its usage-limit box: "Stop" ends the turn and spends nothing,
+    # "Keep trying" asks the API again at once.
+    LIMIT_WAIT = (r"^Usage limit reached for ", r"Stop$")
+    choices_dialog = staticmethod(lambda rows, said=False: choice_dialog(rows, said)
+                                  or gemini_limit_dialog(rows))
     START_MIB = 400     # 0.61.0, two node processes
     keys_lines = False  # its trust dialog has none (0.61.0); its input box rules out the rest
     sign_in_problem = staticmethod(lambda: gemini_sign_in_problem())
@@ -7692,7 +7703,13 @@ class GeminiKind(AgentKind):
 
         Cancelled, gemini says so on screen ("Request cancelled."): idle.
         Otherwise it was approved and its tool runs until AfterTool: working.
+        No hook fires at its usage-limit box either: working and silent, it may be there.
         """
+        if result["status"] == "working" and read_screen and \
+                time.time() - (result["since"] or 0) > RETRY_LOOK:
+            limit = gemini_limit_dialog(read_screen())
+            if limit:
+                result.update(gemini_limited(agent, result, limit["said"]))
         if result["needs"] == "permission" and read_screen and \
                 time.time() - (result["since"] or 0) > SETTLE:    # drawn after its hook
             rows = read_screen()
@@ -7706,32 +7723,69 @@ class GeminiKind(AgentKind):
                 result.update(source="transcript", **failed)
 
 
+# The word for a quota's 429 (Google's status): gemini's chat file keeps only its message.
+QUOTA_ERROR = "RESOURCE_EXHAUSTED"
+GEMINI_QUOTA_WORDS = re.compile(r"exceeded your current quota|exhausted your (daily )?quota|"
+                                r"[Qq]uota exceeded|Usage limit reached")
+# Below this many seconds gemini retries a quota's 429 itself (0.61.0's MAX_RETRYABLE_DELAY).
+GEMINI_RETRIES_UNDER = 300
+
+
 def gemini_failed_turn(agent):
-    """{error, detail, failed} when an API error ended gemini's last turn, from its chat file.
+    """{error, detail, failed[, limit]} when an API error ended gemini's last turn, from its chat file.
 
     Gemini fires AfterAgent (orch's Stop) with "[no response text]" and writes
     an `error` entry after the prompt: "[API Error: {"error": {..., "status":
     "INVALID_ARGUMENT"}}]" (0.61.0).  The status is its word for the error.
+    A quota's error is its message alone ("You exceeded your current quota
+    ... Suggested retry after 3600s."): limited, until then if it says.
+    failed is the time of the entry before the error, as gemini_limited
+    tells it while the usage-limit box is still up: one failure, told once.
     """
-    path = hooked_transcript(agent)
-    if not path:
-        return None
-    failure = None
-    for entry in read_json_lines(path, tail_bytes=16384):
-        if entry.get("type") == "user":
-            failure = None      # a later prompt: what failed before is past
-        elif entry.get("type") == "error" and isinstance(entry.get("content"), str):
-            failure = entry
+    failure, before = gemini_turn_failure(agent)
     if failure is None:
         return None
-    word = "api_error"
-    found = re.search(r"\{.*\}", failure["content"])
+    word, text = "api_error", failure["content"]
+    found = re.search(r"\{.*\}", text)
     try:
         word = json.loads(found.group(0))["error"]["status"] if found else word
     except (ValueError, KeyError, TypeError):
         pass
-    return {"error": str(word), "detail": short_text(failure["content"]),
-            "failed": rollout_time(failure)}
+    result = {"error": str(word), "detail": short_text(text),
+              "failed": before or rollout_time(failure)}
+    if word == "api_error" and GEMINI_QUOTA_WORDS.search(text):
+        delay = re.search(r"Suggested retry after ([0-9.]+)(ms|s)\b", text) or re.search(
+            r"Please retry in ([0-9.]+)(ms|s)\b", text)
+        seconds = delay and float(delay.group(1)) / (1000 if delay.group(2) == "ms" else 1)
+        said = seconds if seconds and seconds > GEMINI_RETRIES_UNDER else None
+        result.update(error=QUOTA_ERROR, limit={"resets_at": said and rollout_time(failure) + said})
+    return result
+
+
+def gemini_turn_failure(agent):
+    """(the error entry that ended gemini's last turn or None, time of the entry before it).
+
+    The time is that of its last prompt or answer when no error ended it (yet).
+    """
+    path = hooked_transcript(agent)
+    failure, before, last = None, None, None
+    for entry in read_json_lines(path, tail_bytes=65536) if path else []:
+        kind = entry.get("type")
+        if kind == "user":
+            failure = None      # a later prompt: what failed before is past
+        if kind == "error" and isinstance(entry.get("content"), str):
+            failure, before = entry, last
+        elif kind in ("user", "gemini") and entry.get("timestamp"):
+            last = rollout_time(entry)
+    return failure, before if failure else last
+
+
+def gemini_limited(agent, result, said):
+    """The status of a gemini at its usage-limit box: limited, until when it says, if it does."""
+    failed = gemini_turn_failure(agent)[1] or result["since"]
+    return {"status": "limited", "needs": "dialog", "detail": said, "error": QUOTA_ERROR,
+            "failed": failed, "resets_at": gemini_reset(said, failed or time.time()),
+            "source": "screen"}
 
 
 def gemini_home(name):
@@ -7825,6 +7879,51 @@ def gemini_dialog(rows):
             return {"question": inner[i].strip(), "options": options, "cursor": cursor,
                     "above": inner[max(0, i - 30):i]}
     return None
+
+
+# Gemini's box when a quota ends its turn (0.61.0), and its words for when access returns.
+GEMINI_LIMIT = re.compile(r"^Usage limit reached for \S.*")
+GEMINI_RESETS = re.compile(r"Access resets at (\d{1,2}):(\d\d) ([AP]M) ([A-Za-z][\w+:-]*)")
+
+
+def gemini_limit_dialog(rows):
+    """Gemini's usage-limit box as choice_dialog returns a dialog, plus all it says, or None.
+
+    "Usage limit reached for m." / "Access resets at 2:39 AM UTC." (when the
+    API said how long) / "● 1. Keep trying" / "2. Stop": no keys line, no "?",
+    and no input box while it is up (a reply quoting it sits above one).
+    """
+    if gemini_input(rows) is not None:
+        return None
+    inner = [row.strip() for row in unboxed(rows[-40:])]
+    starts = [i for i, row in enumerate(inner) if GEMINI_LIMIT.match(row)]
+    if not starts:
+        return None
+    choices, cursor, said = {}, None, []
+    for row in inner[starts[-1]:]:
+        found = re.match(CHOICE_ROW, row)
+        if found:
+            choices[int(found.group(2))] = found.group(3)
+            cursor = int(found.group(2)) if found.group(1) else cursor
+        elif row and not choices and not re.match(r"^([\u2500-\u257f]+|/.*)$", row):
+            said.append(row)        # not its rules, nor its hints ("/model to switch models.")
+    if cursor is None or sorted(choices) != list(range(1, len(choices) + 1)):
+        return None
+    return {"question": said[0], "choices": choices, "cursor": cursor, "keys": "",
+            "said": " ".join(said)}
+
+
+def gemini_reset(said, after):
+    """The epoch time "Access resets at 2:39 AM UTC" names (the next such after `after`), or None.
+
+    Said to the minute: access may return as late as that minute's end.
+    """
+    found = GEMINI_RESETS.search(said or "")
+    if not found:
+        return None
+    hour, minute, half, zone = found.groups()
+    when = clock_time(int(hour) % 12 + (12 if half == "PM" else 0), int(minute), zone, after)
+    return when and when + 60
 
 
 def codex_composer_row(rows):

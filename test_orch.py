@@ -8,6 +8,7 @@ orch.py as a separate process, once per interpreter in `make test-pythons`.
 """
 
 import argparse
+import calendar
 import hashlib
 import http.server
 import io
@@ -3116,6 +3117,96 @@ def test_gemini_usage_counts_each_answer_once():
     assert orch.usage_fields(totals) == {
         "tokens": {"input": 80, "output": 16, "cache_read": 120, "cache_write": 0},
         "context_tokens": 107, "context_used": None, "cost_usd": None}
+
+
+# gemini 0.61.0 at a quota with a reset (a 429 whose RetryInfo is over 300 s), as captured.
+GEMINI_LIMIT_BOX = [
+    " > QUOTA-3600 second words", "", "",
+    "\u256d" + "\u2500" * 60 + "\u256e", "\u2502" + " " * 60 + "\u2502",
+    "\u2502 Usage limit reached for m." + " " * 34 + "\u2502",
+    "\u2502 Access resets at 2:39 AM UTC." + " " * 31 + "\u2502",
+    "\u2502 /stats model for usage details" + " " * 30 + "\u2502",
+    "\u2502 /model to switch models." + " " * 36 + "\u2502", "\u2502" + " " * 60 + "\u2502",
+    "\u2502 \u25cf 1. Keep trying" + " " * 44 + "\u2502", "\u2502   2. Stop" + " " * 51 + "\u2502",
+    "\u2502" + " " * 60 + "\u2502", "\u2570" + "\u2500" * 60 + "\u256f"]
+
+
+def test_gemini_usage_limit_box_and_when_it_resets():
+    box = orch.GeminiKind.choices_dialog(GEMINI_LIMIT_BOX, said=True)
+    assert box == {"question": "Usage limit reached for m.", "choices": {1: "Keep trying", 2: "Stop"},
+                   "cursor": 1, "keys": "",
+                   "said": "Usage limit reached for m. Access resets at 2:39 AM UTC."}
+    assert re.search(orch.GeminiKind.LIMIT_WAIT[0], box["question"])
+    assert [n for n, text in box["choices"].items() if re.match(orch.GeminiKind.LIMIT_WAIT[1],
+                                                                 text)] == [2]
+    assert re.match(orch.NEGATIVE_CHOICE, box["choices"][2])       # what deny picks
+    # Without a reset (a daily quota), and quoted in a reply above its input box.
+    daily = [row for row in GEMINI_LIMIT_BOX if "Access resets" not in row]
+    assert orch.gemini_limit_dialog(daily)["said"] == "Usage limit reached for m."
+    quoted = GEMINI_LIMIT_BOX + ["\u2500" * 40, " >   Type your message or @path/to/file"]
+    assert orch.gemini_limit_dialog(quoted) is None
+    assert orch.choice_dialog(GEMINI_LIMIT_BOX, said=True) is None     # no keys line: its own
+    # Said to the minute, in UTC: the next 2:39 from then on, to that minute's end.
+    said = calendar.timegm((2026, 12, 7, 1, 39, 30, 0, 0, 0))
+    assert orch.gemini_reset(box["said"], said) == calendar.timegm((2026, 12, 7, 2, 40, 0, 0, 0, 0))
+    late = calendar.timegm((2026, 12, 7, 23, 0, 0, 0, 0, 0))        # past it: tomorrow's
+    assert orch.gemini_reset(box["said"], late) == calendar.timegm((2026, 12, 8, 2, 40, 0, 0, 0, 0))
+    assert orch.gemini_reset("Access resets at 2:39 AM XYZT.", said) is None   # a zone orch can't
+
+
+def write_gemini_chat(env, name, entries):
+    """An agent whose SessionStart named a gemini chat file holding entries."""
+    chat = os.path.join(env.root, "chat-%s.jsonl" % name)
+    with open(chat, "w") as f:
+        f.write("".join(json.dumps(e) + "\n" for e in entries))
+    os.makedirs(orch.agent_dir(name), exist_ok=True)
+    with open(orch.events_path(name), "a") as f:
+        f.write(json.dumps({"t": time.time(), "event": "SessionStart",
+                            "transcript_path": chat}) + "\n")
+    return {"name": name}
+
+
+def test_gemini_quota_failure_from_its_chat_file(env):
+    prompt = {"type": "user", "timestamp": "2026-12-07T01:39:17.390Z", "content": [{"text": "go"}]}
+    quota = {"type": "error", "timestamp": "2026-12-07T01:39:53.809Z", "content":
+             "[API Error: You exceeded your current quota, please check your plan and billing "
+             "details.\n* Quota exceeded for metric: x, limit: 250, model: m\nPlease retry in "
+             "3600s.\nSuggested retry after 3600s.]"}
+    agent = write_gemini_chat(env, "g1", [prompt, {"$set": {}}, quota, {"type": "info",
+                                                                       "content": "failed"}])
+    failed = orch.gemini_failed_turn(agent)
+    at = calendar.timegm((2026, 12, 7, 1, 39, 17, 0, 0, 0)) + 0.39
+    assert failed["error"] == "RESOURCE_EXHAUSTED" and "current quota" in failed["detail"]
+    # The failure is known by the entry before it, as while gemini's box was still up.
+    assert abs(failed["failed"] - at) < 0.01
+    assert abs(failed["limit"]["resets_at"] - (at + 36.42 + 3600)) < 0.01
+    # A daily quota says no time; a delay gemini would retry itself is no reset either.
+    for words in ("[API Error: You have exhausted your daily quota on this model.]",
+                  "[API Error: You exceeded your current quota. Please retry in 23s.]"):
+        agent = write_gemini_chat(env, "g2", [prompt, dict(quota, content=words)])
+        assert orch.gemini_failed_turn(agent)["limit"] == {"resets_at": None}
+        os.remove(orch.events_path("g2"))
+    # Not a quota: the status in its JSON, and no limit.
+    bad = dict(quota, content='[API Error: {"error": {"code": 400, "status": "INVALID_ARGUMENT"}}]')
+    failed = orch.gemini_failed_turn(write_gemini_chat(env, "g3", [prompt, bad]))
+    assert failed["error"] == "INVALID_ARGUMENT" and "limit" not in failed
+    # A later prompt: what failed before is past.
+    assert orch.gemini_failed_turn(write_gemini_chat(env, "g4", [prompt, bad, prompt])) is None
+
+
+def test_a_failed_turns_stop_is_no_turn_done(env):
+    """codex and gemini fire Stop for a turn an error ended: told as failed, never as done."""
+    agent = {"name": "g1", "launched": 100}
+    old = {"launched": 100, "status": "working", "needs": None, "detail": None,
+           "ended": 110, "asked": None, "failed": None}
+    st = {"status": "limited", "needs": None, "detail": "quota", "error": "RESOURCE_EXHAUSTED",
+          "since": 130, "ends": [110, 120, 130], "failures": [], "ended": 130, "failed": 125,
+          "asked": None}
+    found = orch.changes(agent, st, old, False)
+    assert [e["event"] for e in found] == ["done", "failed"]    # 120's turn was done; 130's not
+    # Told failed while its usage-limit box was up (the same failure): nothing more at Stop.
+    told = dict(old, status="limited", failed=125, ended=120)
+    assert [e["event"] for e in orch.changes(agent, st, told, False)] == []
 
 
 def test_copilot_screens():
@@ -7128,7 +7219,9 @@ class FakeGemini(FakeAPI):
     """Serve streamGenerateContent on 127.0.0.1; record what each agent received.
 
     TOOL in the user's words asks for run_shell_command (gemini asks first);
-    SLOW-N answers N seconds late.
+    SLOW-N answers N seconds late; FAIL400 refuses the request; QUOTA-N answers
+    as the Gemini API does at a per-minute quota whose retry is N s away,
+    QUOTADAY as at a daily one (429 RESOURCE_EXHAUSTED with its details).
     """
     PATH = "/v1beta/models/"
 
@@ -7153,6 +7246,9 @@ class FakeGemini(FakeAPI):
         if "FAIL400" in record["text"] and not side and not tool_result:
             return self.fail(handler, 400, "INVALID_ARGUMENT",
                              "Request contains an invalid argument.", {}, google=True)
+        quota = re.search(r"\bQUOTA(DAY|-\d+)", record["text"])
+        if quota and not side and not tool_result:
+            return self.quota(handler, quota.group(1))
         command = self.command_in(record["text"], n) if not side and not tool_result else None
         if command:
             part = {"functionCall": {"name": "run_shell_command", "args": {
@@ -7173,6 +7269,34 @@ class FakeGemini(FakeAPI):
         handler.end_headers()
         handler.wfile.write(("data: %s\r\n\r\n" % json.dumps(chunk)).encode("utf-8"))
         handler.wfile.flush()
+
+    @staticmethod
+    def quota(handler, which):
+        """Google's 429 at a quota: its message, QuotaFailure, Help and RetryInfo (which: DAY or -N)."""
+        delay = "%ss" % (which[1:] if which != "DAY" else "23")
+        per = "PerDay" if which == "DAY" else "PerMinute"
+        body = {"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": (
+            "You exceeded your current quota, please check your plan and billing details. For "
+            "more information on this error, head to: https://ai.google.dev/gemini-api/docs/"
+            "rate-limits.\n* Quota exceeded for metric: generativelanguage.googleapis.com/"
+            "generate_content_free_tier_requests, limit: 250, model: m\nPlease retry in %s."
+            % delay), "details": [
+                {"@type": "type.googleapis.com/google.rpc.Help", "links": [{
+                    "description": "Learn more about Gemini API quotas",
+                    "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]},
+                {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{
+                    "quotaMetric": "generativelanguage.googleapis.com/"
+                                   "generate_content_free_tier_requests",
+                    "quotaId": "GenerateRequests%sPerProjectPerModel-FreeTier" % per,
+                    "quotaDimensions": {"location": "global", "model": "m"},
+                    "quotaValue": "250"}]},
+                {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}]}}
+        payload = json.dumps(body).encode("utf-8")
+        handler.send_response(429)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.end_headers()
+        handler.wfile.write(payload)
 
     def texts(self, session=None):
         with self.lock:
@@ -7316,6 +7440,70 @@ def test_e2e_gemini_a_turn_that_ends_on_an_api_error_is_not_done(gemini, capsys)
     assert run(capsys, "send", "g1", "third words")[:2] == (0, "g1: submitted\n")
     assert run(capsys, "wait", "g1", "--timeout", "60")[:2] == (0, "g1: idle\n")
     assert status(capsys, "g1")["error"] is None
+
+
+def held_outcomes(name):
+    """What the watcher's held-log says it did for an agent, in order."""
+    try:
+        with open(os.path.join(orch.agent_dir(name), "held-log.jsonl")) as f:
+            return [json.loads(line)["outcome"] for line in f]
+    except FileNotFoundError:
+        return []
+
+
+def test_e2e_gemini_a_quota_is_limited_until_it_says(gemini, capsys, receiver):
+    assert run(capsys, "notify", "add", "hook", "--webhook", receiver.url,
+               "--on", "done,failed")[0] == 0
+    assert run(capsys, "spawn", "g1", "--agent", "gemini", "first words")[0] == 0
+    assert run(capsys, "wait", "g1", "--timeout", "60")[0] == 0
+    sent = time.time()
+    assert run(capsys, "send", "g1", "QUOTA-3600 second words")[:2] == (0, "g1: submitted\n")
+    # No hook fires at its usage-limit box: the screen says limited, and until when.
+    row = retry_until(lambda: [r for r in [status(capsys, "g1")] if r["status"] == "limited"], 60)[0]
+    assert (row["error"], row["needs"]) == ("RESOURCE_EXHAUSTED", "dialog"), row
+    assert row["detail"].startswith("Usage limit reached for m. Access resets at "), row
+    # Said to the minute, an hour after the 429.
+    assert sent + 3600 <= orch.epoch_of(row["resets_at"]) <= time.time() + 3660, row
+    code, out, err = run(capsys, "wait", "g1", "--timeout", "5")
+    assert code == orch.EXIT_FAILED and out.startswith("g1: limited until "), (out, err)
+    asked = len(gemini.api.requests)
+    code, _, err = run(capsys, "send", "g1", "more words")     # an Enter would pick a choice
+    assert code == orch.EXIT_NEEDS_INPUT and "Usage limit reached" in err, err
+    code, out, err = run(capsys, "deny", "g1")      # its "no": Stop
+    assert code == 0 and "(2. Stop)" in out, (out, err)
+    # The turn ended on the quota: still limited, the time from what gemini wrote.
+    row = retry_until(lambda: [r for r in [status(capsys, "g1")] if r["status"] == "limited"
+                               and r["needs"] is None], 30)[0]
+    assert row["error"] == "RESOURCE_EXHAUSTED" and "exceeded your current quota" in row["detail"]
+    assert sent + 3600 <= orch.epoch_of(row["resets_at"]) <= time.time() + 3600, row
+    assert len(gemini.api.requests) == asked and gemini.api.texts().count(
+        "QUOTA-3600 second words") == 1         # gemini asked once, and nothing was typed
+    code, out, err = run(capsys, "reply", "g1")
+    assert code == orch.EXIT_FAILED and out == "" and "RESOURCE_EXHAUSTED" in err
+    assert run(capsys, "send", "g1", "third words")[:2] == (0, "g1: submitted\n")
+    assert run(capsys, "wait", "g1", "--timeout", "60")[:2] == (0, "g1: idle\n")
+    assert status(capsys, "g1")["error"] is None
+    # Told once that the quota stopped it (at its box), never that the turn was done.
+    told = events_of(receiver, "g1", 3, 60)
+    assert [e["event"] for e in told] == ["done", "failed", "done"], told
+    assert told[1]["detail"].startswith("RESOURCE_EXHAUSTED: Usage limit reached for m.")
+
+
+def test_e2e_gemini_on_limit_continue_stops_at_its_box(gemini, capsys):
+    assert run(capsys, "spawn", "g1", "--agent", "gemini", "first words",
+               "--on-limit", "continue")[0] == 0
+    assert run(capsys, "wait", "g1", "--timeout", "60")[0] == 0
+    assert run(capsys, "send", "g1", "QUOTADAY second words")[:2] == (0, "g1: submitted\n")
+    # The watcher picks "Stop" (never "Keep trying", which asks again), and nothing more:
+    # a daily quota says no time to continue at.
+    row = retry_until(lambda: [r for r in [status(capsys, "g1")] if r["status"] == "limited"
+                               and r["needs"] is None], 60)[0]
+    assert (row["error"], row["resets_at"]) == ("RESOURCE_EXHAUSTED", None), row
+    assert "daily quota" in row["detail"]
+    assert "limited (RESOURCE_EXHAUSTED)" in run(capsys, "list")[1]
+    retry_until(lambda: "answered 'Usage limit reached for m.': Stop" in held_outcomes("g1"), 30)
+    assert gemini.api.texts().count("QUOTADAY second words") == 1
+    assert orch.CONTINUE_MESSAGE not in gemini.api.texts() and not orch.load_held("g1")
 
 
 def test_e2e_gemini_approve_once_and_deny(gemini, capsys):
