@@ -1289,9 +1289,19 @@ def replay_events(events, seen=None):
         detail = (event.get("tool_name") or seen["tool"]) if found[1] else None
         if kind == "Retrying":      # an API error the CLI retries: say so while it does
             detail = "retrying: %s" % (event.get("message") or "an API error") + (
-                ", attempt %s" % event["attempt"] if event.get("attempt") else "")
+                ", attempt %s" % event["attempt"] if event.get("attempt") else "") + (
+                next_try(event.get("next"), event.get("t")))
         seen.update(status=found[0], needs=found[1], since=event.get("t"), detail=detail)
     return seen
+
+
+def next_try(when, said):
+    """", next try at 03:44" when a CLI retries a while from now (a retry-after of an hour)."""
+    if not isinstance(when, (int, float)) or when - (said or 0) < 60:
+        return ""
+    same_day = time.localtime(when)[:3] == time.localtime(said)[:3]
+    return ", next try at %s" % time.strftime("%H:%M" if same_day else "%b %d %H:%M",
+                                              time.localtime(when))
 
 
 def count_prompt(seen, event):
@@ -8348,7 +8358,8 @@ export const OrchEvents = async () => {
         if (p.status.type === "retry") {
           if (turn[sid]) turn[sid].retrying = true
           tell({ event: "Retrying", session_id: sid, attempt: p.status.attempt,
-                 message: String(p.status.message || "").slice(0, 200) })
+                 message: String(p.status.message || "").slice(0, 200),
+                 next: typeof p.status.next === "number" ? p.status.next / 1000 : undefined })
         } else if (p.status.type === "busy" && turn[sid] && turn[sid].retrying) {
           turn[sid].retrying = false
           tell({ event: "Working", session_id: sid })

@@ -1286,6 +1286,15 @@ def test_a_retried_api_error_is_working_and_says_so_until_the_turn_goes_on():
         "working", "retrying: Rate limit reached for requests, attempt 3")
     seen = orch.replay_events([{"t": 3.0, "event": "Working"}], seen)
     assert (seen["status"], seen["detail"]) == ("working", None)
+    # A retry an hour away (opencode at a retry-after of 3600 s): when it tries again.
+    said = time.mktime((2026, 12, 7, 2, 44, 10, 0, 0, -1))
+    seen = orch.replay_events([{"t": said, "event": "Retrying", "attempt": 1, "next": said + 3586,
+                                "message": "Rate limit reached for requests"}], seen)
+    assert seen["detail"] == ("retrying: Rate limit reached for requests, attempt 1, next try "
+                              "at 03:43")
+    seen = orch.replay_events([{"t": said, "event": "Retrying", "attempt": 2, "next": said + 5,
+                                "message": "Rate limit reached for requests"}], seen)
+    assert seen["detail"] == "retrying: Rate limit reached for requests, attempt 2"
 
 
 def test_merged_prompt_confirms_only_messages_orch_sent(env):
@@ -7442,15 +7451,6 @@ def test_e2e_gemini_a_turn_that_ends_on_an_api_error_is_not_done(gemini, capsys)
     assert status(capsys, "g1")["error"] is None
 
 
-def held_outcomes(name):
-    """What the watcher's held-log says it did for an agent, in order."""
-    try:
-        with open(os.path.join(orch.agent_dir(name), "held-log.jsonl")) as f:
-            return [json.loads(line)["outcome"] for line in f]
-    except FileNotFoundError:
-        return []
-
-
 def test_e2e_gemini_a_quota_is_limited_until_it_says(gemini, capsys, receiver):
     assert run(capsys, "notify", "add", "hook", "--webhook", receiver.url,
                "--on", "done,failed")[0] == 0
@@ -7501,7 +7501,9 @@ def test_e2e_gemini_on_limit_continue_stops_at_its_box(gemini, capsys):
     assert (row["error"], row["resets_at"]) == ("RESOURCE_EXHAUSTED", None), row
     assert "daily quota" in row["detail"]
     assert "limited (RESOURCE_EXHAUSTED)" in run(capsys, "list")[1]
-    retry_until(lambda: "answered 'Usage limit reached for m.': Stop" in held_outcomes("g1"), 30)
+    log = os.path.join(orch.agent_dir("g1"), "held-log.jsonl")
+    retry_until(lambda: "answered 'Usage limit reached for m.': Stop" in [
+        e["outcome"] for e in orch.read_json_lines(log)], 30)
     assert gemini.api.texts().count("QUOTADAY second words") == 1
     assert orch.CONTINUE_MESSAGE not in gemini.api.texts() and not orch.load_held("g1")
 
@@ -7636,9 +7638,10 @@ class FakeChat(FakeAPI):
             if word.startswith("SLOW-") and word[5:].isdigit():
                 time.sleep(int(word[5:]))
         if mine and "FAIL429" in record["text"]:
+            later = re.search(r"\bFAIL429-(\d+)", record["text"])     # retry-after N s
             return self.fail(handler, 429, "requests", "Rate limit reached for requests",
-                             {"retry-after": "1", "x-ratelimit-remaining-requests": "0"},
-                             openai=True)
+                             {"retry-after": later.group(1) if later else "1",
+                              "x-ratelimit-remaining-requests": "0"}, openai=True)
         command = self.command_in(record["text"], n) if mine else None
         delta = {"role": "assistant", "content": "tool finished" if tool_result else
                  "Fake title" if side else "reply %d: ok" % n}
@@ -7815,6 +7818,14 @@ def test_e2e_opencode_a_retried_then_failed_turn_is_not_done(opencode, capsys):
     assert run(capsys, "send", "f1", "third words")[:2] == (0, "f1: submitted\n")
     assert run(capsys, "wait", "f1", "--timeout", "60")[:2] == (0, "f1: idle\n")
     assert status(capsys, "f1")["error"] is None and run(capsys, "reply", "f1")[0] == 0
+    # A retry-after of an hour: opencode waits it out by itself, and orch says until when.
+    sent = time.time()
+    assert run(capsys, "send", "f1", "FAIL429-3600 fourth words")[:2] == (0, "f1: submitted\n")
+    row = retry_until(lambda: [r for r in [status(capsys, "f1")]
+                               if (r["detail"] or "").startswith("retrying")], 30)[0]
+    assert row["status"] == "working" and row["detail"].endswith(tuple(
+        "attempt 1, next try at " + time.strftime("%H:%M", time.localtime(t + 3600))
+        for t in (sent, time.time()))), row
 
 
 def test_e2e_opencode_every_other_verb(opencode, capsys):
