@@ -5855,10 +5855,14 @@ class FakeAPI(object):
             "error": {"code": code, "message": message, "status": kind}} if google else {
             "type": "error", "error": {"type": kind, "message": message},
             "request_id": "req_orch_test"}
+        FakeAPI.send_json(handler, code, body, headers)
+
+    @staticmethod
+    def send_json(handler, code, body, headers=None):
         payload = json.dumps(body).encode("utf-8")
         handler.send_response(code)
-        for key, value in dict(headers, **{"Content-Type": "application/json",
-                                           "Content-Length": str(len(payload))}).items():
+        for key, value in dict(headers or {}, **{"Content-Type": "application/json",
+                                                 "Content-Length": str(len(payload))}).items():
             handler.send_header(key, value)
         handler.end_headers()
         handler.wfile.write(payload)
@@ -7300,12 +7304,7 @@ class FakeGemini(FakeAPI):
                     "quotaDimensions": {"location": "global", "model": "m"},
                     "quotaValue": "250"}]},
                 {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}]}}
-        payload = json.dumps(body).encode("utf-8")
-        handler.send_response(429)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(payload)))
-        handler.end_headers()
-        handler.wfile.write(payload)
+        FakeAPI.send_json(handler, 429, body)
 
     def texts(self, session=None):
         with self.lock:
