@@ -6083,7 +6083,7 @@ class UsageCache(AgentCache):
     def of(self, agent, cache):
         """{tokens, context_tokens, context_used, cost_usd} of the agent's session, or None."""
         kind = kind_of(agent)
-        if not kind.hooks or agent.get("backend") == "headless":
+        if not kind.hooks:      # headless too: claude -p keeps the same transcript
             return None
         name = agent["name"]
         entry = self.entries.get(name)

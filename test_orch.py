@@ -6678,6 +6678,18 @@ def test_e2e_headless_reply(claude_headless, capsys):
     code, out, _ = run(capsys, "log", "h1", "--json")
     assert code == 0 and [json.loads(l)["kind"] for l in out.splitlines()] == [
         "session", "user", "assistant", "turn"]
+    # Tokens and context from claude's transcript, as for a tmux agent, across a resume.
+    assert run(capsys, "kill", "h1")[0] == 0
+    assert run(capsys, "resume", "h1")[0] == 0
+    assert run(capsys, "send", "h1", "--wait", "second")[0] == 0
+    answers = len([r for r in claude_headless.api.requests if not r["side"]])
+    expected = {"input": 10 * answers, "output": 5 * answers, "cache_read": 100 * answers,
+                "cache_write": 20 * answers}
+    row = retry_until(lambda: [r for r in [status(capsys, "h1")] if r["tokens"] == expected], 10)[0]
+    assert row["context_tokens"] == 135
+    costs = [e["totalCostUSD"] for e in orch.read_json_lines(orch.claude_transcript(
+        orch.load_state()["agents"]["h1"])) if e.get("type") == "cost-state"]
+    assert row["cost_usd"] == (round(costs[-1], 6) if costs else None)
 
 
 def test_e2e_copy_mode_and_half_typed_text(claude, capsys):
