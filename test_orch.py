@@ -7998,6 +7998,12 @@ def test_e2e_copilot_a_retried_then_failed_turn_is_not_done(copilot, capsys):
     assert run(capsys, "send", "f1", "third words")[:2] == (0, "f1: submitted\n")
     assert run(capsys, "wait", "f1", "--timeout", "60")[:2] == (0, "f1: idle\n")
     assert status(capsys, "f1")["error"] is None and run(capsys, "reply", "f1")[0] == 0
+    # A retry-after of an hour: it gives up at once, and says not when: failed, not limited.
+    asked = len(copilot.api.requests)
+    assert run(capsys, "send", "f1", "FAIL429-3600 fourth words")[:2] == (0, "f1: submitted\n")
+    code, out, err = run(capsys, "wait", "f1", "--timeout", "60")
+    assert (code, out) == (orch.EXIT_FAILED, "f1: idle (failed: rate_limit)\n"), (out, err)
+    assert len([r for r in copilot.api.requests[asked:] if not r["side"]]) == 1
 
 
 def test_e2e_copilot_a_message_during_a_turn_waits_and_runs_after_it(copilot, capsys):
