@@ -7584,6 +7584,11 @@ class CodexKind(AgentKind):
             failed = codex_failed_turn(agent)
             if failed:
                 result.update(status="idle", source="transcript", **failed)
+        if result["status"] == "working" and read_screen and \
+                time.time() - (result["since"] or 0) > RETRY_LOOK:
+            said = codex_retrying(read_screen())     # only its screen says it retries
+            if said:
+                result["detail"] = said
 
     @staticmethod
     def permission_dialog(rows):
@@ -7934,6 +7939,24 @@ def gemini_reset(said, after):
     hour, minute, half, zone = found.groups()
     when = clock_time(int(hour) % 12 + (12 if half == "PM" else 0), int(minute), zone, after)
     return when and when + 60
+
+
+def codex_retrying(rows):
+    """"retrying: Server is busy (last status: 429 …), attempt 3/5" from codex's screen, or None.
+
+    0.169.0-0.171.0: "◦ Server is busy, reconnecting 3/5 (9s • esc to interrupt)",
+    then "└ Exceeded retry limit, last status: 429 Too Many Requests".
+    """
+    rows = rows[-20:]
+    for i in range(len(rows) - 1, -1, -1):
+        found = re.match(r"^[\u25e6\u2022]\s+(\S.*?),? reconnecting (\d+/\d+)\b", rows[i])
+        if found:
+            why = found.group(1)
+            last = re.search(r"last status: (.+?)\s*$", rows[i + 1]) if i + 1 < len(rows) \
+                and rows[i + 1].lstrip().startswith("\u2514") else None
+            return "retrying: %s%s, attempt %s" % (
+                why, " (last status: %s)" % last.group(1) if last else "", found.group(2))
+    return None
 
 
 def codex_composer_row(rows):

@@ -3116,6 +3116,18 @@ def test_claude_says_on_screen_when_it_retries():
     assert orch.claude_retrying(["\u273b Thinking\u2026 (esc to interrupt)"]) is None
 
 
+def test_codex_says_on_screen_when_it_retries():
+    rows = ["\u203a FAIL429 second words", "",
+            "\u25e6 Server is busy, reconnecting 3/5 (9s \u2022 esc to interrupt)",
+            "  \u2514 Exceeded retry limit, last status: 429 Too Many Requests", "",
+            "\u203a Ask Codex to do anything"]
+    assert orch.codex_retrying(rows) == (
+        "retrying: Server is busy (last status: 429 Too Many Requests), attempt 3/5")
+    assert orch.codex_retrying([r.replace("\u25e6", "\u2022") for r in rows[:3]]) == (
+        "retrying: Server is busy, attempt 3/5")
+    assert orch.codex_retrying(["\u25e6 Working (3s \u2022 esc to interrupt)"]) is None
+
+
 def test_gemini_usage_counts_each_answer_once():
     answer = {"type": "gemini", "id": "a1", "tokens": {"input": 100, "output": 5, "cached": 60,
                                                        "thoughts": 2, "tool": 0, "total": 107}}
@@ -5858,6 +5870,14 @@ class FakeAPI(object):
         FakeAPI.send_json(handler, code, body, headers)
 
     @staticmethod
+    def openai_429(handler, text):
+        """OpenAI's 429 for too many requests: retry after 1 s, or N s for FAIL429-N."""
+        later = re.search(r"\bFAIL429-(\d+)", text)
+        FakeAPI.fail(handler, 429, "requests", "Rate limit reached for requests",
+                     {"retry-after": later.group(1) if later else "1",
+                      "x-ratelimit-remaining-requests": "0"}, openai=True)
+
+    @staticmethod
     def send_json(handler, code, body, headers=None):
         payload = json.dumps(body).encode("utf-8")
         handler.send_response(code)
@@ -6833,9 +6853,7 @@ class FakeResponses(FakeAPI):
             if word.startswith("SLOW-") and word[5:].isdigit():
                 time.sleep(int(word[5:]))
         if not side and not tool_result and "FAIL429" in record["text"]:
-            return self.fail(handler, 429, "requests", "Rate limit reached for requests",
-                             {"retry-after": "1", "x-ratelimit-remaining-requests": "0"},
-                             openai=True)
+            return self.openai_429(handler, record["text"])
         limit = limit_seconds(record["text"]) if not side and not tool_result else None
         if limit is not None:       # a ChatGPT plan's usage limit, as codex's backend answers
             resets = int(time.time()) + limit
@@ -7115,6 +7133,21 @@ def test_e2e_codex_a_turn_that_ends_on_a_429_is_not_done(codex, capsys):
     assert run(capsys, "send", "f1", "third words")[:2] == (0, "f1: submitted\n")
     assert run(capsys, "wait", "f1", "--timeout", "60")[:2] == (0, "f1: idle\n")
     assert status(capsys, "f1")["error"] is None and run(capsys, "reply", "f1")[0] == 0
+
+
+def test_e2e_codex_says_it_retries_an_api_error(codex, capsys):
+    assert run(capsys, "spawn", "f1", "--agent", "codex", "first words")[0] == 0
+    assert run(capsys, "wait", "f1", "--timeout", "60")[0] == 0
+    # Five retries, each after the 4 s the API asks for: only its screen says so.
+    assert run(capsys, "send", "f1", "FAIL429-4 second words")[:2] == (0, "f1: submitted\n")
+    row = retry_until(lambda: [r for r in [status(capsys, "f1")]
+                               if (r["detail"] or "").startswith("retrying")], 30)[0]
+    assert row["status"] == "working" and re.match(
+        r"retrying: Server is busy \(last status: 429 Too Many Requests\), attempt [1-5]/5$",
+        row["detail"]), row
+    code, out, err = run(capsys, "wait", "f1", "--timeout", "90")
+    assert (code, out) == (orch.EXIT_FAILED, "f1: idle (failed: "
+                           "response_too_many_failed_attempts)\n"), (out, err)
 
 
 def test_e2e_codex_usage_limit_tokens_and_context(codex, capsys, monkeypatch):
@@ -7649,10 +7682,7 @@ class FakeChat(FakeAPI):
             if word.startswith("SLOW-") and word[5:].isdigit():
                 time.sleep(int(word[5:]))
         if mine and "FAIL429" in record["text"]:
-            later = re.search(r"\bFAIL429-(\d+)", record["text"])     # retry-after N s
-            return self.fail(handler, 429, "requests", "Rate limit reached for requests",
-                             {"retry-after": later.group(1) if later else "1",
-                              "x-ratelimit-remaining-requests": "0"}, openai=True)
+            return self.openai_429(handler, record["text"])
         command = self.command_in(record["text"], n) if mine else None
         delta = {"role": "assistant", "content": "tool finished" if tool_result else
                  "Fake title" if side else "reply %d: ok" % n}
