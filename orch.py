@@ -4914,18 +4914,30 @@ STATUS_ORDER = ("needs-input", "limited", "working", "starting", "idle", "exited
 
 
 def cmd_status_line(args):
-    state = load_state()
-    found = statuses(list(state["agents"].values()))
+    state, rows = listed_rows()
     counts = dict((status, 0) for status in STATUS_ORDER)
-    for st in found.values():
-        counts[st["status"]] = counts.get(st["status"], 0) + 1
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
     parts = ["%d %s" % (counts[s], s.replace("-", " ")) for s in STATUS_ORDER if counts[s]]
-    failed = len([st for st in found.values() if st.get("error") and st["status"] != "limited"])
+    failed = len([row for row in rows if row.get("error") and row["status"] != "limited"])
     if failed:
         parts.insert(0, "%d failed" % failed)
+    peak = context_peak(rows)
     if parts:
-        print("orch: " + " \u00b7 ".join(parts))
+        print("orch: " + " \u00b7 ".join(parts + ([peak] if peak else [])))
     return report_problems(state)
+
+
+def context_peak(rows):
+    """"ctx 87% api": the running agent that uses the most of its context window, or None.
+
+    Only where the CLI tells the window: a count of tokens alone says not how near the end.
+    """
+    told = [row for row in rows if row["status"] != "exited" and row.get("context_used") is not None]
+    if not told:
+        return None
+    top = max(told, key=lambda row: row["context_used"])
+    return "ctx %s %s" % (context_label(top), top["name"])
 
 
 def cmd_events(args):

@@ -2147,6 +2147,17 @@ def test_list_shows_tokens_context_cost_and_memory(env, capsys):
     names = [r["name"] for r in json.loads(run(capsys, "list", "--json", "--sort", "rss")[1])]
     assert names == ["a1", "c1"]
     assert run(capsys, "list", "--sort", "ctx")[1].splitlines()[1].startswith("a1 ")
+    # Tokens alone say not how near the end of its window an agent is: no ctx in status-line.
+    assert "ctx" not in run(capsys, "status-line")[1]
+
+
+def test_status_line_shows_who_uses_the_most_of_its_context():
+    rows = [{"name": "a", "status": "idle", "context_used": 0.31},
+            {"name": "b", "status": "working", "context_used": 0.874},
+            {"name": "c", "status": "exited", "context_used": 0.99},
+            {"name": "d", "status": "idle", "context_used": None, "context_tokens": 190000}]
+    assert orch.context_peak(rows) == "ctx 87% b"
+    assert orch.context_peak([rows[2], rows[3]]) is None
 
 
 STATUS_LINE_INPUT = {"session_id": "s", "model": {"id": "claude-test"},
@@ -7596,7 +7607,11 @@ def every_other_verb(world, capsys, kind, prefix):
     finally:
         feed.kill()
         feed.communicate()
-    assert run(capsys, "status-line")[1] == "orch: 2 working\n"
+    rows = json.loads(run(capsys, "list", "--json")[1])
+    told = [r for r in rows if r["context_used"] is not None]
+    peak = max(told, key=lambda r: r["context_used"]) if told else None
+    assert run(capsys, "status-line")[1] == "orch: 2 working%s\n" % (
+        " \u00b7 ctx %d%% %s" % (round(100 * peak["context_used"]), peak["name"]) if peak else "")
     assert "SLOW-30 for all" in run(capsys, "tail", names[0])[1]
     assert run(capsys, "interrupt", names[0])[0] == 0
     assert wait_status(capsys, names[0], "idle", 30)["status"] == "idle"
