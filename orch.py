@@ -2199,7 +2199,9 @@ def clear_input_box(agent):
 
 
 QUEUED_HINT = "Press up to edit queued messages"    # shown in the box while messages wait
-RETRY_HINT = "Resend your message to try again"     # 2.1.332, after a turn failed
+# What claude shows in an empty box after a turn failed (2.1.330-2.1.332): after most
+# errors, and after a refused key.
+RETRY_HINTS = ("Resend your message to try again", "Once fixed, resend your message")
 
 
 def typed_text(agent):
@@ -2211,7 +2213,7 @@ def claude_typed_text(agent):
     """What sits in claude's input box now ('' when empty or only claude's hint)."""
     rows = agent_screen(agent)
     text = input_box(rows)[1] or ""
-    return "" if text in (QUEUED_HINT, RETRY_HINT) else text
+    return "" if text == QUEUED_HINT or text in RETRY_HINTS else text
 
 
 def confirm_submit(agent, text, since, was_working, timeout):
@@ -7956,18 +7958,22 @@ def gemini_reset(said, after):
 def codex_retrying(rows):
     """"retrying: Server is busy (last status: 429 …), attempt 3/5" from codex's screen, or None.
 
-    0.169.0-0.171.0: "◦ Server is busy, reconnecting 3/5 (9s • esc to interrupt)",
-    then "└ Exceeded retry limit, last status: 429 Too Many Requests".
+    0.169.0-0.171.0, at a 429: "◦ Server is busy, reconnecting 3/5 (9s • esc to
+    interrupt)" over "└ Exceeded retry limit, last status: 429 Too Many Requests";
+    at a 503: "◦ Reconnecting... 1/5 (3s • …)" over "└ Unexpected status 503 …, url: …".
     """
     rows = rows[-20:]
     for i in range(len(rows) - 1, -1, -1):
-        found = re.match(r"^[\u25e6\u2022]\s+(\S.*?),? reconnecting (\d+/\d+)\b", rows[i])
+        found = re.match(r"^[\u25e6\u2022]\s+(?:(\S.*?),? )?[Rr]econnecting(?:\.\.\.)? "
+                         r"(\d+/\d+)\b", rows[i])
         if found:
-            why = found.group(1)
-            last = re.search(r"last status: (.+?)\s*$", rows[i + 1]) if i + 1 < len(rows) \
-                and rows[i + 1].lstrip().startswith("\u2514") else None
-            return "retrying: %s%s, attempt %s" % (
-                why, " (last status: %s)" % last.group(1) if last else "", found.group(2))
+            under = rows[i + 1].strip() if i + 1 < len(rows) else ""
+            under = re.sub(r",? url: \S+$", "", under[1:].strip()) \
+                if under.startswith("\u2514") else ""
+            last = re.search(r"last status: (.+)$", under)
+            why = "%s (last status: %s)" % (found.group(1), last.group(1)) \
+                if found.group(1) and last else found.group(1) or under or "an API error"
+            return "retrying: %s, attempt %s" % (why, found.group(2))
     return None
 
 

@@ -3136,6 +3136,11 @@ def test_codex_says_on_screen_when_it_retries():
         "retrying: Server is busy (last status: 429 Too Many Requests), attempt 3/5")
     assert orch.codex_retrying([r.replace("\u25e6", "\u2022") for r in rows[:3]]) == (
         "retrying: Server is busy, attempt 3/5")
+    assert orch.codex_retrying(["\u25e6 Reconnecting... 1/5 (3s \u2022 esc to interrupt)",
+                                "  \u2514 Unexpected status 503 Service Unavailable: The server "
+                                "is overloaded or not ready yet., url: http://127.0.0.1:1/v1/r"]) == (
+        "retrying: Unexpected status 503 Service Unavailable: The server is overloaded or not "
+        "ready yet., attempt 1/5")
     assert orch.codex_retrying(["\u25e6 Working (3s \u2022 esc to interrupt)"]) is None
 
 
@@ -5828,6 +5833,9 @@ class FakeAPI(object):
             n = len(self.requests)
         reply, tool = "reply %d: ok" % n, None
         # Only the newest words: claude sends an unanswered message again with the next.
+        if not side and not tool_result and self.refused(handler, text.rsplit("\n", 1)[-1],
+                                                         "anthropic"):
+            return
         if not side and not tool_result and "FAIL429" in text.rsplit("\n", 1)[-1]:
             return self.fail(handler, 429, "rate_limit_error",
                              "This request would exceed your rate limit",
@@ -5879,6 +5887,40 @@ class FakeAPI(object):
             "type": "error", "error": {"type": kind, "message": message},
             "request_id": "req_orch_test"}
         FakeAPI.send_json(handler, code, body, headers)
+
+    # FAIL401 and FAIL529 in the user's words: a refused key, an overloaded API, as each
+    # vendor's API answers them (Google answers a bad key with 400 API_KEY_INVALID).
+    REFUSALS = {
+        ("FAIL401", "anthropic"): (401, {"type": "error", "request_id": "req_orch_test", "error": {
+            "type": "authentication_error", "message": "invalid x-api-key"}}),
+        ("FAIL529", "anthropic"): (529, {"type": "error", "request_id": "req_orch_test", "error": {
+            "type": "overloaded_error", "message": "Overloaded"}}),
+        ("FAIL401", "openai"): (401, {"error": {
+            "message": "Incorrect API key provided: orch-e2e*key. You can find your API key at "
+                       "https://platform.openai.com/account/api-keys.",
+            "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}),
+        ("FAIL529", "openai"): (503, {"error": {
+            "message": "The server is overloaded or not ready yet.", "type": "server_error",
+            "param": None, "code": None}}),
+        ("FAIL401", "google"): (400, {"error": {
+            "code": 400, "message": "API key not valid. Please pass a valid API key.",
+            "status": "INVALID_ARGUMENT", "details": [{
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
+                "domain": "googleapis.com", "metadata": {
+                    "service": "generativelanguage.googleapis.com"}}]}}),
+        ("FAIL529", "google"): (503, {"error": {
+            "code": 503, "message": "The model is overloaded. Please try again later.",
+            "status": "UNAVAILABLE"}}),
+    }
+
+    @staticmethod
+    def refused(handler, text, vendor):
+        """True once it answered as the vendor's API refuses, where text asks for it."""
+        for (word, whose), (code, body) in FakeAPI.REFUSALS.items():
+            if whose == vendor and re.search(r"\b%s\b" % word, text):
+                FakeAPI.send_json(handler, code, body)
+                return True
+        return False
 
     @staticmethod
     def openai_429(handler, text):
@@ -6357,6 +6399,35 @@ def test_e2e_a_turn_that_ends_on_a_429_is_not_done(claude, capsys, monkeypatch, 
     assert run(capsys, "wait", "f1", "--timeout", "60")[:2] == (0, "f1: idle\n")
     assert status(capsys, "f1")["error"] is None
     assert run(capsys, "reply", "f1")[0] == 0
+
+
+def failed_turn(capsys, name, words, word, timeout=90):
+    """Send words the fake refuses; the turn ends failed with the CLI's own word, exit 8."""
+    assert run(capsys, "send", name, words)[:2] == (0, "%s: submitted\n" % name)
+    code, out, err = run(capsys, "wait", name, "--timeout", str(timeout))
+    assert code == orch.EXIT_FAILED and re.match(r"%s: idle \(failed: (%s)\)\n$" % (name, word),
+                                                 out), (out, err)
+    return status(capsys, name)
+
+
+def a_refused_key_fails_the_turn(capsys, name, kind, word, said):
+    """FAIL401: told as a failed turn, with what the CLI said; the next turn clears it."""
+    assert run(capsys, "spawn", name, "--agent", kind, "first words")[0] == 0
+    assert run(capsys, "wait", name, "--timeout", "60")[0] == 0
+    row = failed_turn(capsys, name, "FAIL401 second words", word)
+    assert said in row["detail"], row
+    assert run(capsys, "reply", name)[0] == orch.EXIT_FAILED
+    assert run(capsys, "send", name, "third words")[:2] == (0, "%s: submitted\n" % name)
+    assert run(capsys, "wait", name, "--timeout", "60")[:2] == (0, "%s: idle\n" % name)
+    assert status(capsys, name)["error"] is None
+
+
+def test_e2e_a_refused_key_and_an_overloaded_api_are_failed_turns(claude, capsys, monkeypatch):
+    monkeypatch.setenv("CLAUDE_CODE_MAX_RETRIES", "2")
+    a_refused_key_fails_the_turn(capsys, "f1", "claude", "authentication_failed",
+                                 "Invalid API key")
+    row = failed_turn(capsys, "f1", "FAIL529 fourth words", "overloaded|server_error")
+    assert "529" in row["detail"] or "verloaded" in row["detail"], row
 
 
 @pytest.fixture
@@ -6865,6 +6936,8 @@ class FakeResponses(FakeAPI):
                 time.sleep(int(word[5:]))
         if not side and not tool_result and "FAIL429" in record["text"]:
             return self.openai_429(handler, record["text"])
+        if not side and not tool_result and self.refused(handler, record["text"], "openai"):
+            return
         limit = limit_seconds(record["text"]) if not side and not tool_result else None
         if limit is not None:       # a ChatGPT plan's usage limit, as codex's backend answers
             resets = int(time.time()) + limit
@@ -7126,6 +7199,21 @@ def test_e2e_codex_notifications(codex, capsys, receiver):
     notified_through_each_transition(capsys, receiver, ["--agent", "codex"], [], "Bash")
 
 
+def test_e2e_codex_a_refused_key_and_an_overloaded_api_are_failed_turns(codex, capsys):
+    a_refused_key_fails_the_turn(capsys, "f1", "codex", "http_connection_failed",
+                                 "401 Unauthorized: Incorrect API key provided")
+    # A 503 it retries five times, saying so only on its screen, then gives up.
+    assert run(capsys, "send", "f1", "FAIL529 fourth words")[:2] == (0, "f1: submitted\n")
+    row = retry_until(lambda: [r for r in [status(capsys, "f1")]
+                               if (r["detail"] or "").startswith("retrying")], 30)[0]
+    assert row["status"] == "working" and re.match(
+        r"retrying: Unexpected status 503 Service Unavailable: The server is overloaded or not "
+        r"ready yet\., attempt [1-5]/5$", row["detail"]), row
+    code, out, err = run(capsys, "wait", "f1", "--timeout", "120")
+    assert (code, out) == (orch.EXIT_FAILED, "f1: idle (failed: http_connection_failed)\n"), err
+    assert "503 Service Unavailable" in status(capsys, "f1")["detail"]
+
+
 def test_e2e_codex_a_turn_that_ends_on_a_429_is_not_done(codex, capsys):
     with open(codex.codex_config) as f:
         config = f.read()
@@ -7312,6 +7400,8 @@ class FakeGemini(FakeAPI):
         for word in record["text"].split() if not side and not tool_result else []:
             if word.startswith("SLOW-") and word[5:].isdigit():
                 time.sleep(int(word[5:]))
+        if not side and not tool_result and self.refused(handler, record["text"], "google"):
+            return
         if "FAIL400" in record["text"] and not side and not tool_result:
             return self.fail(handler, 400, "INVALID_ARGUMENT",
                              "Request contains an invalid argument.", {}, google=True)
@@ -7506,6 +7596,20 @@ def test_e2e_gemini_a_turn_that_ends_on_an_api_error_is_not_done(gemini, capsys)
     assert status(capsys, "g1")["error"] is None
 
 
+def test_e2e_gemini_a_refused_key_fails_and_an_overloaded_api_is_retried(gemini, capsys):
+    # Google answers a bad key with 400 API_KEY_INVALID: gemini's word is its status.
+    a_refused_key_fails_the_turn(capsys, "g1", "gemini", "INVALID_ARGUMENT",
+                                 "API key not valid")
+    # A 503 it retries for minutes, showing only "Thinking...": working, never done.
+    asked = len(gemini.api.requests)
+    assert run(capsys, "send", "g1", "FAIL529 fourth words")[:2] == (0, "g1: submitted\n")
+    retry_until(lambda: len([r for r in gemini.api.requests[asked:] if not r["side"]]) >= 2, 60)
+    assert status(capsys, "g1")["status"] == "working"
+    assert run(capsys, "wait", "g1", "--timeout", "1")[0] == orch.EXIT_TIMEOUT
+    assert run(capsys, "interrupt", "g1")[0] == 0
+    assert run(capsys, "wait", "g1", "--timeout", "60")[0] == 0
+
+
 def test_e2e_gemini_a_quota_is_limited_until_it_says(gemini, capsys, receiver):
     assert run(capsys, "notify", "add", "hook", "--webhook", receiver.url,
                "--on", "done,failed")[0] == 0
@@ -7698,6 +7802,8 @@ class FakeChat(FakeAPI):
                 time.sleep(int(word[5:]))
         if mine and "FAIL429" in record["text"]:
             return self.openai_429(handler, record["text"])
+        if mine and self.refused(handler, record["text"], "openai"):
+            return
         command = self.command_in(record["text"], n) if mine else None
         delta = {"role": "assistant", "content": "tool finished" if tool_result else
                  "Fake title" if side else "reply %d: ok" % n}
@@ -7855,6 +7961,19 @@ def test_e2e_opencode_spawn_send_wait_reply_log_kill_resume(opencode, capsys):
 
 def test_e2e_opencode_approve_once_and_deny(opencode, capsys):
     approve_once_and_deny(opencode, capsys, "opencode", "bash")
+
+
+def test_e2e_opencode_a_refused_key_fails_and_an_overloaded_api_is_retried(opencode, capsys):
+    a_refused_key_fails_the_turn(capsys, "f1", "opencode", "APIError",
+                                 "401 Incorrect API key provided")
+    # A 503 it retries with growing waits (five times, over a minute): working, and why.
+    assert run(capsys, "send", "f1", "FAIL529 fourth words")[:2] == (0, "f1: submitted\n")
+    row = retry_until(lambda: [r for r in [status(capsys, "f1")]
+                               if (r["detail"] or "").startswith("retrying")], 30)[0]
+    assert row["status"] == "working" and row["detail"].startswith(
+        "retrying: The server is overloaded or not ready yet., attempt "), row
+    assert run(capsys, "interrupt", "f1")[0] == 0
+    assert run(capsys, "wait", "f1", "--timeout", "60")[:2] == (0, "f1: idle\n")
 
 
 def test_e2e_opencode_a_retried_then_failed_turn_is_not_done(opencode, capsys):
@@ -8024,6 +8143,14 @@ def test_e2e_copilot_never_signed_in_first_contact(copilot, capsys, monkeypatch)
 def test_e2e_copilot_approve_once_and_deny(copilot, capsys):
     denied = approve_once_and_deny(copilot, capsys, "copilot", "bash")
     assert denied["status_source"] == "transcript"      # no hook says it was cancelled
+
+
+def test_e2e_copilot_a_refused_key_and_an_overloaded_api_are_failed_turns(copilot, capsys):
+    a_refused_key_fails_the_turn(capsys, "f1", "copilot", "authentication",
+                                 "Authentication failed with provider")
+    # A 503 it retries five times (about 17 s), then gives up.
+    row = failed_turn(capsys, "f1", "FAIL529 fourth words", "query")
+    assert "503 The server is overloaded" in row["detail"], row
 
 
 def test_e2e_copilot_a_retried_then_failed_turn_is_not_done(copilot, capsys):
