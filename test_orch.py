@@ -6381,8 +6381,7 @@ def test_e2e_a_turn_that_ends_on_a_429_is_not_done(claude, capsys, monkeypatch, 
     assert run(capsys, "wait", "f1", "--timeout", "60")[0] == 0
     assert run(capsys, "send", "f1", "FAIL429 second words")[:2] == (0, "f1: submitted\n")
     # While it retries: working, and the detail says so (its screen does; no hook).
-    row = retry_until(lambda: [r for r in [status(capsys, "f1")]
-                               if (r["detail"] or "").startswith("retrying")], 30)[0]
+    row = while_retrying(capsys, "f1")
     assert row["status"] == "working" and re.match(
         r"retrying: (API error|429 This request would exceed your rate limit), attempt \d/4$",
         row["detail"]), row
@@ -6399,6 +6398,12 @@ def test_e2e_a_turn_that_ends_on_a_429_is_not_done(claude, capsys, monkeypatch, 
     assert run(capsys, "wait", "f1", "--timeout", "60")[:2] == (0, "f1: idle\n")
     assert status(capsys, "f1")["error"] is None
     assert run(capsys, "reply", "f1")[0] == 0
+
+
+def while_retrying(capsys, name, timeout=30):
+    """The agent's row once its detail says its CLI retries an API error."""
+    return retry_until(lambda: [r for r in [status(capsys, name)]
+                                if (r["detail"] or "").startswith("retrying")], timeout)[0]
 
 
 def failed_turn(capsys, name, words, word, timeout=90):
@@ -7204,8 +7209,7 @@ def test_e2e_codex_a_refused_key_and_an_overloaded_api_are_failed_turns(codex, c
                                  "401 Unauthorized: Incorrect API key provided")
     # A 503 it retries five times, saying so only on its screen, then gives up.
     assert run(capsys, "send", "f1", "FAIL529 fourth words")[:2] == (0, "f1: submitted\n")
-    row = retry_until(lambda: [r for r in [status(capsys, "f1")]
-                               if (r["detail"] or "").startswith("retrying")], 30)[0]
+    row = while_retrying(capsys, "f1")
     assert row["status"] == "working" and re.match(
         r"retrying: Unexpected status 503 Service Unavailable: The server is overloaded or not "
         r"ready yet\., attempt [1-5]/5$", row["detail"]), row
@@ -7239,8 +7243,7 @@ def test_e2e_codex_says_it_retries_an_api_error(codex, capsys):
     assert run(capsys, "wait", "f1", "--timeout", "60")[0] == 0
     # Five retries, each after the 4 s the API asks for: only its screen says so.
     assert run(capsys, "send", "f1", "FAIL429-4 second words")[:2] == (0, "f1: submitted\n")
-    row = retry_until(lambda: [r for r in [status(capsys, "f1")]
-                               if (r["detail"] or "").startswith("retrying")], 30)[0]
+    row = while_retrying(capsys, "f1")
     assert row["status"] == "working" and re.match(
         r"retrying: Server is busy \(last status: 429 Too Many Requests\), attempt [1-5]/5$",
         row["detail"]), row
@@ -7968,8 +7971,7 @@ def test_e2e_opencode_a_refused_key_fails_and_an_overloaded_api_is_retried(openc
                                  "401 Incorrect API key provided")
     # A 503 it retries with growing waits (five times, over a minute): working, and why.
     assert run(capsys, "send", "f1", "FAIL529 fourth words")[:2] == (0, "f1: submitted\n")
-    row = retry_until(lambda: [r for r in [status(capsys, "f1")]
-                               if (r["detail"] or "").startswith("retrying")], 30)[0]
+    row = while_retrying(capsys, "f1")
     assert row["status"] == "working" and row["detail"].startswith(
         "retrying: The server is overloaded or not ready yet., attempt "), row
     assert run(capsys, "interrupt", "f1")[0] == 0
@@ -7981,8 +7983,7 @@ def test_e2e_opencode_a_retried_then_failed_turn_is_not_done(opencode, capsys):
     assert run(capsys, "wait", "f1", "--timeout", "60")[0] == 0
     assert run(capsys, "send", "f1", "FAIL429 second words")[:2] == (0, "f1: submitted\n")
     # It retries a 429 (five times, a second apart, as retry-after says): working, and why.
-    row = retry_until(lambda: [r for r in [status(capsys, "f1")]
-                               if (r["detail"] or "").startswith("retrying")], 30)[0]
+    row = while_retrying(capsys, "f1")
     assert row["status"] == "working" and row["detail"].startswith(
         "retrying: Rate limit reached for requests, attempt "), row
     code, out, err = run(capsys, "wait", "f1", "--timeout", "60")
@@ -7996,8 +7997,7 @@ def test_e2e_opencode_a_retried_then_failed_turn_is_not_done(opencode, capsys):
     # A retry-after of an hour: opencode waits it out by itself, and orch says until when.
     sent = time.time()
     assert run(capsys, "send", "f1", "FAIL429-3600 fourth words")[:2] == (0, "f1: submitted\n")
-    row = retry_until(lambda: [r for r in [status(capsys, "f1")]
-                               if (r["detail"] or "").startswith("retrying")], 30)[0]
+    row = while_retrying(capsys, "f1")
     assert row["status"] == "working" and row["detail"].endswith(tuple(
         "attempt 1, next try at " + time.strftime("%H:%M", time.localtime(t + 3600))
         for t in (sent, time.time()))), row
@@ -8157,8 +8157,7 @@ def test_e2e_copilot_a_retried_then_failed_turn_is_not_done(copilot, capsys):
     assert run(capsys, "spawn", "f1", "--agent", "copilot", "first words")[0] == 0
     assert run(capsys, "wait", "f1", "--timeout", "60")[0] == 0
     assert run(capsys, "send", "f1", "FAIL429 second words")[:2] == (0, "f1: submitted\n")
-    row = retry_until(lambda: [r for r in [status(capsys, "f1")]
-                               if (r["detail"] or "").startswith("retrying")], 30)[0]
+    row = while_retrying(capsys, "f1")
     assert (row["status"], row["detail"]) == (
         "working", "retrying: Rate limit reached for requests"), row
     code, out, err = run(capsys, "wait", "f1", "--timeout", "60")
