@@ -8302,19 +8302,36 @@ def bench_events(count):
     return "".join(json.dumps(line) + "\n" for line in lines)
 
 
+def bench_transcript(events):
+    """A claude transcript for bench_events(events): an answer with its usage per turn."""
+    lines = [{"type": "assistant", "message": {
+        "id": "msg_%d" % turn, "model": "claude-opus-4-5", "role": "assistant",
+        "content": [{"type": "text", "text": "Done: the module is split in two."}],
+        "usage": {"input_tokens": 3, "output_tokens": 120, "cache_read_input_tokens": 20000,
+                  "cache_creation_input_tokens": 400}}} for turn in range(events // 6 + 1)]
+    return "".join(json.dumps(line) + "\n" for line in lines)
+
+
 def claude_path_world(root, env, events):
     """The bench's agents as claude agents (no cmd) with `events` hook events each; its env.
 
-    Each also gets the status file claude keeps for itself, which `list` reads too.
+    Each also gets the status file and the transcript claude keeps, which `list` reads too.
     """
     folder = os.path.join(root, "claude-%d" % events)
     with open(env["ORCH_STATE"]) as f:
         state = json.load(f)
     text = bench_events(events)
+    transcript = bench_transcript(events)
     sessions = os.path.join(root, ".claude", "sessions")
+    projects = os.path.join(root, ".claude", "projects", "bench")
     os.makedirs(sessions, exist_ok=True)
+    os.makedirs(projects, exist_ok=True)
     for name, agent in state["agents"].items():
-        agent.update(cmd=None, session_id=str(uuid.uuid4()), launched=0, home=root)
+        agent.update(agent="claude", cmd=None, session_id=str(uuid.uuid4()), launched=0,
+                     home=root)
+        said = os.path.join(projects, "%s-%d.jsonl" % (agent["session_id"], events))
+        with open(said, "w") as f:
+            f.write(transcript)
         path = os.path.join(sessions, "%d.json" % agent["tmux"]["pid"])
         with open(path, "w") as f:
             json.dump({"pid": agent["tmux"]["pid"], "sessionId": agent["session_id"],
@@ -8323,7 +8340,8 @@ def claude_path_world(root, env, events):
         os.utime(path, (1.5, 1.5))     # claude writes it when the status changes
         os.makedirs(os.path.join(folder, "state.d", "agents", name), exist_ok=True)
         with open(os.path.join(folder, "state.d", "agents", name, "events.jsonl"), "w") as f:
-            f.write(text)
+            f.write(text.replace('"source": "startup"', '"source": "startup", '
+                                 '"transcript_path": %s' % json.dumps(said), 1))
     with open(os.path.join(folder, "state.json"), "w") as f:
         json.dump(state, f)
     return dict(env, ORCH_STATE=os.path.join(folder, "state.json"))
