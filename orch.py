@@ -6010,14 +6010,14 @@ def limit_margin():
 
 
 # "resets 9:18pm (UTC)", "resets Dec 5, 3pm (UTC)": claude's words for a limit's end.
-RESETS_WORDS = re.compile(r"resets (?:([A-Z][a-z]{2}) (\d{1,2}),? )?(\d{1,2})(?::(\d\d))?\s*"
-                          r"([ap]m)\s*\(([^)]+)\)")
+RESETS_WORDS = (r"resets (?:([A-Z][a-z]{2}) (\d{1,2}),? )?(\d{1,2})(?::(\d\d))?\s*"
+                r"([ap]m)\s*\(([^)]+)\)")
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 def reset_from_words(text, after):
     """The epoch time claude's words name for a limit's reset (the next one after `after`), or None."""
-    found = RESETS_WORDS.search(text or "")
+    found = re.search(RESETS_WORDS, text or "")
     if not found:
         return None
     month, day, hour, minute, half, zone = found.groups()
@@ -6058,8 +6058,8 @@ def next_time(to_epoch, parts, hour, minute, after, date=None):
 
 
 # Claude's words when a turn ends on a usage limit, not a passing 429 (2.1.197-2.1.332).
-LIMIT_WORDS = re.compile(r"You[\u2019']ve (?:hit|reached) your .*limit|[Uu]sage limit reached|"
-                         r"out of usage")
+LIMIT_WORDS = (r"You[\u2019']ve (?:hit|reached) your .*limit|[Uu]sage limit reached|"
+               r"out of usage")
 
 
 RETRY_LOOK = 2.0   # seconds a working agent's hooks are silent before orch reads its screen
@@ -6098,7 +6098,7 @@ def claude_usage_limit(agent, result):
                 return {"resets_at": quota["resetsAt"],
                         "continues_itself": continues_itself(entries[i + 1:])}
             break
-    if not LIMIT_WORDS.search(result["detail"] or ""):
+    if not re.search(LIMIT_WORDS, result["detail"] or ""):
         return None
     told = claude_status_line(agent).get("limit_resets")
     if told:        # what claude told orch's statusLine, where the user has one
@@ -7834,8 +7834,8 @@ class GeminiKind(AgentKind):
 
 # The word for a quota's 429 (Google's status): gemini's chat file keeps only its message.
 QUOTA_ERROR = "RESOURCE_EXHAUSTED"
-GEMINI_QUOTA_WORDS = re.compile(r"exceeded your current quota|exhausted your (daily )?quota|"
-                                r"[Qq]uota exceeded|Usage limit reached")
+GEMINI_QUOTA_WORDS = (r"exceeded your current quota|exhausted your (daily )?quota|"
+                      r"[Qq]uota exceeded|Usage limit reached")
 # Below this many seconds gemini retries a quota's 429 itself (0.61.0's MAX_RETRYABLE_DELAY).
 GEMINI_RETRIES_UNDER = 300
 
@@ -7862,7 +7862,7 @@ def gemini_failed_turn(agent):
         pass
     result = {"error": str(word), "detail": short_text(text),
               "failed": before or rollout_time(failure)}
-    if word == "api_error" and GEMINI_QUOTA_WORDS.search(text):
+    if word == "api_error" and re.search(GEMINI_QUOTA_WORDS, text):
         delay = re.search(r"Suggested retry after ([0-9.]+)(ms|s)\b", text) or re.search(
             r"Please retry in ([0-9.]+)(ms|s)\b", text)
         seconds = delay and float(delay.group(1)) / (1000 if delay.group(2) == "ms" else 1)
@@ -7991,8 +7991,8 @@ def gemini_dialog(rows):
 
 
 # Gemini's box when a quota ends its turn (0.61.0), and its words for when access returns.
-GEMINI_LIMIT = re.compile(r"^Usage limit reached for \S.*")
-GEMINI_RESETS = re.compile(r"Access resets at (\d{1,2}):(\d\d) ([AP]M) ([A-Za-z][\w+:-]*)")
+GEMINI_LIMIT = r"^Usage limit reached for \S.*"
+GEMINI_RESETS = r"Access resets at (\d{1,2}):(\d\d) ([AP]M) ([A-Za-z][\w+:-]*)"
 
 
 def gemini_limit_dialog(rows):
@@ -8005,7 +8005,7 @@ def gemini_limit_dialog(rows):
     if gemini_input(rows) is not None:
         return None
     inner = [row.strip() for row in unboxed(rows[-40:])]
-    starts = [i for i, row in enumerate(inner) if GEMINI_LIMIT.match(row)]
+    starts = [i for i, row in enumerate(inner) if re.match(GEMINI_LIMIT, row)]
     if not starts:
         return None
     choices, cursor, said = {}, None, []
@@ -8027,7 +8027,7 @@ def gemini_reset(said, after):
 
     Said to the minute: access may return as late as that minute's end.
     """
-    found = GEMINI_RESETS.search(said or "")
+    found = re.search(GEMINI_RESETS, said or "")
     if not found:
         return None
     hour, minute, half, zone = found.groups()
@@ -9305,15 +9305,48 @@ VERBS = (
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one `orch: error:` line (exit 2) like any other."""
 
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", Formatter)
+        argparse.ArgumentParser.__init__(self, *args, **kwargs)
+
     def error(self, message):
         raise OrchError("%s (see `%s --help`)" % (message, self.prog), EXIT_USAGE)
+
+
+class Formatter(argparse.HelpFormatter):
+    """argparse's help, without importing shutil to learn the width: 1.6 ms of every start.
+
+    argparse makes one for every option it adds, not only for --help.
+    """
+
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        argparse.HelpFormatter.__init__(self, prog, indent_increment, max_help_position,
+                                        width or terminal_width() - 2)
+
+
+class RawFormatter(Formatter, argparse.RawDescriptionHelpFormatter):
+    """The same, keeping the description's own line breaks."""
+
+
+def terminal_width():
+    """shutil.get_terminal_size().columns: $COLUMNS, else stdout's terminal, else 80."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
 
 
 def build_parser(only=None):
     """Build the command line; with only=VERB just that verb (start-up time matters)."""
     parser = Parser(
         prog="orch", description="Run and steer many AI coding agents in tmux.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG, formatter_class=RawFormatter)
     parser.add_argument("--version", action="version", version="orch " + __version__)
     parser.add_argument("--host", metavar="HOST",
                         help="run the verb on HOST over ssh (default $ORCH_HOST); must come "
