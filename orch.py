@@ -381,6 +381,14 @@ def tmux_env():
 
 def tmux(args, socket=None, stdin=None, timeout=None):
     """Run one tmux command (args may chain several with ';'); return its stdout."""
+    return tmux_started(args, socket, stdin, timeout)()
+
+
+def tmux_started(args, socket=None, stdin=None, timeout=None):
+    """Start one tmux command; return a function that waits for it and returns its stdout.
+
+    In between orch can do work of its own while tmux does its part.
+    """
     timeout = timeout or env_seconds("ORCH_TMUX_TIMEOUT", 15)
     argv = tmux_argv(socket, args)
     trace(argv)
@@ -390,17 +398,20 @@ def tmux(args, socket=None, stdin=None, timeout=None):
     except OSError:
         raise OrchError("tmux is not installed or not on PATH: install it "
                         "(e.g. apt-get install tmux) or use --backend headless")
-    try:
-        out, err = proc.communicate(stdin.encode("utf-8") if stdin is not None else None,
-                                    timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise OrchError("tmux %s did not answer within %ss: the tmux server may be hung"
-                        % (args[0], timeout))
-    if proc.returncode != 0:
-        raise TmuxError(args[0], err.decode("utf-8", "replace"))
-    return out.decode("utf-8", "replace")
+
+    def answer():
+        try:
+            out, err = proc.communicate(stdin.encode("utf-8") if stdin is not None else None,
+                                        timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise OrchError("tmux %s did not answer within %ss: the tmux server may be hung"
+                            % (args[0], timeout))
+        if proc.returncode != 0:
+            raise TmuxError(args[0], err.decode("utf-8", "replace"))
+        return out.decode("utf-8", "replace")
+    return answer
 
 
 def parse_tmux_version(text):
@@ -423,6 +434,7 @@ def check_tmux_version():
 PANE_FIELDS = ("pane_id", "pane_pid", "pane_dead", "pane_dead_status", "pane_dead_signal",
                "window_id", "session_name", "window_activity", "pid", "pane_in_mode",
                "pane_start_command")
+PANE_FORMAT = SEP.join("#{%s}" % f for f in PANE_FIELDS)
 
 
 def parse_panes(text):
@@ -439,13 +451,7 @@ def parse_panes(text):
 
 def list_panes(socket):
     """Return every pane of the server, or {} when no server is running."""
-    fmt = SEP.join("#{%s}" % f for f in PANE_FIELDS)
-    try:
-        return parse_panes(tmux(["list-panes", "-a", "-F", fmt], socket=socket))
-    except TmuxError as e:
-        if e.server_gone():
-            return {}
-        raise
+    return panes_asked(["list-panes", "-a", "-F", PANE_FORMAT], socket)()
 
 
 def pane_info(pane, socket):
@@ -454,13 +460,22 @@ def pane_info(pane, socket):
     One agent's status needs one pane, not all of them: this costs the same
     with 3 or 300 agents, where list-panes -a grows with them.
     """
-    fmt = SEP.join("#{%s}" % f for f in PANE_FIELDS)
-    try:
-        return parse_panes(tmux(["display-message", "-p", "-t", pane, fmt], socket=socket))
-    except TmuxError as e:
-        if e.server_gone() or e.target_gone():
-            return {}
-        raise
+    return panes_asked(["display-message", "-p", "-t", pane, PANE_FORMAT], socket)()
+
+
+def panes_asked(args, socket):
+    """Start a tmux command that prints PANE_FORMAT lines; return a function that waits
+    for them: {pane_id: fields}, {} when the server (or the one pane asked) is gone."""
+    answer = tmux_started(args, socket=socket)
+
+    def panes():
+        try:
+            return parse_panes(answer())
+        except TmuxError as e:
+            if e.server_gone() or e.target_gone():
+                return {}
+            raise
+    return panes
 
 
 def capture_pane(pane, socket, lines=None, colors=False):
@@ -1585,10 +1600,11 @@ def screen_status(result, pane):
     return result
 
 
-def statuses(agents, save=True, cache=None):
+def statuses(agents, save=True, cache=None, meanwhile=None):
     """Return {name: status dict} for agents, with one list-panes per tmux server.
 
     save=False: touch no file (doctor), not even the status caches.
+    meanwhile(): work of the caller's, done while tmux answers (once, in any case).
     """
     by_socket = {}
     result = {}
@@ -1600,7 +1616,11 @@ def statuses(agents, save=True, cache=None):
         socket = (agent.get("tmux") or {}).get("socket")
         by_socket.setdefault(socket, []).append(agent)
     for socket, group in by_socket.items():
-        panes = read_panes(group, socket)
+        answer = ask_panes(group, socket)
+        if meanwhile:
+            meanwhile()
+            meanwhile = None
+        panes = answer()
         for _ in range(10):
             # tmux marks a pane dead when its pty closes, a moment before it
             # reaps the exit status: ask again rather than report no code.
@@ -1609,6 +1629,8 @@ def statuses(agents, save=True, cache=None):
             time.sleep(0.02)
             panes = read_panes(group, socket)
         result.update(group_statuses(group, panes, socket, cache))
+    if meanwhile:
+        meanwhile()
     if save:
         cache.save()
     return result
@@ -1651,10 +1673,16 @@ def screen_reader(agent, socket):
 
 
 def read_panes(group, socket):
-    """One tmux call for a group of agents: their one pane, or every pane."""
+    return ask_panes(group, socket)()
+
+
+def ask_panes(group, socket):
+    """Start the one tmux call for a group of agents' panes (their one pane, or every
+    pane); return a function that waits for them."""
     if len(group) == 1:
-        return pane_info(group[0]["tmux"]["pane"], socket)
-    return list_panes(socket)
+        return panes_asked(["display-message", "-p", "-t", group[0]["tmux"]["pane"],
+                            PANE_FORMAT], socket)
+    return panes_asked(["list-panes", "-a", "-F", PANE_FORMAT], socket)
 
 
 def status_of(agent):
@@ -5213,7 +5241,8 @@ def age(seconds):
     return "%ds" % seconds
 
 
-def agent_row(agent, st):
+def agent_row(agent, st, held=None):
+    """The agent's `list` row; held: {name: messages held} if known (held_counts)."""
     since = st["since"]
     return {"name": agent["name"], "agent": kind_of(agent).name,
             "status": st["status"], "needs": st["needs"], "error": st.get("error"),
@@ -5231,8 +5260,7 @@ def agent_row(agent, st):
             "branch": (agent.get("worktree") or {}).get("branch"),
             "base": (agent.get("worktree") or {}).get("base"),
             "parent": agent.get("parent"), "stopped": bool(agent.get("stopped")),
-            "pending": len(load_held(agent["name"])) if os.path.exists(
-                held_path(agent["name"])) else 0}
+            "pending": held_count(agent["name"]) if held is None else held.get(agent["name"], 0)}
 
 
 def cmd_list(args):
@@ -5283,9 +5311,13 @@ def listed_rows():
     state = load_state()
     agents = sorted(state["agents"].values(), key=lambda a: a["created"])
     cache = StatusCache()
-    found = statuses(agents, cache=cache)
-    rows = [agent_row(a, found[a["name"]]) for a in agents]
-    add_usage(agents, rows, cache)
+    early = {}
+
+    def meanwhile():    # what needs no pane, while tmux lists them: the /proc pass is ~6 ms
+        early.update(table=process_table(), held=held_counts([a["name"] for a in agents]))
+    found = statuses(agents, cache=cache, meanwhile=meanwhile)
+    rows = [agent_row(a, found[a["name"]], early["held"]) for a in agents]
+    add_usage(agents, rows, cache, early["table"])
     return state, rows
 
 
@@ -6153,10 +6185,9 @@ def iso_time(when):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
-def add_usage(agents, rows, cache):
-    """Give each row its tokens, context and cost (UsageCache) and its memory (/proc)."""
+def add_usage(agents, rows, cache, table):
+    """Give each row its tokens, context and cost (UsageCache) and its memory (table)."""
     usage = UsageCache()
-    table = process_table()
     for agent, row in zip(agents, rows):
         found = usage.of(agent, cache) or {}
         row.update(tokens=found.get("tokens"), context_tokens=found.get("context_tokens"),
@@ -6555,6 +6586,17 @@ def held_path(name):
 def load_held(name):
     found = read_json(held_path(name))
     return found if isinstance(found, list) else []
+
+
+def held_count(name):
+    return len(load_held(name)) if os.path.exists(held_path(name)) else 0
+
+
+def held_counts(names):
+    """{name: messages held} of the agents that have any: one stat each, one data_dir()."""
+    folder = os.path.join(data_dir(), "agents")
+    return dict((name, held_count(name)) for name in names
+                if os.path.exists(os.path.join(folder, name, "held.json")))
 
 
 def hold_message(agent, text, raw):
