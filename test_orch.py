@@ -69,7 +69,8 @@ FAKE_AGENT = r"""#!PYTHON
 # SWALLOW (the first Enter after it is lost); FAKE_REDRAW_LATE=S (the input box
 # empties S seconds after the hook, as on a busy machine); /model (a picker, no
 # hook, own status "dialog open"); FAKE_UPSELL=1 (a turn ends in 2.1.332's renderer
-# prompt unless --settings names "tui"); APIFAIL-TYPE (an API error ends the turn:
+# prompt unless --settings names "tui"); RETRYING-N (busy N s, its screen retrying
+# a 429); APIFAIL-TYPE (an API error ends the turn:
 # StopFailure, no Stop); LIMIT-N (a usage limit that resets in N s, recorded
 # in the transcript as 2.1.332 does; LIMITSAID-N: only said, as 2.1.197);
 # FAKE_APIKEY=1 (2.1.332's API-key question,
@@ -257,6 +258,11 @@ def submit(text, hooked=False):
         if w.startswith("SLOW-"):
             state.update(mode="busy", until=time.time() + float(w[5:]))
             say("* Working... (esc to interrupt)")
+            redraw_box()
+            return
+        if w.startswith("RETRYING-"):   # busy N s, retrying an API error as claude shows it
+            state.update(mode="busy", until=time.time() + float(w[9:]))
+            say("\u273b 429 rate limited \u00b7 retrying in 7s \u00b7 attempt 2/10")
             redraw_box()
             return
     for w in words:
@@ -3125,6 +3131,36 @@ def test_claude_says_on_screen_when_it_retries():
     assert orch.claude_retrying(["\u273b API error \u00b7 Retrying in 2s \u00b7 attempt 3/4"]) == (
         "retrying: API error, attempt 3/4")
     assert orch.claude_retrying(["\u273b Thinking\u2026 (esc to interrupt)"]) is None
+
+
+def test_the_screens_of_many_agents_are_read_together_each_its_own(env, capsys, monkeypatch):
+    for name, words in (("a1", "SLOW-60"), ("a2", "RETRYING-60"), ("a3", "SLOW-60")):
+        assert run(capsys, "spawn", name, words)[0] == 0
+    # Hooks silent for RETRY_LOOK: each working agent's screen is read, all in one call.
+    rows = retry_until(lambda: [r for r in json.loads(run(capsys, "list", "--json")[1])
+                                if r["detail"]], 30)
+    assert [(r["name"], r["detail"]) for r in rows] == [
+        ("a2", "retrying: 429 rate limited, attempt 2/10")]
+    monkeypatch.setenv("ORCH_TRACE", "1")
+    code, out, err = run(capsys, "list", "--json")
+    calls = [l for l in err.splitlines() if l.startswith("orch: trace: tmux")]
+    assert code == 0 and len(calls) == 2 and " capturep " in calls[1], calls
+    assert [r["detail"] for r in json.loads(out)] == [None, rows[0]["detail"], None]
+
+
+def test_capture_panes_splits_what_tmux_would_refuse_and_reads_the_gone_alone(env, capsys,
+                                                                              monkeypatch):
+    tmux_cmd("new-window", "-d", "-t", "keep", "printf 'first screen\\n'; sleep 100000")
+    tmux_cmd("new-window", "-d", "-t", "keep", "printf 'second screen\\n'; sleep 100000")
+    panes = tmux_cmd("list-panes", "-s", "-t", "keep", "-F", "#{pane_id}").split()[1:]
+    retry_until(lambda: orch.capture_pane(panes[1], env.socket) == ["second screen"])
+    capsys.readouterr()
+    monkeypatch.setenv("ORCH_TRACE", "1")
+    found = orch.capture_panes(panes * 200, env.socket)     # ~30 KB: more than one call holds
+    assert found == {panes[0]: ["first screen"], panes[1]: ["second screen"]}
+    assert capsys.readouterr().err.count("orch: trace: tmux") == 3
+    found = orch.capture_panes([panes[0], "%9999", panes[1]], env.socket)
+    assert found == {panes[0]: ["first screen"], "%9999": [], panes[1]: ["second screen"]}
 
 
 def test_codex_says_on_screen_when_it_retries():
@@ -8277,11 +8313,12 @@ def tmux_calls(argv, env):
     return proc.stderr.count("orch: trace: tmux")
 
 
-def bench_events(count):
+def bench_events(count, working=True):
     """count hook events as orch's hook writes them for hours of work (~260 bytes each).
 
-    Turns of prompt, two tool calls and a reply; the last event starts a turn,
-    so the agent reads as working (what `wait` keeps polling).
+    Turns of prompt, two tool calls and a reply.  working: the last event
+    starts a turn, so the agent reads as working (what `wait` keeps polling),
+    its hooks silent long enough that its screen is read.
     """
     lines = [{"t": 1.0, "event": "SessionStart", "session_id": "s", "source": "startup"}]
     turn = 0
@@ -8298,7 +8335,10 @@ def bench_events(count):
                   {"t": t + .4, "event": "PostToolUse", "session_id": "s", "tool_name": "Edit"},
                   {"t": t + .5, "event": "Stop", "session_id": "s", "prompt_id": pid,
                    "last_assistant_message": "Done: the module is split in two. " * 4}]
-    lines = lines[:count - 1] + [dict(lines[1], t=1.0 + turn + 1)]
+    if working:
+        lines = lines[:count - 1] + [dict(lines[1], t=1.0 + turn + 1)]
+    else:
+        lines = lines[:1 + (count - 1) // 6 * 6]      # whole turns: the last event a Stop
     return "".join(json.dumps(line) + "\n" for line in lines)
 
 
@@ -8312,15 +8352,15 @@ def bench_transcript(events):
     return "".join(json.dumps(line) + "\n" for line in lines)
 
 
-def claude_path_world(root, env, events):
+def claude_path_world(root, env, events, working=True):
     """The bench's agents as claude agents (no cmd) with `events` hook events each; its env.
 
     Each also gets the status file and the transcript claude keeps, which `list` reads too.
     """
-    folder = os.path.join(root, "claude-%d" % events)
+    folder = os.path.join(root, "claude-%d-%s" % (events, working))
     with open(env["ORCH_STATE"]) as f:
         state = json.load(f)
-    text = bench_events(events)
+    text = bench_events(events, working)
     transcript = bench_transcript(events)
     sessions = os.path.join(root, ".claude", "sessions")
     projects = os.path.join(root, ".claude", "projects", "bench")
@@ -8428,8 +8468,9 @@ def bench_rows(n, env, root, orch_cmd, installed, floor_import, floor_tmux, repe
         rows.append([label, "%.1f" % statistics.median(times), "%.1f" % times[0],
                      "%.1f" % times[-1], str(calls), note])
         return statistics.median(times)
-    worlds = [("--cmd agents", env)] + [("claude agents, %d events each" % e,
-                                         claude_path_world(root, env, e)) for e in (40, 2000)]
+    worlds = [("--cmd agents", env),
+              ("claude agents, idle, 40 events each", claude_path_world(root, env, 40, False)),
+              ("claude agents, working, 2000 events each", claude_path_world(root, env, 2000))]
     for label, world in worlds:
         for form in (orch_cmd, installed):      # warm the status caches first
             subprocess.run(form + ["list", "--json"], env=world, stdout=subprocess.DEVNULL)
