@@ -109,7 +109,9 @@ class TmuxError(OrchError):
 
 def state_path():
     """Return the state file's path: $ORCH_STATE or ~/.orch.json."""
-    return resolve_state_path(os.environ.get("ORCH_STATE"), os.environ.get("HOME"), os.getcwd())
+    setting = os.environ.get("ORCH_STATE")
+    relative = setting and not setting.startswith(("/", "~"))    # then it depends on the cwd
+    return resolve_state_path(setting, os.environ.get("HOME"), os.getcwd() if relative else None)
 
 
 _resolved = {}
@@ -1329,7 +1331,10 @@ def replay_events(events, seen=None):
         elif kind == "Stop":
             turn_ended(seen)
             seen["ended"] = event.get("t")      # when the last turn ended (notifications)
-            seen["last_reply"] = event.get("last_assistant_message")
+            # Its start is enough here (a kind compares it with a marker; `reply`
+            # reads the transcript): the status cache holds one for every agent.
+            reply = event.get("last_assistant_message")
+            seen["last_reply"] = reply[:200] if isinstance(reply, str) else None
             # The last turn ends and failures, each, for a watcher that looks only now and then.
             seen["ends"] = (seen.get("ends") or [])[-(RECENT - 1):] + [event.get("t")]
             seen.update(error=None, error_detail=None)
@@ -1436,8 +1441,18 @@ class StatusCache(AgentCache):
     """
     FILE = "status-cache.json"
 
+    def __init__(self):
+        AgentCache.__init__(self)
+        self.looked = {}        # one StatusCache is one look: list asks twice per agent
+
     def summary(self, agent):
         """replay_events over the agent's hook events since its launch."""
+        name = agent["name"]
+        if name not in self.looked:
+            self.looked[name] = self.replayed(agent)
+        return self.looked[name]
+
+    def replayed(self, agent):
         name = agent["name"]
         launched = agent.get("launched", agent.get("created", 0))
         path = "%s/%s/events.jsonl" % (self.agents, name)      # events_path(), for 300 agents
@@ -6361,19 +6376,22 @@ def process_table():
     page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
     rss, children = {}, {}
     try:
-        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+        pids = os.listdir("/proc")
     except OSError:
         return rss, children        # no /proc here: memory is unknown
     for pid in pids:
+        if not pid.isdigit():
+            continue
         try:
-            fd = os.open("/proc/%s/stat" % pid, os.O_RDONLY)     # a third cheaper than open()
+            fd = os.open("/proc/" + pid + "/stat", os.O_RDONLY)     # a third cheaper than open()
             try:
                 data = os.read(fd, 4096)
             finally:
                 os.close(fd)
-            fields = data[data.rindex(b")") + 2:].split()     # the name may hold ") "
-            rss[int(pid)] = int(fields[21]) * page
-            children.setdefault(int(fields[1]), []).append(int(pid))
+            fields = data[data.rindex(b")") + 2:].split(None, 22)     # the name may hold ") "
+            number = int(pid)
+            rss[number] = int(fields[21]) * page
+            children.setdefault(int(fields[1]), []).append(number)
         except (OSError, ValueError, IndexError):
             continue        # gone meanwhile
     return rss, children
