@@ -8470,6 +8470,7 @@ def bench_rows(n, env, root, orch_cmd, installed, floor_import, floor_tmux, repe
         return statistics.median(times)
     worlds = [("--cmd agents", env),
               ("claude agents, idle, 40 events each", claude_path_world(root, env, 40, False)),
+              ("claude agents, idle, 2000 events each", claude_path_world(root, env, 2000, False)),
               ("claude agents, working, 2000 events each", claude_path_world(root, env, 2000))]
     for label, world in worlds:
         for form in (orch_cmd, installed):      # warm the status caches first
