@@ -453,7 +453,7 @@ def parse_panes(text):
 
 def list_panes(socket):
     """Return every pane of the server, or {} when no server is running."""
-    return panes_asked(["list-panes", "-a", "-F", PANE_FORMAT], socket)()
+    return panes_asked(pane_query(), socket)()
 
 
 def pane_info(pane, socket):
@@ -462,7 +462,14 @@ def pane_info(pane, socket):
     One agent's status needs one pane, not all of them: this costs the same
     with 3 or 300 agents, where list-panes -a grows with them.
     """
-    return panes_asked(["display-message", "-p", "-t", pane, PANE_FORMAT], socket)()
+    return panes_asked(pane_query(pane), socket)()
+
+
+def pane_query(pane=None):
+    """tmux's words for PANE_FORMAT lines: of one pane, or (pane=None) of every pane."""
+    if pane:
+        return ["display-message", "-p", "-t", pane, PANE_FORMAT]
+    return ["list-panes", "-a", "-F", PANE_FORMAT]
 
 
 def panes_asked(args, socket):
@@ -500,7 +507,7 @@ def capture_panes(panes, socket):
 
     Before each screen tmux prints a line with a random mark no program can
     guess, so a screen's text cannot pass for the start of another's.  tmux
-    refuses a command over ~16 KB: a call takes what fits in 12 KB (~180
+    refuses a command over ~16 KB: a call takes what fits in 12 KB (~170
     panes; hence the short aliases of display-message and capture-pane).  A
     pane gone meanwhile fails its call: those are read one by one, [] for the gone.
     """
@@ -1642,7 +1649,7 @@ def statuses(agents, save=True, cache=None, meanwhile=None):
             if not any(p["pane_dead"] == "1" and exit_code_of(p) is None for p in panes.values()):
                 break
             time.sleep(0.02)
-            panes = read_panes(group, socket)
+            panes = ask_panes(group, socket)()
         result.update(group_statuses(group, panes, socket, cache))
     if meanwhile:
         meanwhile()
@@ -1661,7 +1668,7 @@ def group_statuses(group, panes, socket, cache):
     Each capture-pane is a tmux client of its own (~3 ms).  A working agent
     whose hooks are silent has its screen read (a retry, a limit box), so
     with one capture each, `list` of 300 agents thinking at once took a
-    second; now their screens come in one tmux call per 50.
+    second; now their screens come in one tmux call per ~170.
     """
     if len(group) == 1:
         agent = group[0]
@@ -1687,17 +1694,10 @@ def screen_reader(agent, socket):
     return lambda: screen_or_nothing(agent["tmux"]["pane"], socket)
 
 
-def read_panes(group, socket):
-    return ask_panes(group, socket)()
-
-
 def ask_panes(group, socket):
     """Start the one tmux call for a group of agents' panes (their one pane, or every
     pane); return a function that waits for them."""
-    if len(group) == 1:
-        return panes_asked(["display-message", "-p", "-t", group[0]["tmux"]["pane"],
-                            PANE_FORMAT], socket)
-    return panes_asked(["list-panes", "-a", "-F", PANE_FORMAT], socket)
+    return panes_asked(pane_query(group[0]["tmux"]["pane"] if len(group) == 1 else None), socket)
 
 
 def status_of(agent):
