@@ -6415,15 +6415,9 @@ def test_e2e_a_turn_that_ends_on_a_429_is_not_done(claude, capsys, monkeypatch, 
     assert run(capsys, "notify", "add", "hook", "--webhook", receiver.url, "--on", "failed")[0] == 0
     assert run(capsys, "spawn", "f1", "first words")[0] == 0
     assert run(capsys, "wait", "f1", "--timeout", "60")[0] == 0
-    assert run(capsys, "send", "f1", "FAIL429 second words")[:2] == (0, "f1: submitted\n")
     # While it retries: working, and the detail says so (its screen does; no hook).
-    row = while_retrying(capsys, "f1")
-    assert row["status"] == "working" and re.match(
-        r"retrying: (API error|429 This request would exceed your rate limit), attempt \d/4$",
-        row["detail"]), row
-    code, out, err = run(capsys, "wait", "f1", "--timeout", "120")
-    assert (code, out) == (orch.EXIT_FAILED, "f1: idle (failed: rate_limit)\n"), (out, err)
-    row = status(capsys, "f1")
+    row = failed_turn(capsys, "f1", "FAIL429 second words", "rate_limit", 120, retrying=(
+        r"retrying: (API error|429 This request would exceed your rate limit), attempt \d/4$"))
     assert (row["error"], row["detail"][:33]) == ("rate_limit", "API Error: Request rejected (429)")
     code, out, err = run(capsys, "reply", "f1")
     assert code == orch.EXIT_FAILED and out == "" and "rate_limit" in err
@@ -6442,9 +6436,15 @@ def while_retrying(capsys, name, timeout=30):
                                 if (r["detail"] or "").startswith("retrying")], timeout)[0]
 
 
-def failed_turn(capsys, name, words, word, timeout=90):
-    """Send words the fake refuses; the turn ends failed with the CLI's own word, exit 8."""
+def failed_turn(capsys, name, words, word, timeout=90, retrying=None):
+    """Send words the fake refuses; the turn ends failed with the CLI's own word, exit 8.
+
+    retrying: what the detail says (a pattern) while the CLI retries first.
+    """
     assert run(capsys, "send", name, words)[:2] == (0, "%s: submitted\n" % name)
+    if retrying:
+        row = while_retrying(capsys, name)
+        assert row["status"] == "working" and re.match(retrying, row["detail"]), row
     code, out, err = run(capsys, "wait", name, "--timeout", str(timeout))
     assert code == orch.EXIT_FAILED and re.match(r"%s: idle \(failed: (%s)\)\n$" % (name, word),
                                                  out), (out, err)
@@ -7278,14 +7278,9 @@ def test_e2e_codex_says_it_retries_an_api_error(codex, capsys):
     assert run(capsys, "spawn", "f1", "--agent", "codex", "first words")[0] == 0
     assert run(capsys, "wait", "f1", "--timeout", "60")[0] == 0
     # Five retries, each after the 4 s the API asks for: only its screen says so.
-    assert run(capsys, "send", "f1", "FAIL429-4 second words")[:2] == (0, "f1: submitted\n")
-    row = while_retrying(capsys, "f1")
-    assert row["status"] == "working" and re.match(
-        r"retrying: Server is busy \(last status: 429 Too Many Requests\), attempt [1-5]/5$",
-        row["detail"]), row
-    code, out, err = run(capsys, "wait", "f1", "--timeout", "90")
-    assert (code, out) == (orch.EXIT_FAILED, "f1: idle (failed: "
-                           "response_too_many_failed_attempts)\n"), (out, err)
+    failed_turn(capsys, "f1", "FAIL429-4 second words", "response_too_many_failed_attempts",
+                retrying=r"retrying: Server is busy \(last status: 429 Too Many Requests\), "
+                         r"attempt [1-5]/5$")
 
 
 def test_e2e_codex_usage_limit_tokens_and_context(codex, capsys, monkeypatch):
