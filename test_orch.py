@@ -4579,13 +4579,16 @@ def test_cli_two_resume_all_at_once_start_each_agent_once(env, capsys):
 
 
 def test_resume_all_leaves_an_agent_that_ended_with_exit_code_0_in_its_window(env, capsys):
-    assert run(capsys, "spawn", "done", "--cmd", "true")[0] == 0
-    assert run(capsys, "spawn", "died", "--cmd", "exit 5")[0] == 0
+    # Each ends when told: one that exits at once may be gone before spawn looks (busy CPUs).
+    assert run(capsys, "spawn", "done", "--cmd", "sh -c 'read line'")[0] == 0
+    assert run(capsys, "spawn", "died", "--cmd", "sh -c 'read line; exit 5'")[0] == 0
+    assert run(capsys, "send", "done", "go")[0] == 0
+    assert run(capsys, "send", "died", "go")[0] == 0
     wait_status(capsys, "done", "exited")
     wait_status(capsys, "died", "exited")
     code, out, err = run(capsys, "resume", "--all", "--stagger", "0")
     assert "done: ended its own session (exit code 0)" in out
-    assert "died: resumed (exit 5, tmux)" in out, err
+    assert "died: resumed (sh -c 'read line; exit 5', tmux)" in out, err
 
 
 def test_resume_all_waits_for_memory_and_then_says_why_not(env, capsys, monkeypatch):
