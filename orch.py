@@ -1684,7 +1684,7 @@ def group_statuses(group, panes, socket, cache):
             waiting.append(agent)
     screens = capture_panes([agent["tmux"]["pane"] for agent in waiting], socket)
     for agent in waiting:
-        rows = screens[agent["tmux"]["pane"]]
+        rows = screens.get(agent["tmux"]["pane"], [])
         found[agent["name"]] = agent_status(agent, panes, lambda: rows, cache)
     return found
 
@@ -6112,6 +6112,12 @@ LIMIT_WORDS = (r"You[\u2019']ve (?:hit|reached) your .*limit|[Uu]sage limit reac
 RETRY_LOOK = 2.0   # seconds a working agent's hooks are silent before orch reads its screen
 
 
+def silent_at_work(result, read_screen):
+    """Working, its hooks silent RETRY_LOOK s, a screen to read: a retry or a limit box may be up."""
+    return result["status"] == "working" and read_screen and \
+        time.time() - (result["since"] or 0) > RETRY_LOOK
+
+
 def claude_retrying(rows):
     """"retrying: 429 …, attempt 3/10" from claude's spinner line, or None.
 
@@ -6613,7 +6619,7 @@ def held_count(name):
 def held_counts(names):
     """{name: messages held} of the agents that have any: one stat each, one data_dir()."""
     folder = os.path.join(data_dir(), "agents")
-    return dict((name, held_count(name)) for name in names
+    return dict((name, len(load_held(name))) for name in names
                 if os.path.exists(os.path.join(folder, name, "held.json")))
 
 
@@ -7622,8 +7628,7 @@ class ClaudeKind(AgentKind):
     @staticmethod
     def recheck(agent, result, read_screen):
         """While claude retries an API error no hook fires: its screen says it retries."""
-        if result["status"] == "working" and read_screen and \
-                time.time() - (result["since"] or 0) > RETRY_LOOK:
+        if silent_at_work(result, read_screen):
             said = claude_retrying(read_screen())
             if said:
                 result["detail"] = said
@@ -7738,8 +7743,7 @@ class CodexKind(AgentKind):
             failed = codex_failed_turn(agent)
             if failed:
                 result.update(status="idle", source="transcript", **failed)
-        if result["status"] == "working" and read_screen and \
-                time.time() - (result["since"] or 0) > RETRY_LOOK:
+        if silent_at_work(result, read_screen):
             said = codex_retrying(read_screen())     # only its screen says it retries
             if said:
                 result["detail"] = said
@@ -7874,8 +7878,7 @@ class GeminiKind(AgentKind):
         Otherwise it was approved and its tool runs until AfterTool: working.
         No hook fires at its usage-limit box either: working and silent, it may be there.
         """
-        if result["status"] == "working" and read_screen and \
-                time.time() - (result["since"] or 0) > RETRY_LOOK:
+        if silent_at_work(result, read_screen):
             limit = gemini_limit_dialog(read_screen())
             if limit:
                 result.update(gemini_limited(agent, result, limit["said"]))
